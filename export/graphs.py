@@ -1,0 +1,238 @@
+"""Gemma 4 target and assistant as ONNX graphs with explicit, in-place KV.
+
+Target step graph (prefill, verify S=k+1, decode S=1 all use it):
+  every non-shared layer runs GroupQueryAttention on its own preallocated [1, kv_heads, max_ctx, head_dim]
+  buffer (past and present are the same OrtValue, bound by the runtime), so a step writes S rows and
+  copies nothing that grows with context. A KV-shared layer runs GroupQueryAttention on its *store*
+  layer's buffer with the store layer's new K/V: it rewrites the same S rows (idempotent) and attends
+  in place. Its present outputs are aliases of the store buffer, listed in the manifest.
+Assistant step graph: every layer is KV-shared and cross-attends to the target's store buffers at one
+  constant position. GroupQueryAttention again: the "new" K/V is the row already in the buffer at the
+  last processed position (gathered, rewritten unchanged), so the query sees exactly the accepted
+  positions (sliding layers: the last `window` of them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import TensorProto
+
+from edgegen.export.onnx_graph import Graph
+from edgegen.export.quantize import Linears, Quant
+
+F32, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+KINDS = ("sliding_attention", "full_attention")
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().to("cpu").float().numpy()
+
+
+@dataclass
+class LayerPlan:
+    index: int
+    kind: str
+    head_dim: int
+    kv_heads: int
+    shared: bool  # reads its store layer's K/V
+    store: int  # the layer whose buffer it uses (itself if not shared)
+
+
+@dataclass
+class TargetPlan:
+    layers: list[LayerPlan]
+    store_layers: dict[str, int]  # kind -> store layer index
+    window: int
+    hidden: int
+    vocab: int
+    ple_dim: int
+    num_heads: int
+    extra: dict = field(default_factory=dict)
+
+
+def plan_target(cfg) -> TargetPlan:
+    modes = cfg.kv_sharing_modes
+    first_shared = cfg.num_hidden_layers - cfg.num_kv_shared_layers
+    store = {}
+    for i in range(first_shared):
+        store[cfg.layer_types[i]] = i  # the last non-shared layer of each kind
+    layers = []
+    for i, kind in enumerate(cfg.layer_types):
+        lc = cfg.per_layer_config[i]
+        shared = modes[i] == "reuse"
+        layers.append(LayerPlan(i, kind, lc.head_dim, lc.num_key_value_heads, shared, store[kind] if shared else i))
+    return TargetPlan(layers, store, cfg.sliding_window, cfg.hidden_size, cfg.vocab_size,
+                      cfg.hidden_size_per_layer_input, cfg.num_attention_heads)
+
+
+# -- shared pieces ----------------------------------------------------------------------------------
+
+
+def rms_norm(g: Graph, x: str, weight: np.ndarray, name: str, eps: float) -> str:
+    return g.op("RMSNormalization", x, g.weight(name, weight.astype(np.float32)), axis=-1, epsilon=eps)
+
+
+def _rms_noscale(g: Graph, x: str, eps: float) -> str:
+    ms = g.op("ReduceMean", g.op("Mul", x, x), g.const([-1]), keepdims=1)
+    inv = g.op("Pow", g.op("Add", ms, g.const(np.float32(eps), np.float32)), g.const(np.float32(-0.5), np.float32))
+    return g.op("Mul", x, inv)
+
+
+def rope_tables(g: Graph, pos_f: str, inv_freq: np.ndarray, tag: str) -> tuple[str, str]:
+    """cos/sin [1, S, 1, head_dim] for float positions [1, S, 1]; HF's cat(freqs, freqs) layout."""
+    freqs = g.op("Mul", pos_f, g.weight(f"inv_freq.{tag}", inv_freq.astype(np.float32)))
+    emb = g.op("Concat", freqs, freqs, axis=-1)
+    emb = g.op("Unsqueeze", emb, g.const([2]))
+    return g.op("Cos", emb), g.op("Sin", emb)
+
+
+def apply_rope(g: Graph, x: str, cos: str, sin: str) -> str:
+    """x [1, S, heads, d] -> x*cos + rotate_half(x)*sin."""
+    x1, x2 = g.op("Split", x, axis=-1, num_outputs=2, out=2)
+    rotated = g.op("Concat", g.op("Neg", x2), x1, axis=-1)
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
+
+
+def heads(g: Graph, x: str, n: int, d: int) -> str:
+    return g.op("Reshape", x, g.const([1, -1, n, d]))
+
+
+def mlp(g: Graph, lin: Linears, x: str, m, prefix: str) -> str:
+    gate = lin(x, f"{prefix}.gate_proj", _np(m.gate_proj.weight))
+    up = lin(x, f"{prefix}.up_proj", _np(m.up_proj.weight))
+    return lin(g.op("Mul", g.op("Gelu", gate, approximate="tanh"), up), f"{prefix}.down_proj", _np(m.down_proj.weight))
+
+
+def kv_names(i: int) -> tuple[str, str, str, str]:
+    return f"past_key.{i}", f"past_value.{i}", f"present_key.{i}", f"present_value.{i}"
+
+
+def attention_block(g, lin, x, attn, layer: LayerPlan, num_heads: int, window: int, cos, sin, eps, prefix,
+                    kv_source: dict) -> str:
+    """Self-attention of one decoder layer. `kv_source[store]` holds the store layer's new (k, v)."""
+    d = layer.head_dim
+    q = heads(g, lin(x, f"{prefix}.q_proj", _np(attn.q_proj.weight)), num_heads, d)
+    q = apply_rope(g, rms_norm(g, q, _np(attn.q_norm.weight), f"{prefix}.q_norm", eps), cos, sin)
+    if not layer.shared:
+        k = heads(g, lin(x, f"{prefix}.k_proj", _np(attn.k_proj.weight)), layer.kv_heads, d)
+        k = apply_rope(g, rms_norm(g, k, _np(attn.k_norm.weight), f"{prefix}.k_norm", eps), cos, sin)
+        v = heads(g, lin(x, f"{prefix}.v_proj", _np(attn.v_proj.weight)), layer.kv_heads, d)
+        v = _rms_noscale(g, v, eps)
+        kv_source[layer.index] = (g.op("Reshape", k, g.const([1, -1, layer.kv_heads * d])),
+                                  g.op("Reshape", v, g.const([1, -1, layer.kv_heads * d])))
+    k_new, v_new = kv_source[layer.store]
+    past_k, past_v, _, _ = kv_names(layer.store)
+    _, _, pres_k, pres_v = kv_names(layer.index)
+    q = g.op("Reshape", q, g.const([1, -1, num_heads * d]))
+    out = g.op("GroupQueryAttention", q, k_new, v_new, past_k, past_v, "seqlens_k", "total_sequence_length",
+               domain="com.microsoft", out=[f"attn.{layer.index}", pres_k, pres_v], num_heads=num_heads,
+               kv_num_heads=layer.kv_heads, scale=1.0,
+               local_window_size=window if layer.kind == "sliding_attention" else -1)[0]
+    return lin(out, f"{prefix}.o_proj", _np(attn.o_proj.weight))
+
+
+def decoder_layer(g, lin, x, layer_mod, layer: LayerPlan, num_heads, window, rope, eps, prefix, kv_source,
+                  per_layer_input: str | None) -> str:
+    h = rms_norm(g, x, _np(layer_mod.input_layernorm.weight), f"{prefix}.input_layernorm", eps)
+    cos, sin = rope[layer.kind]
+    h = attention_block(g, lin, h, layer_mod.self_attn, layer, num_heads, window, cos, sin, eps,
+                        f"{prefix}.self_attn", kv_source)
+    h = rms_norm(g, h, _np(layer_mod.post_attention_layernorm.weight), f"{prefix}.post_attention_layernorm", eps)
+    x = g.op("Add", x, h)
+    h = rms_norm(g, x, _np(layer_mod.pre_feedforward_layernorm.weight), f"{prefix}.pre_feedforward_layernorm", eps)
+    h = mlp(g, lin, h, layer_mod.mlp, f"{prefix}.mlp")
+    h = rms_norm(g, h, _np(layer_mod.post_feedforward_layernorm.weight), f"{prefix}.post_feedforward_layernorm", eps)
+    x = g.op("Add", x, h)
+    if per_layer_input is not None:
+        h = g.op("Gelu", lin(x, f"{prefix}.per_layer_input_gate", _np(layer_mod.per_layer_input_gate.weight)),
+                 approximate="tanh")
+        h = lin(g.op("Mul", h, per_layer_input), f"{prefix}.per_layer_projection",
+                _np(layer_mod.per_layer_projection.weight))
+        h = rms_norm(g, h, _np(layer_mod.post_per_layer_input_norm.weight), f"{prefix}.post_per_layer_input_norm", eps)
+        x = g.op("Add", x, h)
+    return g.op("Mul", x, g.weight(f"{prefix}.layer_scalar", _np(layer_mod.layer_scalar)))
+
+
+def _common_inputs(g: Graph) -> None:
+    g.input("seqlens_k", I32, [1])
+    g.input("total_sequence_length", I32, [])
+
+
+def _kv_inputs(g: Graph, plan_layers: list[LayerPlan]) -> None:
+    for layer in plan_layers:
+        pk, pv, _, _ = kv_names(layer.index)
+        shape = [1, layer.kv_heads, "max_context", layer.head_dim]
+        g.input(pk, F32, shape)
+        g.input(pv, F32, shape)
+
+
+def _kv_outputs(g: Graph, layer: LayerPlan) -> None:
+    _, _, ok, ov = kv_names(layer.index)
+    shape = [1, layer.kv_heads, "max_context", layer.head_dim]
+    g.outputs.append(_vi(ok, shape))
+    g.outputs.append(_vi(ov, shape))
+
+
+def _vi(name, shape):
+    from onnx import helper
+
+    return helper.make_tensor_value_info(name, F32, shape)
+
+
+# -- target ---------------------------------------------------------------------------------------------
+
+
+def build_target_graph(text_model, lm_head_weight, cfg, quant: Quant) -> tuple[Graph, TargetPlan, np.ndarray | None]:
+    """Returns the graph, its plan, and the host-side PLE table (token component, scale folded in)."""
+    plan = plan_target(cfg)
+    g = Graph("target")
+    lin = Linears(g, quant)
+    eps = cfg.rms_norm_eps
+    ids = g.input("input_ids", I64, [1, "S"])
+    pos = g.input("position_ids", I64, [1, "S"])
+    keep = g.input("logits_to_keep", I64, [])
+    if plan.ple_dim:
+        g.input("per_layer_inputs", F32, [1, "S", cfg.num_hidden_layers, plan.ple_dim])
+    _common_inputs(g)
+    _kv_inputs(g, [layer for layer in plan.layers if not layer.shared])
+
+    x = lin.tied_embedding(ids, _np(text_model.embed_tokens.weight), text_model.embed_tokens.scalar_embed_scale)
+    pos_f = g.op("Unsqueeze", g.op("Cast", pos, to=F32), g.const([-1]))
+    rope = {kind: rope_tables(g, pos_f, _np(getattr(text_model.rotary_emb, f"{kind}_inv_freq")), f"target.{kind}")
+            for kind in KINDS}
+
+    per_layer = None
+    ple_table = None
+    if plan.ple_dim:
+        proj = lin(x, "per_layer_model_projection", _np(text_model.per_layer_model_projection.weight))
+        proj = g.op("Mul", proj, g.const(np.float32(text_model.per_layer_model_projection_scale), np.float32))
+        proj = g.op("Reshape", proj, g.const([1, -1, cfg.num_hidden_layers, plan.ple_dim]))
+        proj = rms_norm(g, proj, _np(text_model.per_layer_projection_norm.weight), "per_layer_projection_norm", eps)
+        per_layer = g.op("Mul", g.op("Add", proj, "per_layer_inputs"),
+                         g.const(np.float32(text_model.per_layer_input_scale), np.float32))
+        emb = text_model.embed_tokens_per_layer
+        ple_table = (_np(emb.weight) * np.float32(emb.scalar_embed_scale)).astype(np.float32)
+
+    kv_source: dict = {}
+    for layer, mod in zip(plan.layers, text_model.layers, strict=True):
+        pli = None
+        if per_layer is not None:
+            pli = g.op("Gather", per_layer, g.const(layer.index), axis=2)
+        x = decoder_layer(g, lin, x, mod, layer, plan.num_heads, plan.window, rope, eps, f"layers.{layer.index}",
+                          kv_source, pli)
+        _kv_outputs(g, layer)
+
+    x = rms_norm(g, x, _np(text_model.norm.weight), "norm", eps)
+    # Only the last `logits_to_keep` positions need logits and hidden states (prefill: 1, verify: k+1).
+    start = g.op("Neg", g.op("Unsqueeze", keep, g.const([0])))
+    x = g.op("Slice", x, start, g.const([2**62]), g.const([1]))
+    g.output(x, "last_hidden", F32, [1, "N", plan.hidden])
+    logits = lin.tied_lm_head(x, _np(lm_head_weight))
+    cap = cfg.final_logit_softcapping
+    if cap:
+        c = g.const(np.float32(cap), np.float32)
+        logits = g.op("Mul", g.op("Tanh", g.op("Div", logits, c)), c)
+    g.output(logits, "logits", F32, [1, "N", plan.vocab])
+    return g, plan, ple_table

@@ -1,0 +1,161 @@
+"""Load a Gemma 4 target + assistant pair (HF id or local directory) and check that they fit together.
+
+Safetensors only, no remote code. Checks run on the configs before any weight is read, so a mismatched
+pair fails in a second with one line naming both values.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgegen.export.compat import apply_transformers_shims, fix_assistant_generation_config
+from edgegen.runtime.errors import EdgegenError
+
+TARGET_TYPES = {"gemma4": "Gemma4ForConditionalGeneration", "gemma4_text": "Gemma4ForCausalLM"}
+ASSISTANT_TYPES = {"gemma4_assistant": "Gemma4AssistantForCausalLM"}
+
+
+@dataclass
+class Pair:
+    target: torch.nn.Module  # the HF model as loaded (the PyTorch oracle)
+    assistant: torch.nn.Module
+    target_dir: Path  # where config/tokenizer files live (local dir or HF cache snapshot)
+    assistant_dir: Path
+
+    @property
+    def text_model(self) -> torch.nn.Module:
+        """The target's text decoder (Gemma4TextModel) for either target class."""
+        model = self.target.model
+        return getattr(model, "language_model", model)
+
+    @property
+    def text_config(self):
+        return self.target.config.get_text_config()
+
+
+def resolve(name_or_path: str, what: str) -> Path:
+    """A local directory as is; otherwise an HF hub id, downloaded (safetensors and metadata only)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise EdgegenError(f"{what} '{name_or_path}' is a file; pass the model's directory or an HF id")
+        return path
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise EdgegenError(f"{what} '{name_or_path}' does not exist; pass a model directory or an HF id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
+        )
+    except Exception as exc:  # network, auth, unknown repo: all end the same way for the user
+        raise EdgegenError(f"cannot fetch {what} '{name_or_path}' from the hub: {type(exc).__name__}") from None
+    return Path(local)
+
+
+def read_config(path: Path, what: str) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise EdgegenError(f"{what} '{path}' has no config.json; is it a Hugging Face model directory?")
+    try:
+        return json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EdgegenError(f"{what} config '{cfg_file}' is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+
+
+def _text(cfg: dict) -> dict:
+    return cfg.get("text_config") or cfg
+
+
+def _per_kind(text: dict) -> dict[str, dict]:
+    """Per attention kind: KV heads and head dim, as transformers derives them."""
+    return {
+        "sliding_attention": {"num_key_value_heads": text.get("num_key_value_heads"), "head_dim": text.get("head_dim")},
+        "full_attention": {
+            "num_key_value_heads": text.get("num_key_value_heads"),
+            "head_dim": text.get("global_head_dim", 512),
+        },
+    }
+
+
+def check_pair(target_cfg: dict, assistant_cfg: dict) -> None:
+    """Raise EdgegenError naming both values when the assistant cannot draft for this target."""
+    ttype, atype = target_cfg.get("model_type"), assistant_cfg.get("model_type")
+    if ttype not in TARGET_TYPES:
+        raise EdgegenError(
+            f"target is model_type '{ttype}', not a Gemma 4 model (expected one of {sorted(TARGET_TYPES)})"
+        )
+    if atype not in ASSISTANT_TYPES:
+        raise EdgegenError(
+            f"assistant is model_type '{atype}', not a Gemma 4 assistant (expected 'gemma4_assistant')"
+        )
+    t, a = _text(target_cfg), _text(assistant_cfg)
+    checks = [
+        ("assistant backbone_hidden_size vs target hidden_size", assistant_cfg.get("backbone_hidden_size"),
+         t.get("hidden_size")),
+        ("assistant vocab_size vs target vocab_size", a.get("vocab_size"), t.get("vocab_size")),
+        ("assistant sliding_window vs target sliding_window", a.get("sliding_window"), t.get("sliding_window")),
+    ]
+    for kind, tk in _per_kind(t).items():
+        ak = _per_kind(a)[kind]
+        for key in ("num_key_value_heads", "head_dim"):
+            checks.append((f"{kind} {key} (assistant vs target)", ak[key], tk[key]))
+    for what, av, tv in checks:
+        if av != tv:
+            raise EdgegenError(f"mismatched pair: {what}: {av} != {tv}; use the assistant made for this target")
+    if not t.get("num_kv_shared_layers"):
+        raise EdgegenError("target has no KV-shared layers, so it has no store layers for an assistant to read")
+
+
+def _check_weights(path: Path, what: str) -> None:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise EdgegenError(f"{what} '{path}' has no .safetensors weights (other formats are not loaded)")
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                keys = list(handle.keys())
+                if keys:  # touching one tensor catches truncation of the data section
+                    handle.get_slice(keys[-1])
+            size = f.stat().st_size
+            header_len = int.from_bytes(f.open("rb").read(8), "little")
+            _check_data_extent(f, size, header_len)
+        except EdgegenError:
+            raise
+        except Exception as exc:
+            raise EdgegenError(f"{what} weights '{f.name}' are corrupt or truncated ({type(exc).__name__})") from None
+
+
+def _check_data_extent(f: Path, size: int, header_len: int) -> None:
+    with f.open("rb") as fh:
+        fh.seek(8)
+        header = json.loads(fh.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise EdgegenError(f"weights '{f.name}' are truncated: {size} bytes, header says {8 + header_len + end}")
+
+
+def load_pair(target: str, assistant: str, draft_tokens: int = 4) -> Pair:
+    apply_transformers_shims()
+    import transformers
+
+    target_dir, assistant_dir = resolve(target, "target"), resolve(assistant, "assistant")
+    target_cfg, assistant_cfg = read_config(target_dir, "target"), read_config(assistant_dir, "assistant")
+    check_pair(target_cfg, assistant_cfg)
+    _check_weights(target_dir, "target")
+    _check_weights(assistant_dir, "assistant")
+    common = dict(use_safetensors=True, trust_remote_code=False, dtype=torch.float32)
+    try:
+        tmodel = getattr(transformers, TARGET_TYPES[target_cfg["model_type"]]).from_pretrained(target_dir, **common)
+        amodel = transformers.Gemma4AssistantForCausalLM.from_pretrained(assistant_dir, **common)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EdgegenError(f"cannot load the pair: {first[:200]}") from None
+    fix_assistant_generation_config(amodel, draft_tokens)
+    return Pair(tmodel.eval(), amodel.eval(), target_dir, assistant_dir)

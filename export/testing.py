@@ -1,0 +1,268 @@
+"""Random-weight Gemma 4 target + assistant pairs for tests and benchmarks.
+
+Every preset keeps the structural features of the published pair it is named after
+(../shared/reference/gemma4_pairs.json): per-layer embeddings, KV-shared layers fed by one store layer of
+each kind, sliding + full layers with different head dims, proportional RoPE with partial rotary on full
+layers, final logit softcapping, the double-wide MLP (E2B) and the assistant's centroid head with a
+non-trivial token ordering. Sizes shrink; nothing else does. Pairs are written with `save_pretrained`
+(safetensors) plus a tokenizer and generation config, so tests go through the real loading path.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from edgegen.export.compat import apply_transformers_shims
+
+_SLIDING, _FULL = "sliding_attention", "full_attention"
+
+
+def _pattern(num_layers: int, period: int) -> list[str]:
+    return [_FULL if (i + 1) % period == 0 else _SLIDING for i in range(num_layers)]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of a synthetic pair. Structure is fixed by the family (E2B-like or E4B-like)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    full_every: int  # E2B: every 5th layer is full attention, E4B: every 6th
+    num_kv_shared_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    global_head_dim: int
+    sliding_window: int
+    ple_dim: int
+    double_wide_mlp: bool
+    assistant_hidden: int
+    assistant_intermediate: int
+    assistant_heads: int = 4
+    num_centroids: int = 32
+    centroid_top_k: int = 4
+    max_position_embeddings: int = 131072
+    init_std: float = 0.06
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    "e2b-like": Preset(
+        vocab_size=512, hidden_size=128, intermediate_size=192, num_layers=10, full_every=5,
+        num_kv_shared_layers=5, num_heads=4, num_kv_heads=1, head_dim=32, global_head_dim=64,
+        sliding_window=16, ple_dim=16, double_wide_mlp=True, assistant_hidden=64, assistant_intermediate=128,
+    ),
+    "e4b-like": Preset(
+        vocab_size=512, hidden_size=160, intermediate_size=256, num_layers=12, full_every=6,
+        num_kv_shared_layers=6, num_heads=4, num_kv_heads=2, head_dim=32, global_head_dim=64,
+        sliding_window=16, ple_dim=16, double_wide_mlp=False, assistant_hidden=64, assistant_intermediate=128,
+    ),
+    # Benchmark slice: real E2B per-layer dims, fewer layers, 32k vocabulary (weights dominate a step).
+    "e2b-slice": Preset(
+        vocab_size=32768, hidden_size=1536, intermediate_size=6144, num_layers=10, full_every=5,
+        num_kv_shared_layers=5, num_heads=8, num_kv_heads=1, head_dim=256, global_head_dim=512,
+        sliding_window=512, ple_dim=256, double_wide_mlp=True, assistant_hidden=256,
+        assistant_intermediate=2048, num_centroids=256, centroid_top_k=32, init_std=0.02,
+    ),
+    # Smallest preset with hidden >= 1024, for the context-scaling benchmark.
+    "h1024": Preset(
+        vocab_size=8192, hidden_size=1024, intermediate_size=4096, num_layers=10, full_every=5,
+        num_kv_shared_layers=5, num_heads=8, num_kv_heads=1, head_dim=128, global_head_dim=256,
+        sliding_window=512, ple_dim=64, double_wide_mlp=True, assistant_hidden=256,
+        assistant_intermediate=1024, num_centroids=128, centroid_top_k=16, init_std=0.02,
+    ),
+}
+
+# Gemma-style special tokens, ids fixed so generation configs can name them.
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+PAD_ID, EOS_ID, BOS_ID, END_OF_TURN_ID = 0, 1, 2, 5
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def target_text_config(preset: Preset, **overrides):
+    from transformers import Gemma4TextConfig
+
+    kwargs = dict(
+        vocab_size=preset.vocab_size,
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.num_layers,
+        num_attention_heads=preset.num_heads,
+        num_key_value_heads=preset.num_kv_heads,
+        head_dim=preset.head_dim,
+        global_head_dim=preset.global_head_dim,
+        layer_types=_pattern(preset.num_layers, preset.full_every),
+        sliding_window=preset.sliding_window,
+        num_kv_shared_layers=preset.num_kv_shared_layers,
+        hidden_size_per_layer_input=preset.ple_dim,
+        vocab_size_per_layer_input=preset.vocab_size,
+        final_logit_softcapping=30.0,
+        use_double_wide_mlp=preset.double_wide_mlp,
+        attention_k_eq_v=False,
+        max_position_embeddings=preset.max_position_embeddings,
+        tie_word_embeddings=True,
+        hidden_activation="gelu_pytorch_tanh",
+        initializer_range=preset.init_std,
+        pad_token_id=PAD_ID,
+        eos_token_id=[EOS_ID, END_OF_TURN_ID],
+        bos_token_id=BOS_ID,
+    )
+    kwargs.update(overrides)
+    return Gemma4TextConfig(**kwargs)
+
+
+def assistant_config(preset: Preset, centroid_head: bool = True):
+    from transformers import Gemma4AssistantConfig, Gemma4TextConfig
+
+    apply_transformers_shims()
+    text = Gemma4TextConfig(
+        vocab_size=preset.vocab_size,
+        hidden_size=preset.assistant_hidden,
+        intermediate_size=preset.assistant_intermediate,
+        num_hidden_layers=4,
+        num_attention_heads=preset.assistant_heads,
+        num_key_value_heads=preset.num_kv_heads,
+        head_dim=preset.head_dim,
+        global_head_dim=preset.global_head_dim,
+        layer_types=[_SLIDING, _SLIDING, _SLIDING, _FULL],
+        sliding_window=preset.sliding_window,
+        num_kv_shared_layers=4,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+        final_logit_softcapping=None,
+        use_double_wide_mlp=False,
+        max_position_embeddings=preset.max_position_embeddings,
+        initializer_range=preset.init_std,
+        pad_token_id=PAD_ID,
+        eos_token_id=[EOS_ID, END_OF_TURN_ID],
+        bos_token_id=BOS_ID,
+    )
+    return Gemma4AssistantConfig(
+        text_config=text.to_dict(),
+        backbone_hidden_size=preset.hidden_size,
+        use_ordered_embeddings=centroid_head,
+        num_centroids=preset.num_centroids,
+        centroid_intermediate_top_k=preset.centroid_top_k,
+        tie_word_embeddings=True,
+    )
+
+
+def _perturb_(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Make norm weights and layer scalars non-trivial so a graph that drops one is caught."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator))
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=generator))
+
+
+def build_target(preset: Preset | str, seed: int = 0, conditional: bool = False, **overrides):
+    """A random-weight target: `Gemma4ForCausalLM`, or `Gemma4ForConditionalGeneration` (text only)."""
+    from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration
+
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    torch.manual_seed(seed)
+    text = target_text_config(preset, **overrides)
+    if conditional:
+        model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text.to_dict()))
+    else:
+        model = Gemma4ForCausalLM(text)
+    _perturb_(model, torch.Generator().manual_seed(seed + 1))
+    return model.eval()
+
+
+def build_assistant(preset: Preset | str, seed: int = 0, centroid_head: bool = True):
+    from transformers import Gemma4AssistantForCausalLM
+
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    torch.manual_seed(seed + 100)
+    model = Gemma4AssistantForCausalLM(assistant_config(preset, centroid_head))
+    _perturb_(model, torch.Generator().manual_seed(seed + 101))
+    if centroid_head:
+        # A non-trivial ordering: clusters are random subsets of the vocabulary, not contiguous ranges.
+        order = torch.randperm(preset.vocab_size, generator=torch.Generator().manual_seed(seed + 102))
+        model.masked_embedding.token_ordering.copy_(order)
+    return model.eval()
+
+
+def _corpus_text(max_chars: int = 400_000) -> list[str]:
+    """Offline training text every Python installation carries: the standard library's own sources."""
+    import os
+
+    root = Path(os.__file__).parent
+    texts, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        texts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return texts
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer with Gemma-style special tokens, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus_text(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+_TOKENIZER_CACHE: dict[int, object] = {}
+
+
+def save_pair(
+    out_dir: str | Path,
+    preset: Preset | str = "e2b-like",
+    seed: int = 0,
+    centroid_head: bool = True,
+    conditional: bool = False,
+) -> tuple[Path, Path]:
+    """Write `<out>/target` and `<out>/assistant` as HF checkpoints; return both paths."""
+    from transformers import GenerationConfig
+
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    out_dir = Path(out_dir)
+    target_dir, assistant_dir = out_dir / "target", out_dir / "assistant"
+    target = build_target(preset, seed, conditional=conditional)
+    target.generation_config = GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID], pad_token_id=PAD_ID, do_sample=False
+    )
+    target.save_pretrained(target_dir)
+    if preset.vocab_size not in _TOKENIZER_CACHE:
+        _TOKENIZER_CACHE[preset.vocab_size] = build_tokenizer(preset.vocab_size)
+    tokenizer = copy.deepcopy(_TOKENIZER_CACHE[preset.vocab_size])
+    tokenizer.save_pretrained(target_dir)
+    assistant = build_assistant(preset, seed, centroid_head)
+    assistant.save_pretrained(assistant_dir)
+    return target_dir, assistant_dir
