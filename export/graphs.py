@@ -20,7 +20,7 @@ import numpy as np
 from onnx import TensorProto
 
 from edgegen.export.onnx_graph import Graph
-from edgegen.export.quantize import Linears, Quant
+from edgegen.export.quantize import Linears, Quant, TiedTable
 
 F32, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
 KINDS = ("sliding_attention", "full_attention")
@@ -106,6 +106,7 @@ def mlp(g: Graph, lin: Linears, x: str, m, prefix: str) -> str:
 
 
 def kv_names(i: int) -> tuple[str, str, str, str]:
+    """Buffer inputs are named by the layer that owns them; outputs by the layer that writes them."""
     return f"past_key.{i}", f"past_value.{i}", f"present_key.{i}", f"present_value.{i}"
 
 
@@ -184,7 +185,7 @@ def _vi(name, shape):
 # -- target ---------------------------------------------------------------------------------------------
 
 
-def build_target_graph(text_model, lm_head_weight, cfg, quant: Quant) -> tuple[Graph, TargetPlan, np.ndarray | None]:
+def build_target_graph(text_model, cfg, quant: Quant, untied_lm_head: np.ndarray | None = None) -> tuple[Graph, TargetPlan, np.ndarray | None]:
     """Returns the graph, its plan, and the host-side PLE table (token component, scale folded in)."""
     plan = plan_target(cfg)
     g = Graph("target")
@@ -198,7 +199,8 @@ def build_target_graph(text_model, lm_head_weight, cfg, quant: Quant) -> tuple[G
     _common_inputs(g)
     _kv_inputs(g, [layer for layer in plan.layers if not layer.shared])
 
-    x = lin.tied_embedding(ids, _np(text_model.embed_tokens.weight), text_model.embed_tokens.scalar_embed_scale)
+    table = TiedTable(g, quant, "embed_tokens", _np(text_model.embed_tokens.weight), shared=True)
+    x = table.rows(ids, text_model.embed_tokens.scalar_embed_scale)
     pos_f = g.op("Unsqueeze", g.op("Cast", pos, to=F32), g.const([-1]))
     rope = {kind: rope_tables(g, pos_f, _np(getattr(text_model.rotary_emb, f"{kind}_inv_freq")), f"target.{kind}")
             for kind in KINDS}
@@ -229,10 +231,96 @@ def build_target_graph(text_model, lm_head_weight, cfg, quant: Quant) -> tuple[G
     start = g.op("Neg", g.op("Unsqueeze", keep, g.const([0])))
     x = g.op("Slice", x, start, g.const([2**62]), g.const([1]))
     g.output(x, "last_hidden", F32, [1, "N", plan.hidden])
-    logits = lin.tied_lm_head(x, _np(lm_head_weight))
+    logits = table.logits(x) if untied_lm_head is None else lin(x, "lm_head", untied_lm_head)
     cap = cfg.final_logit_softcapping
     if cap:
         c = g.const(np.float32(cap), np.float32)
         logits = g.op("Mul", g.op("Tanh", g.op("Div", logits, c)), c)
     g.output(logits, "logits", F32, [1, "N", plan.vocab])
     return g, plan, ple_table
+
+
+# -- assistant --------------------------------------------------------------------------------------------
+
+
+def assistant_plan(assistant, target_plan: TargetPlan) -> list[LayerPlan]:
+    cfg = assistant.config.get_text_config()
+    return [
+        LayerPlan(j, kind, cfg.per_layer_config[j].head_dim, cfg.per_layer_config[j].num_key_value_heads, True,
+                  target_plan.store_layers[kind])
+        for j, kind in enumerate(cfg.layer_types)
+    ]
+
+
+def _row_at(g: Graph, buffer: str, index: str, width: int) -> str:
+    """The buffer's row at `index`: [1, kv_heads, max_ctx, d] -> [1, 1, kv_heads*d]."""
+    row = g.op("Gather", buffer, index, axis=2)
+    return g.op("Reshape", g.op("Transpose", row, perm=[0, 2, 1, 3]), g.const([1, 1, width]))
+
+
+def centroid_logits(g: Graph, lin: Linears, table: TiedTable, h: str, masked, vocab: int) -> str:
+    """Gemma 4's centroid head: score clusters, keep top-k, score only their tokens, rest get min-1."""
+    top_k = masked.centroid_intermediate_top_k
+    per_cluster = vocab // masked.num_centroids
+    scores = lin(h, "masked_embedding.centroids", _np(masked.centroids.weight))
+    _, clusters = g.op("TopK", scores, g.const([top_k]), axis=-1, largest=1, sorted=1, out=2)
+    ordering = masked.token_ordering.detach().cpu().numpy().astype(np.int64).reshape(masked.num_centroids, per_cluster)
+    tokens = g.op("Reshape", g.op("Gather", g.weight("masked_embedding.token_ordering", ordering), clusters, axis=0),
+                  g.const([1, top_k * per_cluster]))
+    rows = table.rows(g.op("Reshape", tokens, g.const([-1])))  # [top_k*per_cluster, hidden]
+    selected = g.op("MatMul", g.op("Reshape", h, g.const([1, -1])), g.op("Transpose", rows, perm=[1, 0]))
+    fill = g.op("Sub", g.op("ReduceMin", selected, keepdims=1), g.const(np.float32(1.0), np.float32))
+    base = g.op("Expand", fill, g.const([1, vocab]))
+    logits = g.op("ScatterElements", base, tokens, selected, axis=1)
+    return g.op("Reshape", logits, g.const([1, 1, vocab]))
+
+
+def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan, quant: Quant,
+                          target_quant: Quant) -> tuple[Graph, list[LayerPlan]]:
+    """One draft step at a constant position over the target's store-layer buffers."""
+    cfg = assistant.config.get_text_config()
+    layers = assistant_plan(assistant, target_plan)
+    g = Graph("assistant")
+    lin = Linears(g, quant)
+    eps = cfg.rms_norm_eps
+    tok = g.input("token", I64, [1, 1])
+    hidden_in = g.input("hidden", F32, [1, 1, target_plan.hidden])
+    pos = g.input("position_ids", I64, [1, 1])
+    _common_inputs(g)
+    stores = sorted(set(target_plan.store_layers.values()))
+    _kv_inputs(g, [next(tl for tl in target_plan.layers if tl.index == i) for i in stores])
+
+    # Input: the target's own embedding of the last token (same bytes as the target graph reads) ⊕ its
+    # last hidden state, projected down to the assistant width.
+    target_table = TiedTable(g, target_quant, "embed_tokens", _np(target_text_model.embed_tokens.weight),
+                             shared=True)
+    emb = target_table.rows(tok, target_text_model.embed_tokens.scalar_embed_scale)
+    x = lin(g.op("Concat", emb, hidden_in, axis=-1), "pre_projection", _np(assistant.pre_projection.weight))
+
+    pos_f = g.op("Unsqueeze", g.op("Cast", pos, to=F32), g.const([-1]))
+    rotary = assistant.model.rotary_emb
+    rope = {kind: rope_tables(g, pos_f, _np(getattr(rotary, f"{kind}_inv_freq")), f"assistant.{kind}")
+            for kind in set(cfg.layer_types)}
+    # The K/V row of the last processed position, rewritten unchanged so GQA attends in place.
+    kv_source = {}
+    for store in stores:
+        tl = next(t for t in target_plan.layers if t.index == store)
+        pk, pv, _, _ = kv_names(store)
+        width = tl.kv_heads * tl.head_dim
+        kv_source[store] = (_row_at(g, pk, "seqlens_k", width), _row_at(g, pv, "seqlens_k", width))
+
+    for layer, mod in zip(layers, assistant.model.layers, strict=True):
+        x = decoder_layer(g, lin, x, mod, layer, cfg.num_attention_heads, cfg.sliding_window, rope, eps,
+                          f"layers.{layer.index}", kv_source, None)
+        _kv_outputs(g, layer)
+    h = rms_norm(g, x, _np(assistant.model.norm.weight), "norm", eps)
+    g.output(lin(h, "post_projection", _np(assistant.post_projection.weight)), "projected_hidden", F32,
+             [1, 1, target_plan.hidden])
+    own = TiedTable(g, quant, "lm_head", _np(assistant.lm_head.weight))
+    if assistant.masked_embedding is not None:
+        logits = centroid_logits(g, lin, own, h, assistant.masked_embedding, cfg.vocab_size)
+    else:
+        logits = own.logits(h)
+    g.output(logits, "logits", F32, [1, 1, cfg.vocab_size])
+    g.output(g.op("ArgMax", logits, axis=-1, keepdims=0), "next_token", I64, [1, 1])
+    return g, layers

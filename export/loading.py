@@ -62,29 +62,45 @@ def read_config(path: Path, what: str) -> dict:
     if not cfg_file.is_file():
         raise EdgegenError(f"{what} '{path}' has no config.json; is it a Hugging Face model directory?")
     try:
-        return json.loads(cfg_file.read_text())
+        cfg = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EdgegenError(f"{what} config '{cfg_file}' is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+    if not isinstance(cfg, dict):
+        raise EdgegenError(f"{what} config '{cfg_file}' is not a JSON object; is it a Hugging Face config?")
+    return cfg
 
 
 def _text(cfg: dict) -> dict:
     return cfg.get("text_config") or cfg
 
 
-def _per_kind(text: dict) -> dict[str, dict]:
-    """Per attention kind: KV heads and head dim, as transformers derives them."""
+def _per_kind(text: dict, what: str) -> dict[str, dict]:
+    """Per attention kind: KV heads and head dim, as transformers derives them.
+
+    Asked of transformers itself because a saved config keeps the full-attention head dim in
+    `per_layer_config`, while a hand-written one says `global_head_dim`: reading either key alone misses one.
+    """
+    from transformers import Gemma4TextConfig
+
+    try:
+        cfg = Gemma4TextConfig.from_dict(text)
+        kinds = dict.fromkeys(cfg.layer_types)  # in order of first appearance
+        layers = {kind: cfg.per_layer_config[cfg.layer_types.index(kind)] for kind in kinds}
+    except Exception as exc:  # any malformed field: the user's fix is the same
+        raise EdgegenError(f"{what} config is not a valid Gemma 4 config ({type(exc).__name__})") from None
     return {
-        "sliding_attention": {"num_key_value_heads": text.get("num_key_value_heads"), "head_dim": text.get("head_dim")},
-        "full_attention": {
-            "num_key_value_heads": text.get("num_key_value_heads"),
-            "head_dim": text.get("global_head_dim", 512),
-        },
+        kind: {"num_key_value_heads": layer.num_key_value_heads, "head_dim": layer.head_dim}
+        for kind, layer in layers.items()
     }
 
 
 def check_pair(target_cfg: dict, assistant_cfg: dict) -> None:
     """Raise EdgegenError naming both values when the assistant cannot draft for this target."""
     ttype, atype = target_cfg.get("model_type"), assistant_cfg.get("model_type")
+    if ttype in ASSISTANT_TYPES:
+        raise EdgegenError(
+            f"target is a Gemma 4 assistant (model_type '{ttype}'): pass the target first, then the assistant"
+        )
     if ttype not in TARGET_TYPES:
         raise EdgegenError(
             f"target is model_type '{ttype}', not a Gemma 4 model (expected one of {sorted(TARGET_TYPES)})"
@@ -100,10 +116,11 @@ def check_pair(target_cfg: dict, assistant_cfg: dict) -> None:
         ("assistant vocab_size vs target vocab_size", a.get("vocab_size"), t.get("vocab_size")),
         ("assistant sliding_window vs target sliding_window", a.get("sliding_window"), t.get("sliding_window")),
     ]
-    for kind, tk in _per_kind(t).items():
-        ak = _per_kind(a)[kind]
+    target_kinds = _per_kind(t, "target")
+    for kind, ak in _per_kind(a, "assistant").items():
+        tk = target_kinds.get(kind, {})
         for key in ("num_key_value_heads", "head_dim"):
-            checks.append((f"{kind} {key} (assistant vs target)", ak[key], tk[key]))
+            checks.append((f"{kind} {key} (assistant vs target)", ak[key], tk.get(key)))
     for what, av, tv in checks:
         if av != tv:
             raise EdgegenError(f"mismatched pair: {what}: {av} != {tv}; use the assistant made for this target")
@@ -124,7 +141,8 @@ def _check_weights(path: Path, what: str) -> None:
                 if keys:  # touching one tensor catches truncation of the data section
                     handle.get_slice(keys[-1])
             size = f.stat().st_size
-            header_len = int.from_bytes(f.open("rb").read(8), "little")
+            with f.open("rb") as fh:
+                header_len = int.from_bytes(fh.read(8), "little")
             _check_data_extent(f, size, header_len)
         except EdgegenError:
             raise

@@ -91,29 +91,35 @@ class Linears:
         )
         return self._done[name]
 
-    def _tied(self, w: np.ndarray) -> tuple[str, str, int]:
-        """The tied table, stored once in the bundle's shared data file, fp32 or block-quantized."""
-        if self.quant.kind == "fp32":
-            return self.g.weight("embed_tokens.weight", w, shared=True), "", 0
-        return self._packed("embed_tokens", w, shared=True)
 
-    def tied_embedding(self, ids: str, w: np.ndarray, scale: float) -> str:
-        """Rows of the tied table for `ids`, times `scale` (Gemma's sqrt(hidden))."""
-        g, (v, h) = self.g, w.shape
-        table, scales, block = self._tied(w)
-        if self.quant.kind == "fp32":
-            rows = g.op("Gather", table, ids, axis=0)
+
+class TiedTable:
+    """A [vocab, hidden] table read two ways: rows by id (embedding) and as a matrix (lm_head).
+
+    Stored once per graph and, with `shared=True`, once per bundle: both graphs reference the same bytes.
+    """
+
+    def __init__(self, g: Graph, quant: Quant, name: str, w: np.ndarray, shared: bool = False):
+        self.g, self.quant, self.shape = g, quant, w.shape
+        if quant.kind == "fp32":
+            self.table, self.scales, self.block = g.weight(f"{name}.weight", w, shared=shared), "", 0
         else:
-            flat = g.op("Reshape", table, g.const([v, -1]))
-            grid = g.op("Reshape", scales, g.const([v, h // block]))
-            rows = g.ms("GatherBlockQuantized", flat, ids, grid, gather_axis=0, quantize_axis=1,
-                        block_size=block, bits=self.quant.bits)
-        return g.op("Mul", rows, g.const(np.float32(scale), np.float32))
+            self.table, self.scales, self.block = Linears(g, quant)._packed(name, w, shared=shared)
 
-    def tied_lm_head(self, x: str, w: np.ndarray) -> str:
-        g, (v, h) = self.g, w.shape
-        table, scales, block = self._tied(w)
+    def rows(self, ids: str, scale: float | None = None) -> str:
+        g, (v, h) = self.g, self.shape
         if self.quant.kind == "fp32":
-            return g.op("MatMul", x, g.op("Transpose", table, perm=[1, 0]))
-        return g.ms("MatMulNBits", x, table, scales, K=h, N=v, bits=self.quant.bits, block_size=block,
-                    accuracy_level=0)
+            rows = g.op("Gather", self.table, ids, axis=0)
+        else:
+            flat = g.op("Reshape", self.table, g.const([v, -1]))
+            grid = g.op("Reshape", self.scales, g.const([v, h // self.block]))
+            rows = g.ms("GatherBlockQuantized", flat, ids, grid, gather_axis=0, quantize_axis=1,
+                        block_size=self.block, bits=self.quant.bits)
+        return rows if scale is None else g.op("Mul", rows, g.const(np.float32(scale), np.float32))
+
+    def logits(self, x: str) -> str:
+        g, (v, h) = self.g, self.shape
+        if self.quant.kind == "fp32":
+            return g.op("MatMul", x, g.op("Transpose", self.table, perm=[1, 0]))
+        return g.ms("MatMulNBits", x, self.table, self.scales, K=h, N=v, bits=self.quant.bits,
+                    block_size=self.block, accuracy_level=0)

@@ -1,0 +1,229 @@
+"""`edgegen export`: load pair -> build graphs -> write bundle -> verify -> publish atomically.
+
+Everything is written to a temporary directory beside OUT and renamed at the end; an error or an
+interrupt at any stage removes it, so OUT is either a complete, verified bundle or untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgegen.export.graphs import build_assistant_graph, build_target_graph
+from edgegen.export.onnx_graph import Graph, write_models
+from edgegen.export.quantize import Quant, pack, quantize_blocks
+from edgegen.runtime.errors import EdgegenError
+from edgegen.runtime.manifest import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    GraphSpec,
+    KVBuffer,
+    Manifest,
+    ModelSpec,
+    PLESpec,
+    TensorSpec,
+)
+
+STAGES = ("load", "graphs", "write", "verify", "publish")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "generation_config.json")
+_DTYPE_NAMES = {1: "float32", 7: "int64", 6: "int32"}
+
+
+@dataclass
+class ExportOptions:
+    quant: str = "fp32"
+    assistant_quant: str | None = None  # default: fp32 when the target is quantized below 8 bits
+    block_size: int = 32
+    max_context: int = 4096
+    verify: bool = True
+    force: bool = False
+
+    def assistant_quant_resolved(self) -> str:
+        if self.assistant_quant:
+            return self.assistant_quant
+        # Drafters are kept at higher precision than an int4 target: acceptance suffers first.
+        return {"fp32": "fp32", "int8": "int8", "int4": "int8"}[self.quant]
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise EdgegenError(f"'{out}' already exists; pass --force to replace it or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise EdgegenError(f"'{out}' exists and is not a directory; choose another --out")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        raise EdgegenError(f"the parent directory of '{out}' does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise EdgegenError(f"cannot write to '{parent}'; choose a writable --out")
+
+
+def _specs(vis) -> list[TensorSpec]:
+    out = []
+    for vi in vis:
+        t = vi.type.tensor_type
+        shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        out.append(TensorSpec(vi.name, _DTYPE_NAMES.get(t.elem_type, str(t.elem_type)), shape))
+    return out
+
+
+def _graph_spec(g: Graph, file: str, aliases: dict[str, str], quant: Quant) -> GraphSpec:
+    return GraphSpec(file, _specs(g.inputs), _specs(g.outputs), aliases,
+                     {"kind": quant.kind, "block_size": quant.block_size if quant.bits else 0})
+
+
+def _aliases(layers) -> dict[str, str]:
+    out = {}
+    for layer in layers:
+        out[f"present_key.{layer.index}"] = f"past_key.{layer.store}"
+        out[f"present_value.{layer.index}"] = f"past_value.{layer.store}"
+    return out
+
+
+def _write_ple(tmp: Path, table: np.ndarray, num_layers: int, quant: Quant) -> PLESpec:
+    dim = table.shape[1] // num_layers
+    if not quant.bits:
+        np.save(tmp / "ple.npy", table.astype(np.float32))
+        return PLESpec("ple.npy", num_layers, dim)
+    block = quant.block_for(table.shape[1])
+    codes, scales = quantize_blocks(table, quant.bits, block)
+    np.save(tmp / "ple.npy", pack(codes, quant.bits))
+    np.save(tmp / "ple_scales.npy", scales)
+    return PLESpec("ple.npy", num_layers, dim, quant.bits, block, "ple_scales.npy")
+
+
+def _generation_defaults(pair, draft_tokens: int) -> dict:
+    gc = pair.target.generation_config
+    cfg = pair.text_config
+    eos = gc.eos_token_id if gc.eos_token_id is not None else cfg.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return {"eos_token_ids": eos, "bos_token_id": gc.bos_token_id if gc.bos_token_id is not None else cfg.bos_token_id,
+            "pad_token_id": gc.pad_token_id if gc.pad_token_id is not None else cfg.pad_token_id,
+            "draft_tokens": draft_tokens}
+
+
+def _copy_tokenizer(pair, tmp: Path) -> dict:
+    files = []
+    for name in TOKENIZER_FILES:
+        src = Path(pair.target_dir) / name
+        if src.is_file():
+            shutil.copy2(src, tmp / name)
+            files.append(name)
+    template = "chat_template.jinja" if "chat_template.jinja" in files else None
+    if template is None and "tokenizer_config.json" in files:
+        cfg = json.loads((tmp / "tokenizer_config.json").read_text())
+        if isinstance(cfg.get("chat_template"), str):
+            (tmp / "chat_template.jinja").write_text(cfg["chat_template"])
+            files.append("chat_template.jinja")
+            template = "chat_template.jinja"
+    return {"files": files, "chat_template": template}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_bundle(target: str, assistant: str, out: str | Path, options: ExportOptions | None = None,
+                  stage: Callable[[str], None] = lambda name: None) -> Manifest:
+    """Export a verified bundle to `out`. Raises EdgegenError on any user-fixable problem."""
+    from edgegen.export.loading import load_pair
+
+    opts = options or ExportOptions()
+    out = Path(out).expanduser().absolute()
+    _check_out(out, opts.force)
+    if opts.max_context < 16:
+        raise EdgegenError(f"--max-context {opts.max_context} is too small; use at least 16")
+    tquant = Quant(opts.quant, opts.block_size)
+    aquant = Quant(opts.assistant_quant_resolved(), opts.block_size)
+
+    stage("load")
+    pair = load_pair(target, assistant)
+    cfg = pair.text_config
+    max_context = min(opts.max_context, cfg.max_position_embeddings)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        stage("graphs")
+        untied = None
+        lm_w = pair.target.lm_head.weight
+        if lm_w.data_ptr() != pair.text_model.embed_tokens.weight.data_ptr():
+            untied = lm_w.detach().float().numpy()
+        tgraph, plan, ple_table = build_target_graph(pair.text_model, cfg, tquant, untied)
+        agraph, alayers = build_assistant_graph(pair.assistant, pair.text_model, plan, aquant, tquant)
+
+        stage("write")
+        write_models(tmp, {"target": tgraph, "assistant": agraph})
+        ple = _write_ple(tmp, ple_table, cfg.num_hidden_layers, tquant) if ple_table is not None else None
+        del tgraph, agraph, ple_table
+        buffers = [KVBuffer(f"past_key.{layer.index}", layer.index, layer.kind, layer.kv_heads, layer.head_dim)
+                   for layer in plan.layers if not layer.shared]
+        manifest = Manifest(
+            schema_version=SCHEMA_VERSION,
+            model=ModelSpec(cfg.vocab_size, cfg.hidden_size, list(cfg.layer_types), cfg.sliding_window, max_context,
+                            dict(plan.store_layers), buffers, cfg.final_logit_softcapping, ple),
+            graphs={},
+            tokenizer=_copy_tokenizer(pair, tmp),
+            generation=_generation_defaults(pair, int(pair.assistant.generation_config.num_assistant_tokens)),
+            source={"target": str(target), "assistant": str(assistant)},
+            edgegen_version=_version(),
+        )
+        # Graph IO specs are re-read from the written models (what the runtime will really see).
+        import onnx
+
+        for name, layers, q in (("target", plan.layers, tquant), ("assistant", alayers, aquant)):
+            model = onnx.load(str(tmp / f"{name}.onnx"), load_external_data=False)
+            manifest.graphs[name] = _graph_spec(_GraphIO(model.graph), f"{name}.onnx", _aliases(layers), q)
+        _write_manifest(tmp, manifest)
+
+        if opts.verify:
+            stage("verify")
+            from edgegen.export.verify import verify_bundle
+
+            manifest.parity = verify_bundle(tmp, pair, tquant, aquant)
+            _write_manifest(tmp, manifest)
+            failed = [k for k, v in manifest.parity.get("checks", {}).items() if not v["passed"]]
+            if failed:
+                raise EdgegenError(f"export failed verification against PyTorch: {', '.join(failed)} "
+                                   "(see the parity report); please report this model")
+
+        stage("publish")
+        manifest.files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
+                          for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
+        _write_manifest(tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class _GraphIO:
+    def __init__(self, graph):
+        self.inputs, self.outputs = graph.input, graph.output
+
+
+def _write_manifest(tmp: Path, manifest: Manifest) -> None:
+    (tmp / MANIFEST).write_text(manifest.to_json())
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("edgegen")
+    except Exception:
+        return "0+unknown"

@@ -1,0 +1,140 @@
+"""A loaded bundle: sessions for the target and assistant graphs, the PLE table, the tokenizer files.
+
+`Target.forward` and `Assistant.step` are the only places that feed the graphs; names come from the
+manifest contract (see manifest.py). KV buffers are bound with IOBinding to both the past inputs and
+the present outputs, so the graphs update them in place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgegen.runtime.errors import EdgegenError
+from edgegen.runtime.kv import KVCache
+from edgegen.runtime.manifest import GraphSpec, Manifest, PLESpec, load_manifest
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+def open_session(bundle: Path, spec: GraphSpec, threads: int | None, providers: list | None = None):
+    path = bundle / spec.file
+    if not path.is_file():
+        raise EdgegenError(f"bundle file '{spec.file}' is missing from '{bundle}'; re-export the bundle")
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several types for a damaged model
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise EdgegenError(f"cannot load '{spec.file}' from '{bundle}' ({first}); re-export the bundle") from None
+
+
+class PLETable:
+    """Per-layer embeddings: memory-mapped on the host (E2B's table is ~2.3B values), gathered per step."""
+
+    def __init__(self, bundle: Path, spec: PLESpec):
+        self.spec = spec
+        try:
+            self.rows = np.load(bundle / spec.file, mmap_mode="r")
+            self.scales = np.load(bundle / spec.scales_file, mmap_mode="r") if spec.scales_file else None
+        except (OSError, ValueError) as exc:
+            raise EdgegenError(f"per-layer embedding table in '{bundle}' is unreadable ({exc}); re-export") from None
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        flat = ids.reshape(-1)
+        rows = np.asarray(self.rows[flat])
+        if self.spec.bits:
+            from edgegen.runtime.quant import dequantize_rows
+
+            rows = dequantize_rows(rows, np.asarray(self.scales[flat]), self.spec.bits, self.spec.block_size)
+        return rows.reshape(1, len(flat), self.spec.num_layers, self.spec.dim).astype(np.float32, copy=False)
+
+
+class _Graph:
+    def __init__(self, session: ort.InferenceSession, spec: GraphSpec):
+        self.session, self.spec = session, spec
+        self.input_names = {i.name for i in session.get_inputs()}
+        self.plain_outputs = [o.name for o in session.get_outputs() if o.name not in spec.kv_aliases]
+
+    def run(self, feeds: dict[str, np.ndarray], cache: KVCache) -> dict[str, np.ndarray]:
+        b = self.session.io_binding()
+        for name, value in feeds.items():
+            b.bind_cpu_input(name, value)
+        for name, value in cache.values.items():
+            if name in self.input_names:
+                b.bind_ortvalue_input(name, value)
+        for out, buf in self.spec.kv_aliases.items():
+            b.bind_ortvalue_output(out, cache.values[buf])
+        for out in self.plain_outputs:
+            b.bind_output(out)
+        self.session.run_with_iobinding(b)
+        values = b.get_outputs()
+        # Bound outputs come back in binding order: aliases first, then the plain outputs.
+        return {n: v.numpy() for n, v in zip(self.plain_outputs, values[len(self.spec.kv_aliases):], strict=True)}
+
+
+class Target(_Graph):
+    def __init__(self, session, spec: GraphSpec, ple: PLETable | None):
+        super().__init__(session, spec)
+        self.ple = ple
+
+    def forward(self, cache: KVCache, ids: list[int] | np.ndarray, logits_to_keep: int = 1):
+        """Run ids at positions cache.length.. ; returns (logits [N,V], hidden [N,H]) for the last N."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        past, s = cache.length, ids.shape[1]
+        if past + s > cache.max_context:
+            raise EdgegenError(f"context full: {past + s} positions exceed the bundle's max context {cache.max_context}")
+        feeds = {
+            "input_ids": ids,
+            "position_ids": np.arange(past, past + s, dtype=np.int64).reshape(1, -1),
+            "logits_to_keep": np.array(logits_to_keep, dtype=np.int64),
+            "seqlens_k": np.array([past + s - 1], dtype=np.int32),
+            "total_sequence_length": np.array(past + s, dtype=np.int32),
+        }
+        if self.ple is not None:
+            feeds["per_layer_inputs"] = self.ple(ids)
+        out = self.run(feeds, cache)
+        cache.length = past + s
+        return out["logits"][0], out["last_hidden"][0]
+
+
+class Assistant(_Graph):
+    def step(self, cache: KVCache, token: int, hidden: np.ndarray):
+        """One draft step at position cache.length; returns (logits [V], next_token, projected hidden [H])."""
+        p = cache.length
+        feeds = {
+            "token": np.array([[token]], dtype=np.int64),
+            "hidden": np.asarray(hidden, dtype=np.float32).reshape(1, 1, -1),
+            "position_ids": np.array([[p]], dtype=np.int64),
+            "seqlens_k": np.array([p - 1], dtype=np.int32),
+            "total_sequence_length": np.array(p, dtype=np.int32),
+        }
+        out = self.run(feeds, cache)
+        return out["logits"][0, 0], int(out["next_token"].reshape(-1)[0]), out["projected_hidden"][0, 0]
+
+
+class Bundle:
+    """Everything loaded from a bundle directory. Sessions are safe to share across threads; a KVCache
+    (one per conversation) is not."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list | None = None):
+        self.path = Path(path)
+        self.manifest: Manifest = load_manifest(self.path)
+        m = self.manifest
+        ple = PLETable(self.path, m.model.ple) if m.model.ple else None
+        self.target = Target(open_session(self.path, m.graphs["target"], threads, providers), m.graphs["target"], ple)
+        self.assistant = None
+        if "assistant" in m.graphs:
+            spec = m.graphs["assistant"]
+            self.assistant = Assistant(open_session(self.path, spec, threads, providers), spec)
+
+    def new_cache(self, max_context: int | None = None) -> KVCache:
+        return KVCache(self.manifest.model.kv_buffers, max_context or self.manifest.model.max_context)

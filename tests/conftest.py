@@ -1,0 +1,41 @@
+"""Shared fixtures: synthetic Gemma 4 pairs written to disk once per session.
+
+Tests go through the real loading path (config.json + safetensors), so the pairs are real checkpoint
+directories; building one takes a fraction of a second, writing it once keeps the suite fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before transformers is imported anywhere: no test may reach the network, and its warnings are noise here.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+PairDirs = tuple[Path, Path]
+
+
+@pytest.fixture(scope="session")
+def pair_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., PairDirs]:
+    """`pair_dir(preset, centroid_head=True, conditional=False) -> (target_dir, assistant_dir)`.
+
+    Each distinct pair is written once per session; tests that corrupt one must copy it first.
+    """
+    from edgegen.export.testing import save_pair
+
+    cache: dict[tuple[str, bool, bool], PairDirs] = {}
+
+    def make(preset: str, centroid_head: bool = True, conditional: bool = False) -> PairDirs:
+        key = (preset, centroid_head, conditional)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"{preset}-centroid{int(centroid_head)}-cond{int(conditional)}")
+            cache[key] = save_pair(out, preset, seed=0, centroid_head=centroid_head, conditional=conditional)
+        return cache[key]
+
+    return make
