@@ -1,0 +1,283 @@
+"""The draft/verify loop and the Python API built on it.
+
+One round (see ARCHITECTURE "One round"): the cache holds P processed positions and `pending` (the
+last accepted token) is not yet in it.
+  draft   k assistant steps at the constant position P, from (pending, hidden of position P-1)
+  verify  the target runs [pending, d1..dk] at P..P+k
+  accept  the longest agreeing prefix (greedy) or the speculative-sampling rule; one extra token
+  commit  trim the cache to P+m+1; everything past it is overwritten later, never copied
+Plain decoding is the same round with k = 0. `stream` yields one event per emitted token; `generate`
+and `chat` are built from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgegen.runtime.errors import EdgegenError
+from edgegen.runtime.model import Bundle
+from edgegen.runtime.sampling import (
+    Sampling,
+    accept_greedy,
+    accept_sampled,
+    check_finite,
+    probabilities,
+    sample,
+)
+from edgegen.runtime.tokenizer import TextTokenizer
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt positions whose KV came from an earlier turn
+    new_tokens: int = 0
+    target_calls: int = 0  # after prefill
+    drafted: int = 0
+    accepted: int = 0
+    accepted_hist: list[int] = field(default_factory=list)  # rounds that accepted exactly i drafts
+    accepted_by_position: list[int] = field(default_factory=list)  # drafts accepted at draft position i
+    drafted_by_position: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    elapsed_s: float = 0.0
+    target_s: float = 0.0
+    draft_s: float = 0.0
+
+    @property
+    def tokens_per_target_call(self) -> float:
+        return (self.new_tokens - 1) / self.target_calls if self.target_calls else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        decode = self.elapsed_s - self.time_to_first_token_s
+        return (self.new_tokens - 1) / decode if decode > 0 and self.new_tokens > 1 else 0.0
+
+    def record_round(self, k: int, m: int) -> None:
+        for lst in (self.accepted_hist, self.accepted_by_position, self.drafted_by_position):
+            lst.extend([0] * (k + 1 - len(lst)))
+        self.accepted_hist[m] += 1
+        for i in range(k):
+            self.drafted_by_position[i] += 1
+            self.accepted_by_position[i] += int(i < m)
+        self.target_calls += 1
+        self.drafted += k
+        self.accepted += m
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items()}
+        d["tokens_per_target_call"] = round(self.tokens_per_target_call, 4)
+        d["tokens_per_second"] = round(self.tokens_per_second, 3)
+        d["acceptance_by_position"] = [
+            round(a / n, 4) if n else None for a, n in zip(self.accepted_by_position, self.drafted_by_position, strict=True)
+        ]
+        return d
+
+
+@dataclass
+class Event:
+    token_id: int
+    text: str  # the text this token added (may be empty while a multi-byte character or stop string is open)
+    stats: Stats
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    stats: Stats
+    stop_reason: str  # eos | stop_string | max_new_tokens | context
+
+
+class Generator:
+    """Generation over one bundle. The `Bundle` (sessions) may be shared by several Generators across
+    threads; a Generator owns one KV cache and one conversation, so use one per thread."""
+
+    def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, draft_tokens: int | None = None):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, threads=threads)
+        m = self.bundle.manifest
+        self.eos_ids = set(m.generation.get("eos_token_ids") or [])
+        self.draft_tokens = m.generation.get("draft_tokens", 4) if draft_tokens is None else draft_tokens
+        self._tokenizer: TextTokenizer | None = None
+        self.cache = self.bundle.new_cache()
+        self.processed: list[int] = []  # token ids whose K/V are in the cache, in order
+        self.messages: list[dict] = []
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = TextTokenizer(self.bundle.path, self.bundle.manifest.tokenizer)
+        return self._tokenizer
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def stream_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
+                   use_assistant: bool = True, draft_tokens: int | None = None,
+                   stop_strings: tuple[str, ...] = ()) -> Iterator[Event]:
+        """Yield one Event per generated token. Reuses cached K/V of a shared prompt prefix."""
+        s = sampling or Sampling()
+        k_max = self.draft_tokens if draft_tokens is None else draft_tokens
+        if k_max < 0:
+            raise EdgegenError(f"draft tokens {k_max} is invalid; use 0 or more")
+        if use_assistant and k_max and self.bundle.assistant is None:
+            raise EdgegenError("this bundle has no assistant graph; run with --no-assistant")
+        if not prompt_ids:
+            raise EdgegenError("the prompt is empty; give at least one token")
+        if max_new_tokens < 1:
+            raise EdgegenError(f"max new tokens {max_new_tokens} is invalid; use 1 or more")
+        vocab = self.bundle.manifest.model.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise EdgegenError(f"prompt token ids must be in [0, {vocab})")
+        cap = self.cache.max_context
+        if len(prompt_ids) >= cap:
+            raise EdgegenError(f"the prompt has {len(prompt_ids)} tokens; this bundle holds {cap} (prompt + output)")
+        rng = np.random.default_rng(s.seed)
+        stats = Stats(prompt_tokens=len(prompt_ids))
+        target, assistant = self.bundle.target, self.bundle.assistant
+        t0 = time.perf_counter()
+
+        # Prefill what the cache does not already hold (earlier turns of a conversation).
+        reuse = _common_prefix(self.processed, prompt_ids[:-1])
+        self.cache.trim(reuse)
+        del self.processed[reuse:]
+        stats.reused_tokens = reuse
+        logits, hidden = target.forward(self.cache, prompt_ids[reuse:])
+        self.processed.extend(prompt_ids[reuse:])
+        stats.prefill_s = time.perf_counter() - t0
+        check_finite(logits, "target")
+        pending = int(logits[-1].argmax()) if s.greedy else sample(probabilities(logits[-1], s), rng)
+        h = hidden[-1]
+        stats.target_s += stats.prefill_s
+        emitted = 0
+        while True:
+            emitted += 1
+            stats.new_tokens = emitted
+            if emitted == 1:
+                stats.time_to_first_token_s = time.perf_counter() - t0
+            stats.elapsed_s = time.perf_counter() - t0
+            yield Event(pending, "", stats)
+            if pending in self.eos_ids or emitted >= max_new_tokens or self.cache.length + 1 >= cap:
+                return
+            # Never draft past the token budget or the context.
+            k = min(k_max if use_assistant else 0, max_new_tokens - emitted - 1, cap - self.cache.length - 2)
+            k = max(k, 0)
+            td = time.perf_counter()
+            drafts, qs, tok, hh = [], [], pending, h
+            for _ in range(k):
+                dl, greedy_next, hh = assistant.step(self.cache, tok, hh)
+                if s.greedy:
+                    tok = greedy_next
+                else:
+                    q = probabilities(dl, s)
+                    qs.append(q)
+                    tok = sample(q, rng)
+                drafts.append(tok)
+            tv = time.perf_counter()
+            stats.draft_s += tv - td
+            base = self.cache.length
+            logits, hidden = target.forward(self.cache, [pending, *drafts], logits_to_keep=k + 1)
+            stats.target_s += time.perf_counter() - tv
+            check_finite(logits, "target")
+            if s.greedy:
+                m, nxt = accept_greedy(drafts, logits)
+            else:
+                m, nxt = accept_sampled(drafts, qs, logits, s, rng)
+            stats.record_round(k, m)
+            self.cache.trim(base + m + 1)
+            self.processed.extend([pending, *drafts[:m]])
+            h = hidden[m]
+            for d in drafts[:m]:
+                emitted += 1
+                stats.new_tokens = emitted
+                stats.elapsed_s = time.perf_counter() - t0
+                yield Event(d, "", stats)
+                if d in self.eos_ids or emitted >= max_new_tokens:
+                    return
+            pending = nxt
+
+    def stream(self, prompt: str | list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
+               use_assistant: bool = True, draft_tokens: int | None = None,
+               stop_strings: tuple[str, ...] = ()) -> Iterator[Event]:
+        """Like `stream_ids`, with text: each event carries the text its token added."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return self._with_text(self.stream_ids(ids, max_new_tokens, sampling, use_assistant, draft_tokens),
+                               stop_strings)
+
+    def _with_text(self, events: Iterator[Event], stop_strings: tuple[str, ...]) -> Iterator[Event]:
+        tok = self.tokenizer
+        ids: list[int] = []
+        shown = ""
+        hold = max((len(x) for x in stop_strings), default=1) - 1
+        self.last_stop_reason = "max_new_tokens"
+        for ev in events:
+            ids.append(ev.token_id)
+            text = tok.decode(ids)
+            if ev.token_id in self.eos_ids:
+                self.last_stop_reason = "eos"
+            hit = [text.find(x) for x in stop_strings if x and x in text]
+            if hit:
+                cut = min(hit)
+                yield Event(ev.token_id, text[len(shown):cut] if cut > len(shown) else "", ev.stats)
+                self.last_stop_reason = "stop_string"
+                events.close()
+                return
+            # Hold back a possible stop-string prefix and incomplete UTF-8 (decoded as U+FFFD).
+            safe = len(text) - hold if stop_strings else len(text)
+            while safe > len(shown) and text[safe - 1] == "\ufffd":
+                safe -= 1
+            delta = text[len(shown):safe] if safe > len(shown) else ""
+            shown += delta
+            yield Event(ev.token_id, delta, ev.stats)
+        final = tok.decode(ids)
+        if len(final) > len(shown) and self.last_stop_reason != "stop_string":
+            yield Event(-1, final[len(shown):], ev.stats)  # flush held-back text (no new token)
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
+                 use_assistant: bool = True, draft_tokens: int | None = None,
+                 stop_strings: tuple[str, ...] = ()) -> Result:
+        """Blocking generation, built from `stream`."""
+        if isinstance(prompt, list) and not stop_strings:
+            events = list(self.stream_ids(prompt, max_new_tokens, sampling, use_assistant, draft_tokens))
+            ids = [e.token_id for e in events]
+            stats = events[-1].stats
+            text = self.tokenizer.decode(ids) if _has_tokenizer(self) else ""
+            reason = "eos" if ids[-1] in self.eos_ids else (
+                "max_new_tokens" if len(ids) >= max_new_tokens else "context")
+            return Result(text, ids, stats, reason)
+        events = list(self.stream(prompt, max_new_tokens, sampling, use_assistant, draft_tokens, stop_strings))
+        ids = [e.token_id for e in events if e.token_id >= 0]
+        return Result("".join(e.text for e in events), ids, events[-1].stats, self.last_stop_reason)
+
+    # -- chat ----------------------------------------------------------------------------------------
+    def chat(self, user_message: str, max_new_tokens: int = 256, sampling: Sampling | None = None,
+             use_assistant: bool = True, draft_tokens: int | None = None) -> Iterator[Event]:
+        """One conversation turn, streamed. Earlier turns' K/V are reused, not prefilled again."""
+        self.messages.append({"role": "user", "content": user_message})
+        text = self.tokenizer.render_chat(self.messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        reply = []
+        for ev in self._with_text(self.stream_ids(ids, max_new_tokens, sampling, use_assistant, draft_tokens), ()):
+            reply.append(ev.text)
+            yield ev
+        self.messages.append({"role": "assistant", "content": "".join(reply)})
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.processed.clear()
+        self.messages.clear()
+
+
+def _has_tokenizer(gen: Generator) -> bool:
+    return "tokenizer.json" in gen.bundle.manifest.tokenizer.get("files", [])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
