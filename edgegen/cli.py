@@ -61,6 +61,104 @@ def export(
     typer.echo(f"wrote {out} ({summary})")
 
 
+def _read_prompt(prompt: str | None, file: Path | None, chat: bool) -> str | None:
+    given = sum(x is not None and x is not False for x in (prompt, file)) + int(chat)
+    if given != 1:
+        raise EdgegenError("give exactly one of --prompt TEXT, --file F or --chat")
+    if file is not None:
+        if not file.is_file():
+            raise EdgegenError(f"prompt file '{file}' does not exist")
+        try:
+            prompt = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise EdgegenError(f"prompt file '{file}' is not UTF-8 text") from None
+    if prompt is not None and not prompt.strip():
+        raise EdgegenError("the prompt is empty; give some text")
+    return prompt
+
+
+@app.command()
+def run(
+    bundle: Path | None = typer.Argument(None, help="Bundle directory [default: the bundled demo pair]"),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Prompt text"),
+    file: Path | None = typer.Option(None, "--file", "-f", help="Read the prompt from a UTF-8 file"),
+    chat: bool = typer.Option(False, "--chat", help="Multi-turn chat on stdin (KV of earlier turns is reused)"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens to generate"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy"),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 = off)"),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)"),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling"),
+    draft_tokens: int | None = typer.Option(None, "--draft-tokens", "-k", help="Tokens drafted per round"),
+    no_assistant: bool = typer.Option(False, "--no-assistant", help="Plain decoding with the target alone"),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)"),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Threads per session"),
+    stats: bool = typer.Option(False, "--stats", help="Print generation statistics to stderr"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token_ids, stats"),
+) -> None:
+    """Generate text with a bundle: speculative decoding with its assistant, streamed to the terminal."""
+    import json
+
+    from edgegen.runtime.generate import Generator
+    from edgegen.runtime.sampling import Sampling
+
+    text = _read_prompt(prompt, file, chat)
+    sampling = Sampling(temperature, top_k, top_p, seed)
+    if bundle is None:
+        from edgegen.demo import demo_bundle
+
+        bundle = demo_bundle()
+    gen = Generator(bundle, threads=threads)
+    options = dict(max_new_tokens=max_new_tokens, sampling=sampling, use_assistant=not no_assistant,
+                   draft_tokens=draft_tokens)
+    if chat:
+        _chat_loop(gen, options, stats)
+        return
+    if as_json:
+        result = gen.generate(text, stop_strings=tuple(stop), **options)
+        typer.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                               "stop_reason": result.stop_reason, "stats": result.stats.as_dict()}))
+        return
+    last = None
+    for event in gen.stream(text, stop_strings=tuple(stop), **options):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        last = event
+    sys.stdout.write("\n")
+    if stats and last is not None:
+        _print_stats(last.stats)
+
+
+def _print_stats(st) -> None:
+    d = st.as_dict()
+    typer.echo(
+        f"[{d['new_tokens']} tokens, {d['tokens_per_second']:.1f} tok/s, {d['tokens_per_target_call']:.2f} "
+        f"tokens/target call, first token {1000 * d['time_to_first_token_s']:.0f} ms, "
+        f"accepted {d['accepted']}/{d['drafted']} drafts, by position {d['acceptance_by_position']}]",
+        err=True,
+    )
+
+
+def _chat_loop(gen, options: dict, stats: bool) -> None:
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        last = None
+        for event in gen.chat(line.strip(), **options):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+            last = event
+        sys.stdout.write("\n")
+        if stats and last is not None:
+            _print_stats(last.stats)
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and exit 2; Ctrl-C exits 130 without a traceback."""
     try:

@@ -59,8 +59,9 @@ class Stats:
         return (self.new_tokens - 1) / decode if decode > 0 and self.new_tokens > 1 else 0.0
 
     def record_round(self, k: int, m: int) -> None:
-        for lst in (self.accepted_hist, self.accepted_by_position, self.drafted_by_position):
-            lst.extend([0] * (k + 1 - len(lst)))
+        self.accepted_hist.extend([0] * (k + 1 - len(self.accepted_hist)))
+        for lst in (self.accepted_by_position, self.drafted_by_position):
+            lst.extend([0] * (k - len(lst)))
         self.accepted_hist[m] += 1
         for i in range(k):
             self.drafted_by_position[i] += 1
