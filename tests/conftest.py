@@ -39,3 +39,27 @@ def pair_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., PairDirs
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(pair_dir, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`bundle_dir(preset, centroid_head=True, quant="fp32", assistant_quant=None) -> Path`.
+
+    Exported (and verified) once per session; tests must not modify the returned bundle.
+    """
+    from edgegen.export.bundle import ExportOptions, export_bundle
+
+    cache: dict[tuple, Path] = {}
+
+    def make(preset: str, centroid_head: bool = True, quant: str = "fp32", assistant_quant: str | None = None,
+             max_context: int = 512) -> Path:
+        key = (preset, centroid_head, quant, assistant_quant, max_context)
+        if key not in cache:
+            target, assistant = pair_dir(preset, centroid_head)
+            out = tmp_path_factory.mktemp("bundles") / f"{preset}-c{int(centroid_head)}-{quant}-{assistant_quant}"
+            export_bundle(str(target), str(assistant), out,
+                          ExportOptions(quant=quant, assistant_quant=assistant_quant, max_context=max_context))
+            cache[key] = out
+        return cache[key]
+
+    return make
