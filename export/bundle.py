@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgegen.export.graphs import build_assistant_graph, build_target_graph
-from edgegen.export.onnx_graph import Graph, write_models
+from edgegen.export.onnx_graph import SHARED_FILE, Graph, WeightFile
 from edgegen.export.quantize import Quant, pack, quantize_blocks
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.manifest import (
@@ -160,11 +160,14 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
         lm_w = pair.target.lm_head.weight
         if lm_w.data_ptr() != pair.text_model.embed_tokens.weight.data_ptr():
             untied = lm_w.detach().float().numpy()
-        tgraph, plan, ple_table = build_target_graph(pair.text_model, cfg, tquant, untied)
-        agraph, alayers = build_assistant_graph(pair.assistant, pair.text_model, plan, aquant, tquant)
+        shared = WeightFile(tmp / SHARED_FILE)
+        tgraph, plan, ple_table = build_target_graph(pair.text_model, cfg, tquant, tmp, shared, untied)
+        agraph, alayers = build_assistant_graph(pair.assistant, pair.text_model, plan, aquant, tquant, tmp, shared)
 
         stage("write")
-        write_models(tmp, {"target": tgraph, "assistant": agraph})
+        tgraph.save(tmp)
+        agraph.save(tmp)
+        shared.close()
         ple = _write_ple(tmp, ple_table, cfg.num_hidden_layers, tquant) if ple_table is not None else None
         del tgraph, agraph, ple_table
         buffers = [KVBuffer(f"past_key.{layer.index}", layer.index, layer.kind, layer.kv_heads, layer.head_dim)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import TensorProto
 
-from edgegen.export.onnx_graph import Graph
+from edgegen.export.onnx_graph import Graph, WeightFile
 from edgegen.export.quantize import Linears, Quant, TiedTable
 
 F32, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
@@ -185,10 +185,11 @@ def _vi(name, shape):
 # -- target ---------------------------------------------------------------------------------------------
 
 
-def build_target_graph(text_model, cfg, quant: Quant, untied_lm_head: np.ndarray | None = None) -> tuple[Graph, TargetPlan, np.ndarray | None]:
+def build_target_graph(text_model, cfg, quant: Quant, out_dir, shared: WeightFile,
+                       untied_lm_head: np.ndarray | None = None) -> tuple[Graph, TargetPlan, np.ndarray | None]:
     """Returns the graph, its plan, and the host-side PLE table (token component, scale folded in)."""
     plan = plan_target(cfg)
-    g = Graph("target")
+    g = Graph("target", out_dir, shared)
     lin = Linears(g, quant)
     eps = cfg.rms_norm_eps
     ids = g.input("input_ids", I64, [1, "S"])
@@ -276,11 +277,11 @@ def centroid_logits(g: Graph, lin: Linears, table: TiedTable, h: str, masked, vo
 
 
 def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan, quant: Quant,
-                          target_quant: Quant) -> tuple[Graph, list[LayerPlan]]:
+                          target_quant: Quant, out_dir, shared: WeightFile) -> tuple[Graph, list[LayerPlan]]:
     """One draft step at a constant position over the target's store-layer buffers."""
     cfg = assistant.config.get_text_config()
     layers = assistant_plan(assistant, target_plan)
-    g = Graph("assistant")
+    g = Graph("assistant", out_dir, shared)
     lin = Linears(g, quant)
     eps = cfg.rms_norm_eps
     tok = g.input("token", I64, [1, 1])

@@ -1,7 +1,9 @@
-"""A small ONNX graph builder: named values, numpy initializers, one external-data file per graph.
+"""A small ONNX graph builder whose weights go straight to disk.
 
-Weights that two graphs share (the tied embedding) are written once, to a shared data file both graphs
-reference by offset; `write_models` does that layout so no weight is stored twice in a bundle.
+Each large initializer is appended to its graph's `<name>.weights` file the moment it is created, so
+building a graph holds no second copy of the model in memory (export peak RSS stays near the size of
+the loaded PyTorch weights). Weights two graphs share (the tied embedding) are written once, to
+`shared.weights`, and both graphs reference the same bytes: no weight is stored twice in a bundle.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from onnx import TensorProto, helper
 
 OPSET = 23
 MS_DOMAIN = "com.microsoft"
+SHARED_FILE = "shared.weights"
 _ALIGN = 4096  # page-aligned offsets let onnxruntime memory-map external data
+_INLINE_BYTES = 1024  # smaller tensors live inside the .onnx file
 
 _DTYPES = {
     np.dtype(np.float32): TensorProto.FLOAT,
@@ -26,14 +30,40 @@ _DTYPES = {
 }
 
 
+class WeightFile:
+    """An append-only, page-aligned data file; remembers where each tensor went."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fh = path.open("wb")
+        self.entries: dict[str, tuple[int, int, tuple[int, ...], np.dtype]] = {}
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        if name in self.entries:
+            _, _, shape, dtype = self.entries[name]
+            if shape != array.shape or dtype != array.dtype:
+                raise ValueError(f"weight {name} written twice with different shapes")
+            return
+        self._fh.write(b"\0" * ((-self._fh.tell()) % _ALIGN))
+        offset = self._fh.tell()
+        np.ascontiguousarray(array).tofile(self._fh)
+        self.entries[name] = (offset, array.nbytes, array.shape, array.dtype)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
 class Graph:
-    def __init__(self, name: str):
+    def __init__(self, name: str, out_dir: Path, shared: WeightFile):
         self.name = name
+        self.file = f"{name}.weights"
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
-        self.initializers: dict[str, np.ndarray] = {}
-        self.shared: set[str] = set()  # initializer names stored in the bundle's shared data file
+        self.inline: dict[str, np.ndarray] = {}
+        self.data = WeightFile(Path(out_dir) / self.file)
+        self.shared = shared
+        self.shared_names: set[str] = set()
         self._count = 0
 
     # -- values -----------------------------------------------------------------------------------
@@ -48,16 +78,18 @@ class Graph:
         return name
 
     def weight(self, name: str, array: np.ndarray, shared: bool = False) -> str:
-        if name not in self.initializers:
-            self.initializers[name] = np.array(array, copy=True, order="C")  # keeps 0-d arrays 0-d
-            if shared:
-                self.shared.add(name)
+        if shared:
+            self.shared.add(name, array)
+            self.shared_names.add(name)
+        elif array.nbytes >= _INLINE_BYTES:
+            self.data.add(name, array)
+        elif name not in self.inline:
+            self.inline[name] = np.array(array, copy=True, order="C")  # keeps 0-d arrays 0-d
         return name
 
     def const(self, value, dtype=np.int64) -> str:
-        arr = np.asarray(value, dtype=dtype)
         self._count += 1
-        return self.weight(f"const_{self._count}", arr)
+        return self.weight(f"const_{self._count}", np.asarray(value, dtype=dtype))
 
     # -- nodes ------------------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: str, out: str | list[str] | int | None = None, domain: str = "",
@@ -78,20 +110,16 @@ class Graph:
         return self.op(op_type, *inputs, out=out, domain=MS_DOMAIN, **attrs)
 
     # -- save ---------------------------------------------------------------------------------------
-    def to_model(self, data_file: str, shared_file: str, shared_offsets: dict[str, tuple[int, int]],
-                 data_offsets: dict[str, tuple[int, int]]) -> onnx.ModelProto:
-        tensors = []
-        for name, arr in self.initializers.items():
-            t = TensorProto(name=name, data_type=_DTYPES[arr.dtype], dims=arr.shape)
-            if name in self.shared:
-                loc, (off, length) = shared_file, shared_offsets[name]
-            elif name in data_offsets:
-                loc, (off, length) = data_file, data_offsets[name]
-            else:
-                tensors.append(onnx.numpy_helper.from_array(arr, name))
-                continue
+    def save(self, out_dir: Path) -> list[str]:
+        """Write `<name>.onnx` referencing its data files; returns the files the graph needs."""
+        self.data.close()
+        tensors = [onnx.numpy_helper.from_array(a, n) for n, a in self.inline.items()]
+        refs = [(n, SHARED_FILE, self.shared.entries[n]) for n in sorted(self.shared_names)]
+        refs += [(n, self.file, e) for n, e in self.data.entries.items()]
+        for name, location, (offset, length, shape, dtype) in refs:
+            t = TensorProto(name=name, data_type=_DTYPES[np.dtype(dtype)], dims=shape)
             t.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", loc), ("offset", str(off)), ("length", str(length))):
+            for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
                 t.external_data.add(key=k, value=v)
             tensors.append(t)
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, tensors)
@@ -100,40 +128,5 @@ class Graph:
             producer_name="edgegen",
         )
         model.ir_version = 10
-        return model
-
-
-def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, tuple[int, int]]:
-    offsets = {}
-    with path.open("wb") as fh:
-        for name, arr in arrays.items():
-            pad = (-fh.tell()) % _ALIGN
-            fh.write(b"\0" * pad)
-            offsets[name] = (fh.tell(), arr.nbytes)
-            fh.write(arr.tobytes())
-    return offsets
-
-
-def write_models(out_dir: Path, graphs: dict[str, Graph], shared_file: str = "shared.weights",
-                 min_external_bytes: int = 1024) -> dict[str, list[str]]:
-    """Write `<name>.onnx` + `<name>.weights` per graph and one shared data file.
-
-    Returns {graph name: [files it needs]} for the manifest.
-    """
-    shared: dict[str, np.ndarray] = {}
-    for g in graphs.values():
-        for name in g.shared:
-            arr = g.initializers[name]
-            if name in shared and (shared[name].shape != arr.shape or shared[name].dtype != arr.dtype):
-                raise ValueError(f"shared weight {name} differs between graphs")
-            shared[name] = arr
-    shared_offsets = _write_arrays(out_dir / shared_file, shared) if shared else {}
-    files: dict[str, list[str]] = {}
-    for gname, g in graphs.items():
-        data_file = f"{gname}.weights"
-        own = {n: a for n, a in g.initializers.items() if n not in g.shared and a.nbytes >= min_external_bytes}
-        data_offsets = _write_arrays(out_dir / data_file, own)
-        model = g.to_model(data_file, shared_file, shared_offsets, data_offsets)
-        onnx.save(model, str(out_dir / f"{gname}.onnx"))
-        files[gname] = [f"{gname}.onnx", data_file] + ([shared_file] if g.shared else [])
-    return files
+        onnx.save(model, str(Path(out_dir) / f"{self.name}.onnx"))
+        return [f"{self.name}.onnx", self.file] + ([SHARED_FILE] if self.shared_names else [])

@@ -35,14 +35,23 @@ class Quant:
 
 
 def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """w [N, K] -> (codes uint8 [N, K], scales float32 [N, K/block]); symmetric, zero point 2^(bits-1)."""
+    """w [N, K] -> (codes uint8 [N, K], scales float32 [N, K/block]); symmetric, zero point 2^(bits-1).
+
+    Works through row chunks so the float temporaries stay small even for a 262k-row lm_head.
+    """
     n, k = w.shape
-    blocks = w.reshape(n, k // block, block).astype(np.float32)
     qmax = 2 ** (bits - 1) - 1
-    scales = np.abs(blocks).max(axis=-1) / qmax
-    scales = np.where(scales == 0, np.float32(1.0), scales).astype(np.float32)
-    q = np.clip(np.rint(blocks / scales[..., None]), -qmax - 1, qmax) + 2 ** (bits - 1)
-    return q.astype(np.uint8).reshape(n, k), scales
+    codes = np.empty((n, k), np.uint8)
+    scales = np.empty((n, k // block), np.float32)
+    step = max(1, (1 << 22) // k)
+    for r in range(0, n, step):
+        blocks = np.asarray(w[r : r + step], np.float32).reshape(-1, k // block, block)
+        sc = np.abs(blocks).max(axis=-1) / qmax
+        sc = np.where(sc == 0, np.float32(1.0), sc).astype(np.float32)
+        q = np.clip(np.rint(blocks / sc[..., None]), -qmax - 1, qmax) + 2 ** (bits - 1)
+        codes[r : r + step] = q.reshape(-1, k)
+        scales[r : r + step] = sc
+    return codes, scales
 
 
 def dequantize(w: np.ndarray, bits: int, block: int) -> np.ndarray:
