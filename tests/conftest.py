@@ -56,9 +56,10 @@ def bundle_dir(pair_dir, tmp_path_factory: pytest.TempPathFactory) -> Callable[.
         key = (preset, centroid_head, quant, assistant_quant, max_context)
         if key not in cache:
             target, assistant = pair_dir(preset, centroid_head)
-            out = tmp_path_factory.mktemp("bundles") / f"{preset}-c{int(centroid_head)}-{quant}-{assistant_quant}"
-            export_bundle(str(target), str(assistant), out,
-                          ExportOptions(quant=quant, assistant_quant=assistant_quant, max_context=max_context))
+            name = f"{preset}-c{int(centroid_head)}-{quant}-{assistant_quant}"
+            out = tmp_path_factory.mktemp("bundles") / name
+            options = ExportOptions(quant=quant, assistant_quant=assistant_quant, max_context=max_context)
+            export_bundle(str(target), str(assistant), out, options)
             cache[key] = out
         return cache[key]
 

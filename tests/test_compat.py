@@ -15,7 +15,15 @@ from edgegen.export.compat import (
     fix_assistant_generation_config,
     original_kv_sharing_modes,
 )
-from edgegen.export.testing import PRESETS, assistant_config, build_assistant, build_target, target_text_config
+from edgegen.export.testing import (
+    BOS_ID,
+    PRESETS,
+    SPECIAL_TOKENS,
+    assistant_config,
+    build_assistant,
+    build_target,
+    target_text_config,
+)
 
 PRESET_NAMES = ["e2b-like", "e4b-like"]
 
@@ -71,17 +79,19 @@ def test_applying_the_shims_twice_keeps_the_original() -> None:
 
 
 def _prompt(vocab_size: int, length: int = 12) -> torch.Tensor:
-    """Random non-special tokens after <bos>: random models must not stop on EOS in the prompt."""
-    ids = torch.randint(6, vocab_size, (1, length), generator=torch.Generator().manual_seed(7))
-    ids[0, 0] = 2
+    """<bos> and random non-special tokens; this seed makes both random targets continue without looping."""
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(len(SPECIAL_TOKENS), vocab_size, (1, length), generator=generator)
+    ids[0, 0] = BOS_ID
     return ids
 
 
 def test_default_assistant_generation_config_breaks_generate() -> None:
     target, assistant = build_target("e2b-like"), build_assistant("e2b-like")
     assert assistant.generation_config.num_assistant_tokens is None
+    prompt = _prompt(PRESETS["e2b-like"].vocab_size)
     with pytest.raises(TypeError, match="NoneType"):
-        target.generate(_prompt(512), assistant_model=assistant, max_new_tokens=4, do_sample=False)
+        target.generate(prompt, assistant_model=assistant, max_new_tokens=4, do_sample=False)
 
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)
@@ -96,7 +106,7 @@ def test_fixed_assistant_greedy_speculation_equals_greedy(preset: str, centroid_
     plain = target.generate(prompt, max_new_tokens=8, do_sample=False)
     speculative = target.generate(prompt, assistant_model=assistant, max_new_tokens=8, do_sample=False)
     assert drafts
-    assert plain.shape[1] > prompt.shape[1]
+    assert len(set(plain[0, prompt.shape[1]:].tolist())) > 2  # a looping output would prove little
     assert torch.equal(speculative, plain)
 
 
