@@ -62,6 +62,8 @@ def _check_out(out: Path, force: bool) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.exists():
         raise EdgegenError(f"the parent directory of '{out}' does not exist; create it first")
+    if not parent.is_dir():
+        raise EdgegenError(f"'{parent}' is not a directory; choose another --out")
     if not os.access(parent, os.W_OK):
         raise EdgegenError(f"cannot write to '{parent}'; choose a writable --out")
 
@@ -157,9 +159,8 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     try:
         stage("graphs")
         untied = None
-        lm_w = pair.target.lm_head.weight
-        if lm_w.data_ptr() != pair.text_model.embed_tokens.weight.data_ptr():
-            untied = lm_w.detach().float().numpy()
+        if pair.target.lm_head.weight.data_ptr() != pair.text_model.embed_tokens.weight.data_ptr():
+            untied = pair.target.lm_head.weight.detach().float().numpy()
         shared = WeightFile(tmp / SHARED_FILE)
         tgraph, plan, ple_table = build_target_graph(pair.text_model, cfg, tquant, tmp, shared, untied)
         agraph, alayers = build_assistant_graph(pair.assistant, pair.text_model, plan, aquant, tquant, tmp, shared)
@@ -192,14 +193,20 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
 
         if opts.verify:
             stage("verify")
-            from edgegen.export.verify import verify_bundle
+            import gc
 
-            manifest.parity = verify_bundle(tmp, pair, tquant, aquant)
+            from edgegen.export import verify
+
+            case = verify.references(pair, tmp, max_context, tquant, aquant)
+            del pair  # free the PyTorch models before the bundle's sessions load
+            gc.collect()
+            manifest.parity = verify.compare(tmp, case, tquant, aquant)
             _write_manifest(tmp, manifest)
-            failed = [k for k, v in manifest.parity.get("checks", {}).items() if not v["passed"]]
+            failed = [f"{k} {v['value']:.3g} > {v['tolerance']:.3g}" if "tolerance" in v else k
+                      for k, v in manifest.parity.get("checks", {}).items() if not v["passed"]]
             if failed:
-                raise EdgegenError(f"export failed verification against PyTorch: {', '.join(failed)} "
-                                   "(see the parity report); please report this model")
+                raise EdgegenError(f"export failed verification against PyTorch ({'; '.join(failed)}); "
+                                   "please report this model")
 
         stage("publish")
         manifest.files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}

@@ -2,14 +2,18 @@
 
 Target: teacher-forced logits over a prompt longer than the sliding window, fed as prefill, a verify
 chunk (S=5) and single-token decodes; greedy continuation equality with `generate`. Assistant: logits and
-projected hidden for draft steps at positions inside and past the window, given identical inputs.
-For quantized bundles the same checks run twice: against a PyTorch copy with the *same weight rounding*
-(tests the graphs) and against the fp32 model (reports the accuracy cost of quantization).
+projected hidden for draft steps at positions inside and past the window, given identical inputs (the
+runtime cache is filled with PyTorch's own store-layer K/V, so the check isolates the assistant graph).
+For quantized bundles the checks run against a PyTorch model with the *same weight rounding* (tests the
+graphs), and the bundle is also scored against the fp32 model (the accuracy cost of quantization).
+
+Memory: `references` computes everything PyTorch has to say first; the caller then frees the PyTorch
+models before `compare` loads the bundle, so export never holds both.
 """
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,77 +22,143 @@ import torch
 from edgegen.export.quantize import Quant, dequantize
 from edgegen.runtime.model import Bundle
 
-# Thresholds an fp32 bundle must meet (the export fails otherwise).
-TARGET_TOL = 1e-4
-ASSISTANT_TOL = 1e-5
-# Same-rounding tolerance for quantized bundles: the weights are identical, only the summation order
-# (MatMulNBits vs torch matmul) differs, which grows with the width of the dot products.
-QUANT_TOL = 1e-3
-
+# Tolerances: absolute floor + relative to the largest reference value. The floors are the contract on
+# small models (1e-4 target logits, 1e-5 assistant); the relative part admits fp32 summation-order noise,
+# which grows with width and depth (PyTorch fp32 itself is ~3e-4 off fp64 on a hidden-1024 model).
+TARGET_ATOL, TARGET_RTOL = 1e-4, 1e-3
+ASSISTANT_ATOL, ASSISTANT_RTOL = 1e-5, 1e-4
 BUILTIN_TEXT = (
     "The quick brown fox jumps over the lazy dog. Speculative decoding lets a small drafter propose "
     "several tokens that the large model verifies in a single pass, so the output stays exactly the same "
     "while each step of the large model yields more than one token. "
 )
 GREEDY_TOKENS = 16
+COMPARED_PREFILL = 25  # prefill positions whose logits are compared (the last ones, past the window)
 
 
-def prompt_ids(bundle_dir: Path, pair, length: int, seed: int) -> list[int]:
-    """Built-in text through the target's tokenizer when it has one, padded with seeded random ids."""
+@dataclass
+class Case:
+    """One prompt and what PyTorch computed for it (fp32, and with the bundle's rounding)."""
+
+    ids: list[int]
+    positions: list[int]
+    target_logits: dict[str, np.ndarray] = field(default_factory=dict)  # tag -> [compared, V]
+    greedy: list[int] = field(default_factory=list)
+    store_kv: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # kind -> K, V [.., n, d]
+    hidden: np.ndarray | None = None  # [n, H] target last hidden (post-norm)
+    assistant: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)  # tag -> per pos
+
+
+def prompt_ids(bundle_dir: Path, vocab: int, length: int, seed: int = 0) -> list[int]:
+    """Built-in text through the bundle's tokenizer when it has one, padded with seeded random ids."""
     ids: list[int] = []
     tok_file = Path(bundle_dir) / "tokenizer.json"
     if tok_file.is_file():
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_file(str(tok_file))
-        ids = tok.encode(BUILTIN_TEXT * (1 + length // 20)).ids
+        ids = Tokenizer.from_file(str(tok_file)).encode(BUILTIN_TEXT * (1 + length // 20)).ids
     rng = np.random.default_rng(seed)
-    vocab = pair.text_config.vocab_size
     while len(ids) < length:
         ids.append(int(rng.integers(4, vocab)))
     return ids[:length]
 
 
-def rounded_copy(model: torch.nn.Module, quant: Quant, ple_scale: float | None = None) -> torch.nn.Module:
-    """A copy whose Linear and embedding weights carry exactly the rounding the quantized graph uses."""
-    if not quant.bits:
-        return model
-    m = copy.deepcopy(model)
+def _chunks(n: int) -> list[tuple[int, int]]:
+    return [(0, n - 7), (n - 7, n - 2), (n - 2, n - 1), (n - 1, n)]  # prefill, verify S=5, two decodes
+
+
+def _compared(n: int) -> slice:
+    return slice(max(0, n - 7 - COMPARED_PREFILL), n)
+
+
+def round_in_place(model: torch.nn.Module, quant: Quant, ple_scale: float | None = None) -> None:
+    """Give Linear and embedding weights exactly the rounding the quantized graphs use."""
     done: set[int] = set()
     with torch.no_grad():
-        for mod in m.modules():
+        for mod in model.modules():
             w = getattr(mod, "weight", None)
             if not isinstance(mod, torch.nn.Linear | torch.nn.Embedding) or w is None or id(w) in done:
                 continue
             done.add(id(w))
             arr = w.detach().float().numpy()
             if getattr(mod, "_edgegen_ple", False) and ple_scale:
-                arr = dequantize(arr * np.float32(ple_scale), quant.bits, quant.block_for(arr.shape[1])) / np.float32(ple_scale)
+                # The host PLE table is quantized with its scale folded in (see bundle._write_ple).
+                s = np.float32(ple_scale)
+                arr = dequantize(arr * s, quant.bits, quant.block_for(arr.shape[1])) / s
             else:
                 arr = dequantize(arr, quant.bits, quant.block_for(arr.shape[1]))
             w.copy_(torch.from_numpy(arr))
-    return m
+
+
+def _text_model(model):
+    return model.model.language_model if hasattr(model.model, "language_model") else model.model
+
+
+def _pytorch_target(case: Case, model, tag: str, greedy: bool) -> None:
+    ids = torch.tensor([case.ids])
+    n = len(case.ids)
+    with torch.no_grad():
+        out = model(input_ids=ids, return_shared_kv_states=True, output_hidden_states=True)
+        case.target_logits[tag] = out.logits[0, _compared(n)].float().numpy().copy()
+        if greedy:
+            gen = model.generate(ids, max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, do_sample=False)
+            case.greedy = gen[0, n:].tolist()
+    if case.hidden is None:  # the assistant's inputs come from the fp32 target in every comparison
+        case.hidden = out.hidden_states[-1][0].float().numpy().copy()
+        case.store_kv = {k: (v[0].numpy().copy(), v[1].numpy().copy()) for k, v in out.shared_kv_states.items()}
+
+
+def _pytorch_assistant(case: Case, target, assistant, window: int, tag: str) -> None:
+    embed = _text_model(target).embed_tokens
+    results = []
+    for p in case.positions:
+        lo = {"sliding_attention": max(0, p - window), "full_attention": 0}
+        shared = {k: (torch.from_numpy(kv[0][:, :, lo[k]:p]), torch.from_numpy(kv[1][:, :, lo[k]:p]))
+                  for k, kv in case.store_kv.items()}
+        hidden = torch.from_numpy(case.hidden[p - 1 : p]).unsqueeze(0)
+        with torch.no_grad():
+            ref = assistant(inputs_embeds=torch.cat([embed(torch.tensor([[case.ids[p]]])), hidden], -1),
+                            position_ids=torch.tensor([[p]]), shared_kv_states=shared)
+        results.append((ref.logits[0, 0].numpy().copy(), ref.last_hidden_state[0, 0].numpy().copy()))
+    case.assistant[tag] = results
+
+
+def references(pair, bundle_dir: Path, max_context: int, tquant: Quant, aquant: Quant) -> Case:
+    """Everything PyTorch computes for the checks. Rounds the pair's weights in place when quantized
+    (the graphs are already written), so call it last before freeing the pair."""
+    cfg = pair.text_config
+    window = cfg.sliding_window
+    length = max(8, min(window + 24, max_context - GREEDY_TOKENS - 8))
+    case = Case(prompt_ids(bundle_dir, cfg.vocab_size, length),
+                sorted({min(4, length - 1), min(max(window // 2, 1), length - 1), length - 1}))
+    quantized = bool(tquant.bits or aquant.bits)
+    _pytorch_target(case, pair.target, "fp32", greedy=not quantized)
+    _pytorch_assistant(case, pair.target, pair.assistant, window, "fp32")
+    if quantized:
+        _mark_ple(pair.target)
+        if tquant.bits:
+            round_in_place(pair.target, tquant, _ple_scale(pair))
+        if aquant.bits:
+            round_in_place(pair.assistant, aquant)
+        _pytorch_target(case, pair.target, "rounded", greedy=True)
+        _pytorch_assistant(case, pair.target, pair.assistant, window, "rounded")
+    return case
+
+
+# -- the bundle side -------------------------------------------------------------------------------------
 
 
 def _maxdiff(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
-def _target_checks(bundle: Bundle, ref_model, ids: list[int]) -> dict:
-    with torch.no_grad():
-        ref = ref_model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+def _bundle_target(bundle: Bundle, ids: list[int]) -> np.ndarray:
     cache = bundle.new_cache()
-    n = len(ids)
-    chunks = [(0, n - 7), (n - 7, n - 2), (n - 2, n - 1), (n - 1, n)]  # prefill, verify S=5, decodes
-    got = []
-    for a, b in chunks:
-        logits, _ = bundle.target.forward(cache, ids[a:b], logits_to_keep=b - a)
-        got.append(logits)
-    got = np.concatenate(got)
-    return {"max_abs_logits": _maxdiff(got, ref), "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean())}
+    got = [bundle.target.forward(cache, ids[a:b], logits_to_keep=b - a)[0] for a, b in _chunks(len(ids))]
+    return np.concatenate(got)[_compared(len(ids))]
 
 
-def _greedy(bundle: Bundle, ids: list[int], n: int) -> list[int]:
+def _bundle_greedy(bundle: Bundle, ids: list[int], n: int) -> list[int]:
     cache = bundle.new_cache()
     logits, _ = bundle.target.forward(cache, ids)
     out = [int(logits[-1].argmax())]
@@ -98,60 +168,50 @@ def _greedy(bundle: Bundle, ids: list[int], n: int) -> list[int]:
     return out
 
 
-def _assistant_checks(bundle: Bundle, pair, ref_target, ref_assistant, ids: list[int], positions: list[int]) -> dict:
-    """Draft steps at positions P (the cache holds [0, P)), inputs identical on both sides."""
-    window = pair.text_config.sliding_window
-    worst_l = worst_h = 0.0
-    agree = []
-    with torch.no_grad():
-        out = ref_target(input_ids=torch.tensor([ids]), return_shared_kv_states=True, output_hidden_states=True)
-        embed = (ref_target.model.language_model if hasattr(ref_target.model, "language_model")
-                 else ref_target.model).embed_tokens
+def _bundle_assistant(bundle: Bundle, case: Case) -> list[tuple[np.ndarray, np.ndarray]]:
     stores = bundle.manifest.model.store_layers
-    for p in positions:
-        # The cache gets PyTorch's own store-layer K/V, so the check isolates the assistant graph.
+    out = []
+    for p in case.positions:
         cache = bundle.new_cache()
-        for kind, (k, v) in out.shared_kv_states.items():
+        for kind, (k, v) in case.store_kv.items():
             for name, t in ((f"past_key.{stores[kind]}", k), (f"past_value.{stores[kind]}", v)):
                 buf = cache.values[name].numpy()
-                buf[:, :, :p] = t[:, :, :p].numpy()
+                buf[:, :, :p] = t[:, :, :p]
                 cache.values[name].update_inplace(buf)
         cache.length = p
-        token = ids[p]
-        hidden = out.hidden_states[-1][:, p - 1 : p]
-        logits, _, projected = bundle.assistant.step(cache, token, hidden.numpy())
-        lo = {"sliding_attention": max(0, p - window), "full_attention": 0}
-        shared = {k: (v[0][:, :, lo[k]:p], v[1][:, :, lo[k]:p]) for k, v in out.shared_kv_states.items()}
-        with torch.no_grad():
-            ref = ref_assistant(inputs_embeds=torch.cat([embed(torch.tensor([[token]])), hidden], -1),
-                                position_ids=torch.tensor([[p]]), shared_kv_states=shared)
-        worst_l = max(worst_l, _maxdiff(logits, ref.logits[0, 0].numpy()))
-        worst_h = max(worst_h, _maxdiff(projected, ref.last_hidden_state[0, 0].numpy()))
-        agree.append(int(logits.argmax()) == int(ref.logits[0, 0].argmax()))
-    return {"max_abs_logits": worst_l, "max_abs_projected_hidden": worst_h, "top1_agreement": float(np.mean(agree))}
+        logits, _, projected = bundle.assistant.step(cache, case.ids[p], case.hidden[p - 1])
+        out.append((logits, projected))
+    return out
 
 
-def verify_bundle(bundle_dir: Path, pair, tquant: Quant, aquant: Quant) -> dict:
+def _scores(got_t, ref_t, got_a, ref_a) -> dict:
+    return {
+        "target": {"max_abs_logits": _maxdiff(got_t, ref_t), "max_abs_reference": float(np.abs(ref_t).max()),
+                   "top1_agreement": float((got_t.argmax(-1) == ref_t.argmax(-1)).mean())},
+        "assistant": {
+            "max_abs_logits": max(_maxdiff(g[0], r[0]) for g, r in zip(got_a, ref_a, strict=True)),
+            "max_abs_projected_hidden": max(_maxdiff(g[1], r[1]) for g, r in zip(got_a, ref_a, strict=True)),
+            "max_abs_reference": max(float(np.abs(r[0]).max()) for r in ref_a),
+            "top1_agreement": float(np.mean([int(g[0].argmax()) == int(r[0].argmax())
+                                             for g, r in zip(got_a, ref_a, strict=True)])),
+        },
+    }
+
+
+def compare(bundle_dir: Path, case: Case, tquant: Quant, aquant: Quant) -> dict:
+    """Run the bundle on the reference inputs and score it; `checks` decide whether export passes."""
     bundle = Bundle(bundle_dir)
-    window = pair.text_config.sliding_window
-    length = min(window + 24, bundle.manifest.model.max_context - GREEDY_TOKENS - 8)
-    ids = prompt_ids(bundle_dir, pair, length, seed=0)
-    positions = sorted({min(4, length - 1), min(window // 2, length - 1), length - 1})
-
-    _mark_ple(pair.target)
-    ple_scale = _ple_scale(pair)
-    ref_t = rounded_copy(pair.target, tquant, ple_scale)
-    ref_a = rounded_copy(pair.assistant, aquant)
-    report: dict = {"prompt_tokens": length, "window": window, "quant": {"target": tquant.kind, "assistant": aquant.kind}}
-    same = {"target": _target_checks(bundle, ref_t, ids),
-            "assistant": _assistant_checks(bundle, pair, ref_t, ref_a, ids, positions)}
-    with torch.no_grad():
-        hf = ref_t.generate(torch.tensor([ids]), max_new_tokens=GREEDY_TOKENS, do_sample=False,
-                            min_new_tokens=GREEDY_TOKENS)[0, length:].tolist()
-    same["target"]["greedy_equal"] = _greedy(bundle, ids, GREEDY_TOKENS) == hf
-    report["vs_same_rounding" if tquant.bits or aquant.bits else "vs_pytorch"] = same
-    ttol = TARGET_TOL if not tquant.bits else QUANT_TOL
-    atol = ASSISTANT_TOL if not aquant.bits else QUANT_TOL
+    got_t, got_a = _bundle_target(bundle, case.ids), _bundle_assistant(bundle, case)
+    greedy = _bundle_greedy(bundle, case.ids, GREEDY_TOKENS)
+    quantized = "rounded" in case.target_logits
+    tag = "rounded" if quantized else "fp32"
+    same = _scores(got_t, case.target_logits[tag], got_a, case.assistant[tag])
+    same["target"]["greedy_equal"] = greedy == case.greedy
+    report: dict = {"prompt_tokens": len(case.ids), "draft_positions": case.positions,
+                    "quant": {"target": tquant.kind, "assistant": aquant.kind},
+                    "vs_same_rounding" if quantized else "vs_pytorch": same}
+    ttol = TARGET_ATOL + TARGET_RTOL * same["target"]["max_abs_reference"]
+    atol = ASSISTANT_ATOL + ASSISTANT_RTOL * same["assistant"]["max_abs_reference"]
     checks = {
         "target_logits": {"value": same["target"]["max_abs_logits"], "tolerance": ttol},
         "assistant_logits": {"value": same["assistant"]["max_abs_logits"], "tolerance": atol},
@@ -161,19 +221,29 @@ def verify_bundle(bundle_dir: Path, pair, tquant: Quant, aquant: Quant) -> dict:
         c["passed"] = c["value"] <= c["tolerance"]
     checks["greedy_sequence"] = {"value": same["target"]["greedy_equal"], "passed": same["target"]["greedy_equal"]}
     report["checks"] = checks
-    if tquant.bits or aquant.bits:
-        # The cost of quantization: the bundle against the unrounded fp32 model.
-        report["vs_fp32"] = {"target": _target_checks(bundle, pair.target, ids),
-                             "assistant": _assistant_checks(bundle, pair, pair.target, pair.assistant, ids, positions)}
+    if quantized:
+        report["vs_fp32"] = _scores(got_t, case.target_logits["fp32"], got_a, case.assistant["fp32"])
     return report
 
 
+def rounded_copy(model: torch.nn.Module, quant: Quant, ple_scale: float | None = None) -> torch.nn.Module:
+    """A copy of `model` with the bundle's weight rounding (for tests comparing like with like)."""
+    import copy
+
+    if not quant.bits:
+        return model
+    _mark_ple(model)
+    m = copy.deepcopy(model)
+    round_in_place(m, quant, ple_scale)
+    return m
+
+
 def _mark_ple(model) -> None:
-    text = model.model.language_model if hasattr(model.model, "language_model") else model.model
-    if getattr(text, "embed_tokens_per_layer", None) is not None:
-        text.embed_tokens_per_layer._edgegen_ple = True
+    ple = getattr(_text_model(model), "embed_tokens_per_layer", None)
+    if ple is not None:
+        ple._edgegen_ple = True
 
 
 def _ple_scale(pair) -> float | None:
-    emb = getattr(pair.text_model, "embed_tokens_per_layer", None)
-    return float(emb.scalar_embed_scale) if emb is not None else None
+    ple = getattr(pair.text_model, "embed_tokens_per_layer", None)
+    return float(ple.scalar_embed_scale) if ple is not None else None
