@@ -159,21 +159,42 @@ def _check_data_extent(f: Path, size: int, header_len: int) -> None:
         raise EdgegenError(f"weights '{f.name}' are truncated: {size} bytes, header says {8 + header_len + end}")
 
 
-def load_pair(target: str, assistant: str, draft_tokens: int = 4) -> Pair:
-    apply_transformers_shims()
+_COMMON = dict(use_safetensors=True, trust_remote_code=False, dtype=torch.float32)
+
+
+def _from_pretrained(cls_name: str, path: Path, what: str):
     import transformers
 
+    try:
+        return getattr(transformers, cls_name).from_pretrained(path, **_COMMON).eval()
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EdgegenError(f"cannot load the {what}: {first[:200]}") from None
+
+
+def load_target(target: str) -> tuple[torch.nn.Module, Path]:
+    """A Gemma 4 target alone (for `edgegen distill`): checked, then loaded in fp32."""
+    apply_transformers_shims()
+    target_dir = resolve(target, "target")
+    cfg = read_config(target_dir, "target")
+    if cfg.get("model_type") not in TARGET_TYPES:
+        raise EdgegenError(
+            f"target is model_type '{cfg.get('model_type')}', not a Gemma 4 model (expected one of {sorted(TARGET_TYPES)})"
+        )
+    if not _text(cfg).get("num_kv_shared_layers"):
+        raise EdgegenError("target has no KV-shared layers, so it has no store layers for an assistant to read")
+    _check_weights(target_dir, "target")
+    return _from_pretrained(TARGET_TYPES[cfg["model_type"]], target_dir, "target"), target_dir
+
+
+def load_pair(target: str, assistant: str, draft_tokens: int = 4) -> Pair:
+    apply_transformers_shims()
     target_dir, assistant_dir = resolve(target, "target"), resolve(assistant, "assistant")
     target_cfg, assistant_cfg = read_config(target_dir, "target"), read_config(assistant_dir, "assistant")
     check_pair(target_cfg, assistant_cfg)
     _check_weights(target_dir, "target")
     _check_weights(assistant_dir, "assistant")
-    common = dict(use_safetensors=True, trust_remote_code=False, dtype=torch.float32)
-    try:
-        tmodel = getattr(transformers, TARGET_TYPES[target_cfg["model_type"]]).from_pretrained(target_dir, **common)
-        amodel = transformers.Gemma4AssistantForCausalLM.from_pretrained(assistant_dir, **common)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EdgegenError(f"cannot load the pair: {first[:200]}") from None
+    tmodel = _from_pretrained(TARGET_TYPES[target_cfg["model_type"]], target_dir, "target")
+    amodel = _from_pretrained("Gemma4AssistantForCausalLM", assistant_dir, "assistant")
     fix_assistant_generation_config(amodel, draft_tokens)
-    return Pair(tmodel.eval(), amodel.eval(), target_dir, assistant_dir)
+    return Pair(tmodel, amodel, target_dir, assistant_dir)
