@@ -61,6 +61,44 @@ def export(
     typer.echo(f"wrote {out} ({summary})")
 
 
+@app.command()
+def distill(
+    target: str = typer.Option(..., "--target", help="Target model: HF id or local directory"),
+    out: Path = typer.Option(..., "--out", help="Directory for the trained assistant (HF format)"),
+    data: Path | None = typer.Option(None, "--data", help="Text file or directory [default: Python's stdlib sources]"),
+    steps: int = typer.Option(2000, "--steps", min=1, help="Optimizer steps"),
+    draft_tokens: int = typer.Option(4, "--draft-tokens", min=1, max=16, help="Draft steps unrolled in training"),
+    seq_len: int = typer.Option(256, "--seq-len", min=16, help="Training window (tokens)"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    lr: float = typer.Option(2e-3, "--lr", min=0.0),
+    hidden_size: int = typer.Option(256, "--hidden-size", min=16, help="Assistant width"),
+    num_layers: int = typer.Option(4, "--layers", min=1, help="Assistant layers (the last is full attention)"),
+    centroids: int = typer.Option(0, "--centroids", min=0, help="Centroid-head clusters (0 = plain lm_head)"),
+    seed: int = typer.Option(0, "--seed"),
+    bf16: bool = typer.Option(False, "--bf16", help="Save weights in bfloat16 (half the size)"),
+    no_resume: bool = typer.Option(False, "--no-resume", help="Ignore a checkpoint in OUT and start over"),
+) -> None:
+    """Train an assistant (MTP drafter) for a target from text; resumable, loadable by transformers."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from edgegen.export.distill import DistillOptions
+    from edgegen.export.distill import distill as run_distill
+
+    opts = DistillOptions(steps=steps, draft_tokens=draft_tokens, seq_len=seq_len, batch_size=batch_size, lr=lr,
+                          hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_layers=num_layers,
+                          num_centroids=centroids, seed=seed, save_dtype="bfloat16" if bf16 else "float32")
+    with Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()) as progress:
+        task = progress.add_task("distill", total=steps, info="")
+
+        def report(step: int, total: int, info: dict) -> None:
+            progress.update(task, completed=step,
+                            info=f"loss {info['loss']:.3f}  ~{info['tokens_per_call']:.2f} tok/call")
+
+        path = run_distill(target, out, data, opts, resume=not no_resume, progress=report)
+    typer.echo(f"wrote {path}")
+
+
 def _read_prompt(prompt: str | None, file: Path | None, chat: bool) -> str | None:
     given = sum(x is not None and x is not False for x in (prompt, file)) + int(chat)
     if given != 1:

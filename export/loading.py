@@ -64,7 +64,8 @@ def read_config(path: Path, what: str) -> dict:
     try:
         cfg = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EdgegenError(f"{what} config '{cfg_file}' is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+        detail = exc.msg if hasattr(exc, "msg") else exc
+        raise EdgegenError(f"{what} config '{cfg_file}' is not valid JSON ({detail})") from None
     if not isinstance(cfg, dict):
         raise EdgegenError(f"{what} config '{cfg_file}' is not a JSON object; is it a Hugging Face config?")
     return cfg
@@ -179,7 +180,8 @@ def load_target(target: str) -> tuple[torch.nn.Module, Path]:
     cfg = read_config(target_dir, "target")
     if cfg.get("model_type") not in TARGET_TYPES:
         raise EdgegenError(
-            f"target is model_type '{cfg.get('model_type')}', not a Gemma 4 model (expected one of {sorted(TARGET_TYPES)})"
+            f"target is model_type '{cfg.get('model_type')}', not a Gemma 4 model "
+            f"(expected one of {sorted(TARGET_TYPES)})"
         )
     if not _text(cfg).get("num_kv_shared_layers"):
         raise EdgegenError("target has no KV-shared layers, so it has no store layers for an assistant to read")

@@ -75,7 +75,8 @@ class Stats:
         d["tokens_per_target_call"] = round(self.tokens_per_target_call, 4)
         d["tokens_per_second"] = round(self.tokens_per_second, 3)
         d["acceptance_by_position"] = [
-            round(a / n, 4) if n else None for a, n in zip(self.accepted_by_position, self.drafted_by_position, strict=True)
+            round(a / n, 4) if n else None
+            for a, n in zip(self.accepted_by_position, self.drafted_by_position, strict=True)
         ]
         return d
 

@@ -31,7 +31,8 @@ def open_session(bundle: Path, spec: GraphSpec, threads: int | None, providers: 
     if not path.is_file():
         raise EdgegenError(f"bundle file '{spec.file}' is missing from '{bundle}'; re-export the bundle")
     try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=providers or ["CPUExecutionProvider"])
+        providers = providers or ["CPUExecutionProvider"]
+        return ort.InferenceSession(str(path), session_options(threads), providers=providers)
     except Exception as exc:  # onnxruntime raises several types for a damaged model
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise EdgegenError(f"cannot load '{spec.file}' from '{bundle}' ({first}); re-export the bundle") from None
@@ -91,7 +92,9 @@ class Target(_Graph):
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         past, s = cache.length, ids.shape[1]
         if past + s > cache.max_context:
-            raise EdgegenError(f"context full: {past + s} positions exceed the bundle's max context {cache.max_context}")
+            raise EdgegenError(
+                f"context full: {past + s} positions exceed the bundle's max context {cache.max_context}"
+            )
         feeds = {
             "input_ids": ids,
             "position_ids": np.arange(past, past + s, dtype=np.int64).reshape(1, -1),

@@ -1,0 +1,282 @@
+"""`edgegen distill`: train a Gemma 4 assistant (MTP drafter) for a given target from plain text.
+
+The drafter is trained on exactly what it sees at run time (ARCHITECTURE "One round"): for a draft
+burst starting at position t it gets the target's embedding of token x_t (times sqrt(H)) and the target's
+post-norm hidden state at t-1, sits at the constant position t and cross-attends to the target's store
+layers' K/V for positions < t (sliding layers: the last `window` of them). Steps 2..k are unrolled: each
+consumes the drafter's own previous token (argmax) and its own projected hidden state. Step i learns the
+target's distribution at position t+i-1 (KL to the target's softmax). Every position of a training window
+is a burst start, so one target pass feeds T-k bursts.
+
+With `use_ordered_embeddings` (the centroid head), the token ordering is learned from the target's
+embedding table by balanced k-means; the centroid scorer is trained to rank the cluster of the target's
+top token first.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgegen.export.compat import apply_transformers_shims
+from edgegen.runtime.errors import EdgegenError
+
+CHECKPOINT = "distill-checkpoint.pt"
+
+
+@dataclass
+class DistillOptions:
+    steps: int = 2000
+    draft_tokens: int = 4
+    seq_len: int = 256
+    batch_size: int = 8
+    lr: float = 2e-3
+    warmup: int = 100
+    hidden_size: int = 256
+    intermediate_size: int = 1024
+    num_layers: int = 4
+    num_heads: int = 4
+    num_centroids: int = 0  # 0: plain lm_head; else use_ordered_embeddings with this many clusters
+    centroid_top_k: int = 8
+    seed: int = 0
+    checkpoint_every: int = 200
+    save_dtype: str = "float32"  # or bfloat16 (smaller files; loads back exactly into fp32)
+
+
+def default_corpus() -> list[str]:
+    """Offline text every Python installation carries: the standard library's own sources."""
+    import os
+
+    root = Path(os.__file__).parent
+    skip = {"test", "idlelib", "site-packages", "tkinter", "lib2to3", "turtledemo"}
+    texts = []
+    for path in sorted(root.rglob("*.py")):
+        if skip & set(path.relative_to(root).parts):
+            continue
+        texts.append(path.read_text(encoding="utf-8", errors="ignore"))
+    return texts
+
+
+def read_corpus(data: Path | None) -> list[str]:
+    if data is None:
+        return default_corpus()
+    data = Path(data)
+    if data.is_file():
+        files = [data]
+    elif data.is_dir():
+        files = sorted(p for p in data.rglob("*") if p.is_file() and p.suffix in {".txt", ".md", ".py", ".jsonl"})
+    else:
+        raise EdgegenError(f"--data '{data}' does not exist; pass a text file or a directory of .txt/.md/.py files")
+    texts = []
+    for f in files:
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise EdgegenError(f"--data file '{f}' is not UTF-8 text") from None
+    if not any(t.strip() for t in texts):
+        raise EdgegenError(f"--data '{data}' holds no text")
+    return texts
+
+
+def tokenize(target_dir: Path, texts: list[str]) -> np.ndarray:
+    tok_file = Path(target_dir) / "tokenizer.json"
+    if not tok_file.is_file():
+        raise EdgegenError(f"target '{target_dir}' has no tokenizer.json; distill needs the target's tokenizer")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_file))
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts):
+        ids.extend(enc.ids)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def balanced_clusters(emb: np.ndarray, num_clusters: int, iters: int = 10, seed: int = 0) -> np.ndarray:
+    """Token ordering for the centroid head: equal-size clusters of similar embedding rows.
+
+    Spherical k-means, then a greedy balanced assignment (most confident tokens first, each cluster
+    capped at vocab/num_clusters). Returns a permutation of the vocabulary, cluster by cluster.
+    """
+    v = emb.shape[0]
+    if v % num_clusters:
+        raise EdgegenError(f"vocabulary {v} is not divisible by {num_clusters} centroids; choose a divisor")
+    x = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-8)
+    rng = np.random.default_rng(seed)
+    cent = x[rng.choice(v, num_clusters, replace=False)]
+    for _ in range(iters):
+        assign = (x @ cent.T).argmax(1)
+        for c in range(num_clusters):
+            members = x[assign == c]
+            if len(members):
+                cent[c] = members.mean(0)
+        cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-8)
+    scores = x @ cent.T
+    cap = v // num_clusters
+    order = np.argsort(-scores.max(1), kind="stable")
+    fill = np.zeros(num_clusters, dtype=np.int64)
+    clusters: list[list[int]] = [[] for _ in range(num_clusters)]
+    for t in order:
+        for c in np.argsort(-scores[t], kind="stable"):
+            if fill[c] < cap:
+                clusters[c].append(int(t))
+                fill[c] += 1
+                break
+    return np.asarray([t for c in clusters for t in c], dtype=np.int64)
+
+
+def assistant_for(target, opts: DistillOptions):
+    """A fresh Gemma4AssistantForCausalLM shaped to read this target's store layers."""
+    apply_transformers_shims()
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4TextConfig
+
+    t = target.config.get_text_config()
+    sliding = t.per_layer_config[t.layer_types.index("sliding_attention")]
+    full = t.per_layer_config[t.layer_types.index("full_attention")]
+    text = Gemma4TextConfig(
+        vocab_size=t.vocab_size, hidden_size=opts.hidden_size, intermediate_size=opts.intermediate_size,
+        num_hidden_layers=opts.num_layers, num_attention_heads=opts.num_heads,
+        num_key_value_heads=sliding.num_key_value_heads, head_dim=sliding.head_dim,
+        global_head_dim=full.head_dim,
+        layer_types=["sliding_attention"] * (opts.num_layers - 1) + ["full_attention"],
+        sliding_window=t.sliding_window, num_kv_shared_layers=opts.num_layers, hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0, final_logit_softcapping=None, use_double_wide_mlp=False,
+        max_position_embeddings=t.max_position_embeddings, rope_parameters=t.rope_parameters,
+        pad_token_id=t.pad_token_id, eos_token_id=t.eos_token_id, bos_token_id=t.bos_token_id,
+    )
+    cfg = Gemma4AssistantConfig(
+        text_config=text.to_dict(), backbone_hidden_size=t.hidden_size,
+        use_ordered_embeddings=bool(opts.num_centroids), num_centroids=opts.num_centroids or 2048,
+        centroid_intermediate_top_k=opts.centroid_top_k, tie_word_embeddings=True,
+    )
+    torch.manual_seed(opts.seed)
+    return Gemma4AssistantForCausalLM(cfg)
+
+
+def _text_model(target):
+    return target.model.language_model if hasattr(target.model, "language_model") else target.model
+
+
+def burst_masks(t_len: int, k: int, window: int) -> dict[str, torch.Tensor]:
+    """Query j starts a burst at position t=j+1 and sees keys [0, t) (sliding: [t-window, t))."""
+    q = torch.arange(1, t_len - k + 1)[:, None]
+    kv = torch.arange(t_len)[None, :]
+    full = kv < q
+    return {"full_attention": full[None, None], "sliding_attention": (full & (kv >= q - window))[None, None]}
+
+
+def unrolled_loss(assistant, embed, ids, hidden, shared_kv, target_logp, k: int,
+                  masks) -> tuple[torch.Tensor, list[float]]:
+    """KL to the target over k unrolled draft steps; returns (loss, per-step greedy agreement)."""
+    b, t_len = ids.shape
+    n = t_len - k
+    positions = torch.arange(1, n + 1)[None].expand(b, n)
+    tok = ids[:, 1 : n + 1]
+    h = hidden[:, :n]
+    total = torch.zeros(())
+    agree = []
+    still = torch.ones(b, n, dtype=torch.bool)
+    for i in range(1, k + 1):
+        x = assistant.pre_projection(torch.cat([embed(tok), h], dim=-1))
+        # output_hidden_states keeps transformers from slicing the (absent) per-layer inputs of S>1 queries.
+        out = assistant.model(inputs_embeds=x, attention_mask=masks, position_ids=positions,
+                              shared_kv_states=shared_kv, use_cache=False, output_hidden_states=True)
+        last = out.last_hidden_state
+        logits = assistant.lm_head(last)
+        ref = target_logp[:, i : n + i]  # the target's log-probs at position t+i-1
+        total = total + F.kl_div(F.log_softmax(logits, -1), ref, log_target=True, reduction="batchmean") / n
+        pred = logits.argmax(-1)
+        if assistant.masked_embedding is not None:
+            me = assistant.masked_embedding
+            clusters = torch.argsort(me.token_ordering).div(me.vocab_size_per_centroid, rounding_mode="floor")
+            total = total + F.cross_entropy(me.centroids(last).flatten(0, 1), clusters[ref.argmax(-1)].flatten())
+        still = still & (pred == ref.argmax(-1))
+        agree.append(still.float().mean().item())
+        tok, h = pred.detach(), assistant.post_projection(last)
+    return total / k, agree
+
+
+def distill(target: str, out: str | Path, data: str | Path | None = None, options: DistillOptions | None = None,
+            resume: bool = True, progress: Callable[[int, int, dict], None] = lambda step, total, info: None) -> Path:
+    """Train an assistant for `target`; writes an HF checkpoint to `out` (loadable by transformers and
+    by `edgegen export`). Checkpoints every `checkpoint_every` steps; a rerun resumes from the last one."""
+    from edgegen.export.loading import load_target
+
+    opts = options or DistillOptions()
+    out = Path(out).expanduser().absolute()
+    if opts.steps < 1 or opts.draft_tokens < 1 or opts.seq_len <= opts.draft_tokens + 1 or opts.batch_size < 1:
+        raise EdgegenError("--steps, --draft-tokens and batch size must be >= 1, and seq_len > draft tokens + 1")
+    if out.exists() and not out.is_dir():
+        raise EdgegenError(f"'{out}' exists and is not a directory; choose another --out")
+    if (out / "config.json").exists() and not (out / CHECKPOINT).exists():
+        raise EdgegenError(f"'{out}' already holds a finished model; choose another --out")
+    target_model, target_dir = load_target(target)
+    ids = tokenize(target_dir, read_corpus(Path(data) if data else None))
+    if len(ids) < opts.seq_len * 4:
+        raise EdgegenError(f"the training text has {len(ids)} tokens; give at least {opts.seq_len * 4}")
+    torch.manual_seed(opts.seed)
+    random.seed(opts.seed)
+    rng = np.random.default_rng(opts.seed)
+    assistant = assistant_for(target_model, opts)
+    text_model = _text_model(target_model)
+    if assistant.masked_embedding is not None:
+        order = balanced_clusters(text_model.embed_tokens.weight.detach().numpy(), opts.num_centroids, seed=opts.seed)
+        assistant.masked_embedding.token_ordering.copy_(torch.from_numpy(order))
+    params = [p for p in assistant.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    start = 0
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / CHECKPOINT
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        assistant.load_state_dict(state["model"])
+        optim.load_state_dict(state["optim"])
+        start = state["step"]
+        rng = np.random.default_rng(state["np_seed"])
+    for p in target_model.parameters():
+        p.requires_grad_(False)
+    window = text_model.config.sliding_window
+    masks = burst_masks(opts.seq_len, opts.draft_tokens, window)
+    assistant.train()
+    t0 = time.perf_counter()
+    for step in range(start, opts.steps):
+        lr = opts.lr * min(1.0, (step + 1) / opts.warmup) * 0.5 * (1 + math.cos(math.pi * step / opts.steps))
+        for group in optim.param_groups:
+            group["lr"] = lr
+        starts = rng.integers(0, len(ids) - opts.seq_len, opts.batch_size)
+        batch = torch.from_numpy(np.stack([ids[s : s + opts.seq_len] for s in starts]))
+        with torch.no_grad():
+            t_out = target_model(input_ids=batch, return_shared_kv_states=True, output_hidden_states=True,
+                                 use_cache=False)
+            logp = F.log_softmax(t_out.logits.float(), -1)
+            hidden = t_out.hidden_states[-1]
+            shared = dict(t_out.shared_kv_states)
+        loss, agree = unrolled_loss(assistant, text_model.embed_tokens, batch, hidden, shared, logp,
+                                    opts.draft_tokens, masks)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        expected = 1 + sum(agree)  # tokens per target call if acceptance were exactly this agreement
+        progress(step + 1, opts.steps, {"loss": loss.item(), "agree": agree, "tokens_per_call": expected,
+                                        "elapsed_s": time.perf_counter() - t0})
+        if (step + 1) % opts.checkpoint_every == 0 and step + 1 < opts.steps:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"model": assistant.state_dict(), "optim": optim.state_dict(), "step": step + 1,
+                        "np_seed": int(rng.integers(2**62)), "options": asdict(opts)}, tmp)
+            tmp.replace(ckpt)
+    assistant.eval()
+    assistant.generation_config.num_assistant_tokens = opts.draft_tokens
+    assistant.generation_config.num_assistant_tokens_schedule = "constant"
+    if opts.save_dtype == "bfloat16":
+        assistant = assistant.to(torch.bfloat16)
+    assistant.save_pretrained(out)
+    ckpt.unlink(missing_ok=True)
+    return out
