@@ -1,0 +1,290 @@
+"""Exported bundles against the PyTorch oracle, measured here instead of trusted from the export's report.
+
+Target: teacher forcing over a prompt longer than the sliding window, fed to the bundle as a prefill, a
+verify chunk (S=5) and single-token decodes, compared position by position with one HF forward of the
+whole sequence. Assistant: draft steps given identical inputs; the runtime cache is filled with PyTorch's
+own store-layer K/V, so only the assistant graph is under test. Quantized bundles are compared with a
+PyTorch copy carrying the same weight rounding. Plus the storage claims: the tied embedding is stored
+once, and a step updates the KV buffers in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgegen.export.bundle import ExportOptions, export_bundle
+from edgegen.export.loading import Pair, load_pair
+from edgegen.export.quantize import Quant
+from edgegen.export.verify import rounded_copy
+from edgegen.runtime.generate import Generator
+from edgegen.runtime.model import Bundle
+
+TARGET_TOL = 1e-4
+ASSISTANT_TOL = 1e-5
+SAME_ROUNDING_TOL = 1e-3
+PROMPT_TOKENS = 42
+# (start, end) of each target call: prefill, a verify step of 5, then two decode steps.
+CHUNKS = [(0, 35), (35, 40), (40, 41), (41, 42)]
+DRAFT_STEPS = 2
+ALIGN_SLACK = 4096  # per stored tensor: external data is page aligned
+
+FP32_BUNDLES = [("e2b-like", True), ("e2b-like", False), ("e4b-like", True), ("e4b-like", False)]
+
+
+@pytest.fixture(scope="module")
+def load(pair_dir) -> Callable[..., Pair]:
+    """`load(preset, centroid_head=True)`: the PyTorch pair a bundle was exported from, loaded once."""
+    cache: dict[tuple[str, bool], Pair] = {}
+
+    def get(preset: str, centroid_head: bool = True) -> Pair:
+        if (preset, centroid_head) not in cache:
+            target, assistant = pair_dir(preset, centroid_head)
+            cache[preset, centroid_head] = load_pair(str(target), str(assistant))
+        return cache[preset, centroid_head]
+
+    return get
+
+
+def _prompt(pair: Pair, seed: int = 0) -> list[int]:
+    window = pair.text_config.sliding_window
+    assert PROMPT_TOKENS > 2 * window and CHUNKS[0][0] == 0 and CHUNKS[-1][1] == PROMPT_TOKENS
+    assert CHUNKS[1][0] > window, "the verify and decode steps must run past the sliding window"
+    return np.random.default_rng(seed).integers(0, pair.text_config.vocab_size, PROMPT_TOKENS).tolist()
+
+
+def _text_model(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model.model, "language_model", model.model)
+
+
+def _reference(target: torch.nn.Module, ids: list[int]):
+    with torch.no_grad():
+        return target(input_ids=torch.tensor([ids]), output_hidden_states=True, return_shared_kv_states=True)
+
+
+def _bundle_target(bundle: Bundle, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and last hidden for every position, from the chunked calls a generation makes."""
+    cache = bundle.new_cache()
+    logits, hidden = [], []
+    for start, end in CHUNKS:
+        assert cache.length == start
+        lo, hi = bundle.target.forward(cache, ids[start:end], logits_to_keep=end - start)
+        logits.append(lo)
+        hidden.append(hi)
+    return np.concatenate(logits), np.concatenate(hidden)
+
+
+def _maxdiff(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert a.shape == b.shape
+    return float(np.abs(a - b).max())
+
+
+def _draft_positions(window: int) -> list[int]:
+    """Cache lengths inside the window (every position visible to sliding layers) and past it."""
+    return [window // 2, window, window + 1, PROMPT_TOKENS - 1]
+
+
+def _assistant_diffs(bundle: Bundle, target: torch.nn.Module, assistant: torch.nn.Module, ref,
+                     ids: list[int], p: int) -> list[tuple[float, float]]:
+    """(max |Δlogits|, max |Δprojected hidden|) of DRAFT_STEPS steps at position p, identical inputs.
+
+    The cache holds positions [0, p), filled with PyTorch's store-layer K/V. HF's assistant is handed
+    the K/V a sliding layer may see, the last `window` positions, and all of them for full layers.
+    """
+    window = bundle.manifest.model.sliding_window
+    stores = bundle.manifest.model.store_layers
+    cache = bundle.new_cache()
+    for kind, (k, v) in ref.shared_kv_states.items():
+        for name, t in ((f"past_key.{stores[kind]}", k), (f"past_value.{stores[kind]}", v)):
+            buf = cache.values[name].numpy()
+            buf[:, :, :p] = t[:, :, :p].numpy()
+            cache.values[name].update_inplace(buf)
+    cache.length = p
+    first = {"sliding_attention": max(0, p - window), "full_attention": 0}
+    visible = {kind: (k[:, :, first[kind]:p], v[:, :, first[kind]:p])
+               for kind, (k, v) in ref.shared_kv_states.items()}
+    embed = _text_model(target).embed_tokens
+    token, hidden = ids[p], ref.hidden_states[-1][0, p - 1].numpy()
+    diffs = []
+    for _ in range(DRAFT_STEPS):  # a draft burst: constant position, fed its own token and hidden
+        logits, next_token, projected = bundle.assistant.step(cache, token, hidden)
+        assert cache.length == p
+        assert next_token == int(logits.argmax())
+        x = torch.cat([embed(torch.tensor([[token]])), torch.from_numpy(hidden).reshape(1, 1, -1)], -1)
+        with torch.no_grad():
+            out = assistant(inputs_embeds=x, position_ids=torch.tensor([[p]]), shared_kv_states=visible)
+        diffs.append((_maxdiff(logits, out.logits[0, 0]), _maxdiff(projected, out.last_hidden_state[0, 0])))
+        token, hidden = next_token, projected
+    return diffs
+
+
+@pytest.mark.parametrize(("preset", "centroid_head"), FP32_BUNDLES)
+def test_fp32_bundle_matches_pytorch(bundle_dir, load, preset: str, centroid_head: bool) -> None:
+    pair = load(preset, centroid_head)
+    bundle = Bundle(bundle_dir(preset, centroid_head))
+    ids = _prompt(pair)
+    ref = _reference(pair.target, ids)
+
+    logits, hidden = _bundle_target(bundle, ids)
+    assert _maxdiff(logits, ref.logits[0]) <= TARGET_TOL
+    assert _maxdiff(hidden, ref.hidden_states[-1][0]) <= TARGET_TOL
+
+    window = pair.text_config.sliding_window
+    positions = _draft_positions(window)
+    assert min(positions) < window < max(positions)
+    for p in positions:
+        diffs = _assistant_diffs(bundle, pair.target, pair.assistant, ref, ids, p)
+        for step, (d_logits, d_hidden) in enumerate(diffs):
+            assert d_logits <= ASSISTANT_TOL, f"assistant logits, position {p}, draft step {step}: {d_logits}"
+            assert d_hidden <= ASSISTANT_TOL, f"projected hidden, position {p}, draft step {step}: {d_hidden}"
+
+    # The export's own report: every check passed, and the numbers it records meet the same bounds.
+    parity = bundle.manifest.parity
+    checks = parity["checks"]
+    bounds = {"target_logits": TARGET_TOL, "assistant_logits": ASSISTANT_TOL,
+              "assistant_projected_hidden": ASSISTANT_TOL}
+    assert set(checks) == {*bounds, "greedy_sequence"}
+    assert all(c["passed"] for c in checks.values())
+    for name, bound in bounds.items():
+        assert 0 <= checks[name]["value"] <= min(bound, checks[name]["tolerance"]), name
+    vs = parity["vs_pytorch"]
+    assert vs["target"]["max_abs_logits"] == checks["target_logits"]["value"]
+    assert vs["assistant"]["max_abs_projected_hidden"] == checks["assistant_projected_hidden"]["value"]
+    assert vs["target"]["greedy_equal"] is True
+    assert parity["prompt_tokens"] > window
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_bundle_matches_a_same_rounding_copy(bundle_dir, load, quant: str) -> None:
+    pair = load("e2b-like")
+    bundle = Bundle(bundle_dir("e2b-like", quant=quant))
+    graphs = bundle.manifest.graphs
+    assistant_quant = ExportOptions(quant=quant).assistant_quant_resolved()
+    assert graphs["target"].quantization["kind"] == quant
+    assert graphs["assistant"].quantization["kind"] == assistant_quant
+
+    # The export's report: graphs vs same rounding, and the accuracy cost vs fp32.
+    parity = bundle.manifest.parity
+    assert "vs_pytorch" not in parity
+    assert parity["vs_same_rounding"]["target"]["max_abs_logits"] <= SAME_ROUNDING_TOL
+    assert all(c["passed"] for c in parity["checks"].values())
+    for side in ("target", "assistant"):
+        assert 0.0 <= parity["vs_fp32"][side]["top1_agreement"] <= 1.0
+        assert parity["vs_fp32"][side]["max_abs_logits"] >= 0.0
+
+    # Independently: a PyTorch copy with exactly the graph's rounding.
+    tquant = Quant(quant, graphs["target"].quantization["block_size"])
+    aquant = Quant(assistant_quant, graphs["assistant"].quantization["block_size"])
+    # The PLE table is rounded as stored on the host: with its embedding scale folded in.
+    ple_scale = float(pair.text_model.embed_tokens_per_layer.scalar_embed_scale)
+    ref_target = rounded_copy(pair.target, tquant, ple_scale)
+    ref_assistant = rounded_copy(pair.assistant, aquant)
+    ids = _prompt(pair)
+    ref = _reference(ref_target, ids)
+    logits, _ = _bundle_target(bundle, ids)
+    same = _maxdiff(logits, ref.logits[0])
+    assert same <= SAME_ROUNDING_TOL
+    # The rounding is what the graph computes with: the unrounded model is much further away.
+    assert _maxdiff(logits, _reference(pair.target, ids).logits[0]) > 10 * same
+    for p in _draft_positions(pair.text_config.sliding_window):
+        for d_logits, d_hidden in _assistant_diffs(bundle, ref_target, ref_assistant, ref, ids, p):
+            assert d_logits <= SAME_ROUNDING_TOL and d_hidden <= SAME_ROUNDING_TOL
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_bundle_generates(bundle_dir, quant: str) -> None:
+    bundle = Bundle(bundle_dir("e2b-like", quant=quant))
+    prompt = np.random.default_rng(1).integers(0, bundle.manifest.model.vocab_size, 20).tolist()
+    outputs = []
+    for use_assistant in (True, False):
+        gen = Generator(bundle)
+        gen.eos_ids = set()  # random weights may hit EOS early; this test wants all 10 tokens
+        outputs.append(gen.generate(prompt, max_new_tokens=10, use_assistant=use_assistant).token_ids)
+    speculative, plain = outputs
+    assert len(speculative) == 10
+    assert all(0 <= t < bundle.manifest.model.vocab_size for t in speculative)
+    assert speculative == plain  # greedy speculation is exact, quantized or not
+
+
+def _external(path: Path) -> dict[str, tuple[str, int, int]]:
+    """initializer name -> (data file, offset, length) for every initializer stored outside the .onnx."""
+    model = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            out[t.name] = (info["location"], int(info.get("offset", 0)), int(info["length"]))
+    return out
+
+
+@pytest.mark.parametrize("preset", ["e2b-like", "e4b-like"])
+def test_no_weight_is_stored_twice(bundle_dir, load, preset: str) -> None:
+    pair = load(preset)
+    path = bundle_dir(preset)
+    target, assistant = _external(path / "target.onnx"), _external(path / "assistant.onnx")
+
+    # The tied embedding lives in shared.weights, and both graphs read the same bytes.
+    embed = pair.text_model.embed_tokens.weight.detach().numpy()
+    in_shared = {n: v for n, v in target.items() if v[0] == "shared.weights"}
+    assert in_shared and {n: v for n, v in assistant.items() if v[0] == "shared.weights"} == in_shared
+    (_, offset, _), = [v for v in in_shared.values() if v[2] == embed.nbytes]
+    stored = np.fromfile(path / "shared.weights", np.float32, count=embed.size, offset=offset)
+    assert np.array_equal(stored.reshape(embed.shape), embed)
+    assert pair.target.lm_head.weight.data_ptr() == pair.text_model.embed_tokens.weight.data_ptr()
+
+    # Everything stored fits in the checkpoints' own bytes, each tied tensor counted once. On these small
+    # pairs a second copy of either embedding table would not fit in the margin (the norms and scalars,
+    # which stay inside the .onnx files).
+    checkpoint: dict[int, int] = {}
+    for model in (pair.target, pair.assistant):
+        for t in [*model.parameters(), *model.buffers()]:
+            checkpoint[t.data_ptr()] = t.numel() * t.element_size()
+    tensors = set(target.values()) | set(assistant.values())  # (file, offset, length): each stored once
+    ple = np.load(path / "ple.npy", mmap_mode="r")
+    assert sum(length for _, _, length in tensors) + ple.nbytes <= sum(checkpoint.values())
+    # ... and the files hold nothing else: only page-alignment padding between tensors.
+    file_bytes = sum(f.stat().st_size for f in path.glob("*.weights")) + (path / "ple.npy").stat().st_size
+    assert file_bytes <= sum(checkpoint.values()) + ALIGN_SLACK * (len(tensors) + 1)
+
+
+def test_conditional_generation_target_exports(pair_dir, tmp_path: Path) -> None:
+    target, assistant = pair_dir("e2b-like", conditional=True)
+    manifest = export_bundle(str(target), str(assistant), tmp_path / "bundle", ExportOptions(max_context=512))
+    assert (tmp_path / "bundle" / "manifest.json").is_file()
+    checks = manifest.parity["checks"]
+    assert checks and all(c["passed"] for c in checks.values())
+    assert manifest.parity["vs_pytorch"]["target"]["greedy_equal"] is True
+    assert Bundle(tmp_path / "bundle").manifest.parity == manifest.parity
+
+
+def test_steps_update_kv_buffers_in_place(bundle_dir) -> None:
+    bundle = Bundle(bundle_dir("e2b-like"))
+    cache = bundle.new_cache()
+    ids = np.random.default_rng(2).integers(0, bundle.manifest.model.vocab_size, 32).tolist()
+    bundle.target.forward(cache, ids[:20])
+    for s in (1, 5, 1):  # decode, verify, decode
+        past = cache.length
+        before = {name: (v, v.data_ptr(), v.numpy().copy()) for name, v in cache.values.items()}
+        _, hidden = bundle.target.forward(cache, ids[past:past + s], logits_to_keep=s)
+        assert cache.length == past + s
+        assert cache.values.keys() == before.keys()
+        for name, (value, ptr, old) in before.items():
+            now = cache.values[name]
+            assert now is value and now.data_ptr() == ptr, f"{name} was replaced, not updated in place"
+            new = now.numpy()
+            rows = np.zeros(new.shape[2], bool)
+            rows[past:past + s] = True
+            assert np.array_equal(new[:, :, ~rows], old[:, :, ~rows]), f"{name} changed outside the new rows"
+            for r in range(past, past + s):
+                assert (new[:, :, r] != old[:, :, r]).any(), f"{name} row {r} not written"
+
+    # A draft step reads the store buffers and leaves every buffer exactly as it was.
+    before = {name: value.numpy().copy() for name, value in cache.values.items()}
+    bundle.assistant.step(cache, ids[cache.length], hidden[-1])
+    assert all(np.array_equal(cache.values[name].numpy(), old) for name, old in before.items())
