@@ -43,8 +43,9 @@ def export(
         raise EdgegenError(f"--block-size {block_size} is not a power of two; use 16, 32, 64, 128 or 256")
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edgegen.export.bundle import STAGES, ExportOptions, export_bundle
+    from edgegen.export.bundle import STAGES, ExportOptions, check_out_dir, export_bundle
 
+    check_out_dir(out.expanduser().absolute(), force, (target, assistant))
     opts = ExportOptions(quant.value, assistant_quant.value if assistant_quant else None, block_size, max_context,
                          not no_verify, force)
     with Progress(TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -198,14 +199,21 @@ def _chat_loop(gen, options: dict, stats: bool) -> None:
 
 
 def main() -> None:
-    """Entry point: user errors are one line on stderr and exit 2; Ctrl-C exits 130 without a traceback."""
+    """Entry point: user errors are one line on stderr and exit 2; Ctrl-C or SIGTERM exits 130 after
+    cleanup (an export removes its temporary directory), without a traceback."""
+    import signal
+
+    def _terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except EdgegenError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo("\ninterrupted", err=True)
         sys.exit(130)
 
 

@@ -1,8 +1,5 @@
 """edgegen.export: Gemma 4 target + assistant pair -> verified ONNX bundle.
 
-Imports torch and transformers; the runtime (`edgegen.runtime`) never does.
+Imports torch and transformers where it loads models (lazily, so option errors are instant); the
+runtime (`edgegen.runtime`) never does.
 """
-
-from edgegen.export.compat import apply_transformers_shims
-
-apply_transformers_shims()

@@ -54,7 +54,7 @@ class ExportOptions:
         return {"fp32": "fp32", "int8": "int8", "int4": "int8"}[self.quant]
 
 
-def _check_out(out: Path, force: bool) -> None:
+def check_out_dir(out: Path, force: bool, sources: tuple[str, ...] = ()) -> None:
     if out.exists() and not force:
         raise EdgegenError(f"'{out}' already exists; pass --force to replace it or choose another --out")
     if out.exists() and not out.is_dir():
@@ -66,6 +66,43 @@ def _check_out(out: Path, force: bool) -> None:
         raise EdgegenError(f"'{parent}' is not a directory; choose another --out")
     if not os.access(parent, os.W_OK):
         raise EdgegenError(f"cannot write to '{parent}'; choose a writable --out")
+    for src in sources:
+        src_path = Path(src).expanduser().absolute()
+        if src_path.exists() and (src_path == out or out in src_path.parents):
+            raise EdgegenError(f"--out '{out}' would overwrite the model '{src}'; choose another --out")
+
+
+def _partial_prefix(out: Path) -> str:
+    return f".{out.name}.partial-"
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Temp dirs of exports that were killed (SIGKILL can't be cleaned up by the process itself)."""
+    for stale in out.parent.glob(_partial_prefix(out) + "*"):
+        pid = stale.name[len(_partial_prefix(out)):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place; an old bundle is only deleted once the new one is there."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f"{_partial_prefix(out)}{os.getpid()}-old"
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _specs(vis) -> list[TensorSpec]:
@@ -144,7 +181,8 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
 
     opts = options or ExportOptions()
     out = Path(out).expanduser().absolute()
-    _check_out(out, opts.force)
+    check_out_dir(out, opts.force, (target, assistant))
+    _remove_stale_partials(out)
     if opts.max_context < 16:
         raise EdgegenError(f"--max-context {opts.max_context} is too small; use at least 16")
     tquant = Quant(opts.quant, opts.block_size)
@@ -155,7 +193,7 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     cfg = pair.text_config
     max_context = min(opts.max_context, cfg.max_position_embeddings)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out)}{os.getpid()}-", dir=out.parent))
     try:
         stage("graphs")
         untied = None
@@ -202,7 +240,8 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
             gc.collect()
             manifest.parity = verify.compare(tmp, case, tquant, aquant)
             _write_manifest(tmp, manifest)
-            failed = [f"{k} {v['value']:.3g} > {v['tolerance']:.3g}" if "tolerance" in v else k
+            failed = [f"{k} {v['value']:.3g} > {v['tolerance']:.3g}" if "tolerance" in v else
+                      f"{k} {v['value']:.3g} < {v['minimum']:.3g}" if "minimum" in v else k
                       for k, v in manifest.parity.get("checks", {}).items() if not v["passed"]]
             if failed:
                 raise EdgegenError(f"export failed verification against PyTorch ({'; '.join(failed)}); "
@@ -212,9 +251,7 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
         manifest.files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
                           for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
         _write_manifest(tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _publish(tmp, out)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -53,7 +53,10 @@ def resolve(name_or_path: str, what: str) -> Path:
             name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
         )
     except Exception as exc:  # network, auth, unknown repo: all end the same way for the user
-        raise EdgegenError(f"cannot fetch {what} '{name_or_path}' from the hub: {type(exc).__name__}") from None
+        raise EdgegenError(
+            f"{what} '{name_or_path}' is not a local directory, and fetching it as a Hugging Face id failed "
+            f"({type(exc).__name__}); check the path, or the id and your network"
+        ) from None
     return Path(local)
 
 
@@ -173,9 +176,18 @@ def _from_pretrained(cls_name: str, path: Path, what: str):
         raise EdgegenError(f"cannot load the {what}: {first[:200]}") from None
 
 
+def _quiet_transformers() -> None:
+    """Errors must stay one line on stderr: no loading bars or warnings from transformers."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def load_target(target: str) -> tuple[torch.nn.Module, Path]:
     """A Gemma 4 target alone (for `edgegen distill`): checked, then loaded in fp32."""
     apply_transformers_shims()
+    _quiet_transformers()
     target_dir = resolve(target, "target")
     cfg = read_config(target_dir, "target")
     if cfg.get("model_type") not in TARGET_TYPES:
@@ -191,6 +203,7 @@ def load_target(target: str) -> tuple[torch.nn.Module, Path]:
 
 def load_pair(target: str, assistant: str, draft_tokens: int = 4) -> Pair:
     apply_transformers_shims()
+    _quiet_transformers()
     target_dir, assistant_dir = resolve(target, "target"), resolve(assistant, "assistant")
     target_cfg, assistant_cfg = read_config(target_dir, "target"), read_config(assistant_dir, "assistant")
     check_pair(target_cfg, assistant_cfg)

@@ -24,9 +24,12 @@ from edgegen.runtime.model import Bundle
 
 # Tolerances: absolute floor + relative to the largest reference value. The floors are the contract on
 # small models (1e-4 target logits, 1e-5 assistant); the relative part admits fp32 summation-order noise,
-# which grows with width and depth (PyTorch fp32 itself is ~3e-4 off fp64 on a hidden-1024 model).
-TARGET_ATOL, TARGET_RTOL = 1e-4, 1e-3
+# which grows with width, depth and prompt length: on the hidden-1024 bench preset (max logit 3.6) the
+# bundle is 1.4e-3 from PyTorch on the 536-token check prompt, and PyTorch fp32 itself is 2.8e-4 from
+# fp64 on 40 tokens. Graph bugs show up orders of magnitude above this, and in top-1 agreement.
+TARGET_ATOL, TARGET_RTOL = 1e-4, 5e-4
 ASSISTANT_ATOL, ASSISTANT_RTOL = 1e-5, 1e-4
+MIN_TOP1 = 0.98  # teacher-forced top-1 agreement with the reference (near-ties may flip)
 BUILTIN_TEXT = (
     "The quick brown fox jumps over the lazy dog. Speculative decoding lets a small drafter propose "
     "several tokens that the large model verifies in a single pass, so the output stays exactly the same "
@@ -219,6 +222,8 @@ def compare(bundle_dir: Path, case: Case, tquant: Quant, aquant: Quant) -> dict:
     }
     for c in checks.values():
         c["passed"] = c["value"] <= c["tolerance"]
+    top1 = same["target"]["top1_agreement"]
+    checks["target_top1"] = {"value": top1, "minimum": MIN_TOP1, "passed": top1 >= MIN_TOP1}
     checks["greedy_sequence"] = {"value": same["target"]["greedy_equal"], "passed": same["target"]["greedy_equal"]}
     report["checks"] = checks
     if quantized:
