@@ -100,6 +100,41 @@ def distill(
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+def bench(
+    bundle: Path = typer.Argument(..., help="Bundle directory"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=2),
+    draft_tokens: int | None = typer.Option(None, "--draft-tokens", "-k", min=1, max=16),
+    threads: int | None = typer.Option(None, "--threads", min=1),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Run the built-in prompts this many times"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
+    plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here (needs matplotlib)"),
+) -> None:
+    """Measure plain vs speculative decoding on a bundle, side by side."""
+    import json
+
+    from edgegen.runtime.bench import bench as run_bench
+    from edgegen.runtime.bench import plot
+
+    result = run_bench(bundle, max_new_tokens, draft_tokens, threads, repeats=repeats)
+    if plot_path is not None:
+        plot(result, str(plot_path))
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    for name, m in result["modes"].items():
+        typer.echo(
+            f"{name:>12}: {m['tokens_per_second']:8.1f} tok/s  first token {m['time_to_first_token_ms']:.0f} ms  "
+            f"prefill {m['prefill_tokens_per_second']:.0f} tok/s  {m['tokens_per_target_call']:.2f} tok/call  "
+            f"split target/drafter/host {m['time_split']['target']:.2f}/{m['time_split']['drafter']:.2f}/"
+            f"{m['time_split']['host']:.2f}"
+        )
+        if m["acceptance_by_position"]:
+            typer.echo(f"{'':>14}acceptance by position {m['acceptance_by_position']}")
+    if result.get("speedup") is not None:
+        typer.echo(f"speedup x{result['speedup']}  peak RSS {result['peak_rss_mb']} MB")
+
+
 def _read_prompt(prompt: str | None, file: Path | None, chat: bool) -> str | None:
     given = sum(x is not None and x is not False for x in (prompt, file)) + int(chat)
     if given != 1:

@@ -1,0 +1,132 @@
+"""`edgegen bench`: plain vs speculative decoding on one bundle, measured side by side in one run.
+
+Reports tokens/s, time to first token, prefill tokens/s, acceptance by draft position, tokens per target
+call, peak RSS and the split of decode time between target, drafter and host code.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgegen.runtime.generate import Generator, Stats
+
+BENCH_PROMPTS = (
+    "def parse_args(argv=None):\n    \"\"\"Parse the command line.\"\"\"\n",
+    "class LRUCache:\n    def __init__(self, capacity):\n",
+    "import os\nimport sys\n\n\ndef main():\n",
+    "The standard library provides modules for file handling, networking and text processing. ",
+)
+
+
+@dataclass
+class ModeResult:
+    name: str
+    tokens: int
+    decode_s: float
+    ttft_s: list[float]
+    prefill_tps: list[float]
+    stats: list[Stats]
+
+    def as_dict(self) -> dict:
+        drafted = np.sum([_pad(s.drafted_by_position, 16) for s in self.stats], axis=0)
+        accepted = np.sum([_pad(s.accepted_by_position, 16) for s in self.stats], axis=0)
+        calls = sum(s.target_calls for s in self.stats)
+        target = sum(s.target_s - s.prefill_s for s in self.stats)
+        draft = sum(s.draft_s for s in self.stats)
+        host = max(self.decode_s - target - draft, 0.0)
+        hist = np.sum([_pad(s.accepted_hist, 17) for s in self.stats], axis=0)
+        return {
+            "mode": self.name,
+            "tokens": self.tokens,
+            "tokens_per_second": round((self.tokens - len(self.stats)) / self.decode_s, 3) if self.decode_s else 0,
+            "time_to_first_token_ms": round(1000 * float(np.median(self.ttft_s)), 2),
+            "prefill_tokens_per_second": round(float(np.median(self.prefill_tps)), 1),
+            "tokens_per_target_call": round((self.tokens - len(self.stats)) / calls, 4) if calls else 0,
+            "acceptance_by_position": [round(float(a / d), 4) for a, d in zip(accepted, drafted, strict=True) if d],
+            "accepted_length_histogram": [int(x) for x in np.trim_zeros(hist, "b")],
+            "time_split": {"target": round(target / self.decode_s, 4) if self.decode_s else 0,
+                           "drafter": round(draft / self.decode_s, 4) if self.decode_s else 0,
+                           "host": round(host / self.decode_s, 4) if self.decode_s else 0},
+        }
+
+
+def _pad(xs: list[int], n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=np.int64)
+    out[: min(len(xs), n)] = xs[:n]
+    return out
+
+
+def run_mode(gen: Generator, name: str, prompts: list[list[int]], max_new_tokens: int, use_assistant: bool,
+             draft_tokens: int | None) -> ModeResult:
+    stats, ttft, prefill, tokens, decode = [], [], [], 0, 0.0
+    for ids in prompts:
+        gen.reset()
+        t0 = time.perf_counter()
+        events = gen.stream_ids(ids, max_new_tokens, use_assistant=use_assistant, draft_tokens=draft_tokens)
+        n, last = 0, None
+        for ev in events:
+            n += 1
+            last = ev.stats
+        total = time.perf_counter() - t0
+        stats.append(last)
+        ttft.append(last.time_to_first_token_s)
+        prefill.append(len(ids) / last.prefill_s if last.prefill_s else 0.0)
+        tokens += n
+        decode += total - last.time_to_first_token_s
+    return ModeResult(name, tokens, decode, ttft, prefill, stats)
+
+
+def bench(bundle_path, max_new_tokens: int = 128, draft_tokens: int | None = None, threads: int | None = None,
+          prompts: list[str] | None = None, repeats: int = 1) -> dict:
+    gen = Generator(bundle_path, threads=threads, draft_tokens=draft_tokens)
+    tok = gen.tokenizer
+    ids = [tok.encode(p) for p in (prompts or BENCH_PROMPTS)] * repeats
+    run_mode(gen, "warmup", ids[:1], 8, True, draft_tokens)  # first runs pay one-time allocation costs
+    modes = {"plain": run_mode(gen, "plain", ids, max_new_tokens, False, 0)}
+    if gen.bundle.assistant is not None:
+        modes["speculative"] = run_mode(gen, "speculative", ids, max_new_tokens, True, draft_tokens)
+    result = {"bundle": str(bundle_path), "max_new_tokens": max_new_tokens, "prompts": len(ids),
+              "draft_tokens": gen.draft_tokens if draft_tokens is None else draft_tokens,
+              "modes": {k: v.as_dict() for k, v in modes.items()},
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if "speculative" in result["modes"]:
+        plain = result["modes"]["plain"]["tokens_per_second"]
+        spec = result["modes"]["speculative"]["tokens_per_second"]
+        result["speedup"] = round(spec / plain, 3) if plain else None
+    return result
+
+
+def plot(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from edgegen.runtime.errors import EdgegenError
+
+        raise EdgegenError("--plot needs matplotlib; pip install matplotlib") from None
+    modes = result["modes"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    names = list(modes)
+    axes[0].bar(names, [modes[m]["tokens_per_second"] for m in names], color=["#888", "#2a7"][: len(names)])
+    axes[0].set_title("decode tokens/s")
+    split = [modes[m]["time_split"] for m in names]
+    bottom = np.zeros(len(names))
+    for part, color in (("target", "#36c"), ("drafter", "#2a7"), ("host", "#c63")):
+        vals = np.array([s[part] for s in split])
+        axes[1].bar(names, vals, bottom=bottom, label=part, color=color)
+        bottom += vals
+    axes[1].set_title("share of decode time")
+    axes[1].legend()
+    acc = modes.get("speculative", {}).get("acceptance_by_position", [])
+    axes[2].bar([str(i + 1) for i in range(len(acc))], acc, color="#2a7")
+    axes[2].set_ylim(0, 1)
+    axes[2].set_title("acceptance by draft position")
+    fig.suptitle(f"{result['bundle']}  (speedup x{result.get('speedup')})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
