@@ -104,7 +104,7 @@ def distill(
 def bench(
     bundle: Path = typer.Argument(..., help="Bundle directory"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=2),
-    draft_tokens: int | None = typer.Option(None, "--draft-tokens", "-k", min=1, max=16),
+    draft_tokens: str = typer.Option("auto", "--draft-tokens", "-k", help="'auto' or a fixed count"),
     threads: int | None = typer.Option(None, "--threads", min=1),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Run the built-in prompts this many times"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
@@ -162,7 +162,8 @@ def run(
     top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 = off)"),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)"),
     seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling"),
-    draft_tokens: int | None = typer.Option(None, "--draft-tokens", "-k", help="Tokens drafted per round"),
+    draft_tokens: str = typer.Option("auto", "--draft-tokens", "-k",
+                                     help="Tokens drafted per round: 'auto' (chosen online) or a count"),
     no_assistant: bool = typer.Option(False, "--no-assistant", help="Plain decoding with the target alone"),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)"),
     threads: int | None = typer.Option(None, "--threads", min=1, help="Threads per session"),

@@ -61,7 +61,7 @@ def _pad(xs: list[int], n: int) -> np.ndarray:
 
 
 def run_mode(gen: Generator, name: str, prompts: list[list[int]], max_new_tokens: int, use_assistant: bool,
-             draft_tokens: int | None) -> ModeResult:
+             draft_tokens: int | str) -> ModeResult:
     stats, ttft, prefill, tokens, decode = [], [], [], 0, 0.0
     for ids in prompts:
         gen.reset()
@@ -80,7 +80,7 @@ def run_mode(gen: Generator, name: str, prompts: list[list[int]], max_new_tokens
     return ModeResult(name, tokens, decode, ttft, prefill, stats)
 
 
-def bench(bundle_path, max_new_tokens: int = 128, draft_tokens: int | None = None, threads: int | None = None,
+def bench(bundle_path, max_new_tokens: int = 128, draft_tokens: int | str = "auto", threads: int | None = None,
           prompts: list[str] | None = None, repeats: int = 1) -> dict:
     gen = Generator(bundle_path, threads=threads, draft_tokens=draft_tokens)
     tok = gen.tokenizer
@@ -90,7 +90,7 @@ def bench(bundle_path, max_new_tokens: int = 128, draft_tokens: int | None = Non
     if gen.bundle.assistant is not None:
         modes["speculative"] = run_mode(gen, "speculative", ids, max_new_tokens, True, draft_tokens)
     result = {"bundle": str(bundle_path), "max_new_tokens": max_new_tokens, "prompts": len(ids),
-              "draft_tokens": gen.draft_tokens if draft_tokens is None else draft_tokens,
+              "draft_tokens": draft_tokens,
               "modes": {k: v.as_dict() for k, v in modes.items()},
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if "speculative" in result["modes"]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgegen.runtime.adaptive import AutoDraft, FixedDraft
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.model import Bundle
 from edgegen.runtime.sampling import (
@@ -100,11 +101,14 @@ class Generator:
     """Generation over one bundle. The `Bundle` (sessions) may be shared by several Generators across
     threads; a Generator owns one KV cache and one conversation, so use one per thread."""
 
-    def __init__(self, bundle: str | Path | Bundle, threads: int | None = None, draft_tokens: int | None = None):
+    def __init__(self, bundle: str | Path | Bundle, threads: int | None = None,
+                 draft_tokens: int | str | None = "auto"):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, threads=threads)
         m = self.bundle.manifest
         self.eos_ids = set(m.generation.get("eos_token_ids") or [])
-        self.draft_tokens = m.generation.get("draft_tokens", 4) if draft_tokens is None else draft_tokens
+        self.max_draft_tokens = int(m.generation.get("draft_tokens") or 4)
+        self.draft_tokens = draft_tokens or "auto"  # an int, or "auto": chosen each round (see adaptive.py)
+        self._auto: AutoDraft | None = None
         self._tokenizer: TextTokenizer | None = None
         self.cache = self.bundle.new_cache()
         self.processed: list[int] = []  # token ids whose K/V are in the cache, in order
@@ -116,16 +120,24 @@ class Generator:
             self._tokenizer = TextTokenizer(self.bundle.path, self.bundle.manifest.tokenizer)
         return self._tokenizer
 
+    def _policy(self, draft_tokens: int | str | None) -> FixedDraft | AutoDraft:
+        choice = self.draft_tokens if draft_tokens is None else draft_tokens
+        if choice == "auto":
+            if self._auto is None:  # learned costs and acceptance carry over between calls
+                self._auto = AutoDraft(self.max_draft_tokens)
+            return self._auto
+        if isinstance(choice, bool) or not str(choice).isdigit():
+            raise EdgegenError(f"draft tokens {choice!r} is invalid; use 'auto' or a count >= 0")
+        return FixedDraft(int(choice))
+
     # -- the loop ----------------------------------------------------------------------------------
     def stream_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
-                   use_assistant: bool = True, draft_tokens: int | None = None,
+                   use_assistant: bool = True, draft_tokens: int | str | None = None,
                    stop_strings: tuple[str, ...] = ()) -> Iterator[Event]:
         """Yield one Event per generated token. Reuses cached K/V of a shared prompt prefix."""
         s = sampling or Sampling()
-        k_max = self.draft_tokens if draft_tokens is None else draft_tokens
-        if k_max < 0:
-            raise EdgegenError(f"draft tokens {k_max} is invalid; use 0 or more")
-        if use_assistant and k_max and self.bundle.assistant is None:
+        policy = self._policy(draft_tokens) if use_assistant else FixedDraft(0)
+        if use_assistant and isinstance(policy, FixedDraft) and policy.k and self.bundle.assistant is None:
             raise EdgegenError("this bundle has no assistant graph; run with --no-assistant")
         if not prompt_ids:
             raise EdgegenError("the prompt is empty; give at least one token")
@@ -165,8 +177,9 @@ class Generator:
             if pending in self.eos_ids or emitted >= max_new_tokens or self.cache.length + 1 >= cap:
                 return
             # Never draft past the token budget or the context.
-            k = min(k_max if use_assistant else 0, max_new_tokens - emitted - 1, cap - self.cache.length - 2)
-            k = max(k, 0)
+            k = policy.choose(max(min(max_new_tokens - emitted - 1, cap - self.cache.length - 2), 0))
+            if assistant is None:
+                k = 0
             td = time.perf_counter()
             drafts, qs, tok, hh = [], [], pending, h
             for _ in range(k):
@@ -182,13 +195,15 @@ class Generator:
             stats.draft_s += tv - td
             base = self.cache.length
             logits, hidden = target.forward(self.cache, [pending, *drafts], logits_to_keep=k + 1)
-            stats.target_s += time.perf_counter() - tv
+            verify_s = time.perf_counter() - tv
+            stats.target_s += verify_s
             check_finite(logits, "target")
             if s.greedy:
                 m, nxt = accept_greedy(drafts, logits)
             else:
                 m, nxt = accept_sampled(drafts, qs, logits, s, rng)
             stats.record_round(k, m)
+            policy.update(k, m, tv - td, verify_s)
             self.cache.trim(base + m + 1)
             self.processed.extend([pending, *drafts[:m]])
             h = hidden[m]
@@ -202,7 +217,7 @@ class Generator:
             pending = nxt
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
-               use_assistant: bool = True, draft_tokens: int | None = None,
+               use_assistant: bool = True, draft_tokens: int | str | None = None,
                stop_strings: tuple[str, ...] = ()) -> Iterator[Event]:
         """Like `stream_ids`, with text: each event carries the text its token added."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -239,7 +254,7 @@ class Generator:
             yield Event(-1, final[len(shown):], ev.stats)  # flush held-back text (no new token)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
-                 use_assistant: bool = True, draft_tokens: int | None = None,
+                 use_assistant: bool = True, draft_tokens: int | str | None = None,
                  stop_strings: tuple[str, ...] = ()) -> Result:
         """Blocking generation, built from `stream`."""
         if isinstance(prompt, list) and not stop_strings:
@@ -256,7 +271,7 @@ class Generator:
 
     # -- chat ----------------------------------------------------------------------------------------
     def chat(self, user_message: str, max_new_tokens: int = 256, sampling: Sampling | None = None,
-             use_assistant: bool = True, draft_tokens: int | None = None) -> Iterator[Event]:
+             use_assistant: bool = True, draft_tokens: int | str | None = None) -> Iterator[Event]:
         """One conversation turn, streamed. Earlier turns' K/V are reused, not prefilled again."""
         self.messages.append({"role": "user", "content": user_message})
         text = self.tokenizer.render_chat(self.messages, add_generation_prompt=True)

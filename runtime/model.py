@@ -22,6 +22,9 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     if threads:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # Target and assistant sessions alternate: a session whose idle threads spin would steal the cores
+    # the other one needs (measured: speculation with drafting switched off ran at 0.6x plain).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     return so
 

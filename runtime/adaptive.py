@@ -1,0 +1,94 @@
+"""How many tokens to draft next round: fixed, or chosen online to maximise expected tokens per second.
+
+With per-position acceptance rates a_1..a_K (conditional: a_i = P(draft i accepted | drafts < i were)),
+a round with k drafts yields E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j tokens and costs k*c_draft +
+c_verify(k). `AutoDraft` measures all of these as it goes (exponential moving averages), picks the k
+with the best E(k)/cost(k) — k = 0 is plain decoding — and, while drafting is off, probes with one
+round of drafting now and then so it notices when the text becomes predictable again.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+
+class FixedDraft:
+    def __init__(self, k: int):
+        self.k = k
+
+    def choose(self, cap: int) -> int:
+        return min(self.k, cap)
+
+    def update(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        pass
+
+
+@dataclass
+class AutoDraft:
+    k_max: int
+    decay: float = 0.9  # EMA weight of the past, for acceptance rates
+    probe_every: int = 16  # every this many rounds, try the option not taken (costs and rates drift);
+    max_probe_every: int = 256  # while drafting is off, each failed probe doubles the gap up to this
+    window: int = 8  # costs are the minimum of the last `window` timings: robust to one-off stalls
+    prior_accept: float = 0.5  # optimistic start: drafting is tried before it is judged
+    accept: list[float] = field(default_factory=list)
+    verify_s: dict[int, deque] = field(default_factory=dict)
+    draft_step_s: deque = field(default_factory=deque)
+    _rounds: int = 0
+    _gap: int = 0
+
+    def __post_init__(self):
+        self.accept = [self.prior_accept] * self.k_max
+        self.draft_step_s = deque(maxlen=self.window)
+        self._gap = self.probe_every
+
+    def expected_tokens(self, k: int) -> float:
+        total, p = 1.0, 1.0
+        for a in self.accept[:k]:
+            p *= a
+            total += p
+        return total
+
+    def _verify_cost(self, k: int) -> float:
+        if k in self.verify_s:
+            return min(self.verify_s[k])
+        known = sorted(self.verify_s)
+        if len(known) == 1:  # verify cost grows slowly with k on weight-bound hardware
+            return min(self.verify_s[known[0]]) * (1 + 0.1 * abs(k - known[0]))
+        k0, k1 = known[0], known[-1]
+        c0, c1 = min(self.verify_s[k0]), min(self.verify_s[k1])
+        return max(c0 + (c1 - c0) / (k1 - k0) * (k - k0), 1e-9)
+
+    def best(self, cap: int) -> int:
+        best_k, best_rate = 0, 1.0 / self._verify_cost(0)
+        for k in range(1, cap + 1):
+            rate = self.expected_tokens(k) / (k * min(self.draft_step_s) + self._verify_cost(k))
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        return best_k
+
+    def choose(self, cap: int) -> int:
+        cap = min(cap, self.k_max)
+        if cap <= 0:
+            return 0
+        if not self.draft_step_s:
+            return cap  # measure drafting first
+        if 0 not in self.verify_s:
+            return 0  # then one plain step
+        self._rounds += 1
+        k = self.best(cap)
+        if self._rounds >= self._gap:
+            self._rounds = 0
+            return 1 if k == 0 else 0
+        return k
+
+    def update(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        self.verify_s.setdefault(k, deque(maxlen=self.window)).append(verify_s)
+        if k:
+            self.draft_step_s.append(draft_s / k)
+            # Drafting that pays resets the probe gap; a probe that found nothing backs off.
+            self._gap = self.probe_every if accepted else min(2 * self._gap, self.max_probe_every)
+        d = self.decay
+        for i in range(min(k, accepted + 1)):  # positions that were actually judged this round
+            self.accept[i] = d * self.accept[i] + (1 - d) * (1.0 if i < accepted else 0.0)
