@@ -46,6 +46,7 @@ class ExportOptions:
     max_context: int = 4096
     verify: bool = True
     force: bool = False
+    draft_tokens: int | None = None  # steps of the fused draft_round graph [default: the assistant's own]
 
     def assistant_quant_resolved(self) -> str:
         if self.assistant_quant:
@@ -119,11 +120,12 @@ def _graph_spec(g: Graph, file: str, aliases: dict[str, str], quant: Quant) -> G
                      {"kind": quant.kind, "block_size": quant.block_size if quant.bits else 0})
 
 
-def _aliases(layers) -> dict[str, str]:
+def _aliases(layers, steps: int | None = None) -> dict[str, str]:
     out = {}
-    for layer in layers:
-        out[f"present_key.{layer.index}"] = f"past_key.{layer.store}"
-        out[f"present_value.{layer.index}"] = f"past_value.{layer.store}"
+    for suffix in [""] if steps is None else [f".s{i}" for i in range(steps)]:
+        for layer in layers:
+            out[f"present_key.{layer.index}{suffix}"] = f"past_key.{layer.store}"
+            out[f"present_value.{layer.index}{suffix}"] = f"past_value.{layer.store}"
     return out
 
 
@@ -202,13 +204,17 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
         shared = WeightFile(tmp / SHARED_FILE)
         tgraph, plan, ple_table = build_target_graph(pair.text_model, cfg, tquant, tmp, shared, untied)
         agraph, alayers = build_assistant_graph(pair.assistant, pair.text_model, plan, aquant, tquant, tmp, shared)
+        steps = opts.draft_tokens or int(pair.assistant.generation_config.num_assistant_tokens)
+        rgraph, _ = build_assistant_graph(pair.assistant, pair.text_model, plan, aquant, tquant, tmp, shared,
+                                          steps=steps, data=agraph.data)
 
         stage("write")
-        tgraph.save(tmp)
-        agraph.save(tmp)
-        shared.close()
+        for g in (tgraph, agraph, rgraph):
+            g.save(tmp)
+        for f in (tgraph.data, agraph.data, shared):
+            f.close()
         ple = _write_ple(tmp, ple_table, cfg.num_hidden_layers, tquant) if ple_table is not None else None
-        del tgraph, agraph, ple_table
+        del tgraph, agraph, rgraph, ple_table
         buffers = [KVBuffer(f"past_key.{layer.index}", layer.index, layer.kind, layer.kv_heads, layer.head_dim)
                    for layer in plan.layers if not layer.shared]
         manifest = Manifest(
@@ -217,16 +223,17 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
                             dict(plan.store_layers), buffers, cfg.final_logit_softcapping, ple),
             graphs={},
             tokenizer=_copy_tokenizer(pair, tmp),
-            generation=_generation_defaults(pair, int(pair.assistant.generation_config.num_assistant_tokens)),
+            generation=_generation_defaults(pair, steps),
             source={"target": str(target), "assistant": str(assistant)},
             edgegen_version=_version(),
         )
         # Graph IO specs are re-read from the written models (what the runtime will really see).
         import onnx
 
-        for name, layers, q in (("target", plan.layers, tquant), ("assistant", alayers, aquant)):
+        for name, aliases, q in (("target", _aliases(plan.layers), tquant), ("assistant", _aliases(alayers), aquant),
+                                 ("draft_round", _aliases(alayers, steps), aquant)):
             model = onnx.load(str(tmp / f"{name}.onnx"), load_external_data=False)
-            manifest.graphs[name] = _graph_spec(_GraphIO(model.graph), f"{name}.onnx", _aliases(layers), q)
+            manifest.graphs[name] = _graph_spec(_GraphIO(model.graph), f"{name}.onnx", aliases, q)
         _write_manifest(tmp, manifest)
 
         if opts.verify:

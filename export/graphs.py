@@ -105,13 +105,14 @@ def mlp(g: Graph, lin: Linears, x: str, m, prefix: str) -> str:
     return lin(g.op("Mul", g.op("Gelu", gate, approximate="tanh"), up), f"{prefix}.down_proj", _np(m.down_proj.weight))
 
 
-def kv_names(i: int) -> tuple[str, str, str, str]:
-    """Buffer inputs are named by the layer that owns them; outputs by the layer that writes them."""
-    return f"past_key.{i}", f"past_value.{i}", f"present_key.{i}", f"present_value.{i}"
+def kv_names(i: int, step: str = "") -> tuple[str, str, str, str]:
+    """Buffer inputs are named by the layer that owns them; outputs by the layer (and draft step) that
+    writes them."""
+    return f"past_key.{i}", f"past_value.{i}", f"present_key.{i}{step}", f"present_value.{i}{step}"
 
 
 def attention_block(g, lin, x, attn, layer: LayerPlan, num_heads: int, window: int, cos, sin, eps, prefix,
-                    kv_source: dict) -> str:
+                    kv_source: dict, step: str = "") -> str:
     """Self-attention of one decoder layer. `kv_source[store]` holds the store layer's new (k, v)."""
     d = layer.head_dim
     q = heads(g, lin(x, f"{prefix}.q_proj", _np(attn.q_proj.weight)), num_heads, d)
@@ -125,21 +126,21 @@ def attention_block(g, lin, x, attn, layer: LayerPlan, num_heads: int, window: i
                                   g.op("Reshape", v, g.const([1, -1, layer.kv_heads * d])))
     k_new, v_new = kv_source[layer.store]
     past_k, past_v, _, _ = kv_names(layer.store)
-    _, _, pres_k, pres_v = kv_names(layer.index)
+    _, _, pres_k, pres_v = kv_names(layer.index, step)
     q = g.op("Reshape", q, g.const([1, -1, num_heads * d]))
     out = g.op("GroupQueryAttention", q, k_new, v_new, past_k, past_v, "seqlens_k", "total_sequence_length",
-               domain="com.microsoft", out=[f"attn.{layer.index}", pres_k, pres_v], num_heads=num_heads,
+               domain="com.microsoft", out=[f"attn.{layer.index}{step}", pres_k, pres_v], num_heads=num_heads,
                kv_num_heads=layer.kv_heads, scale=1.0,
                local_window_size=window if layer.kind == "sliding_attention" else -1)[0]
     return lin(out, f"{prefix}.o_proj", _np(attn.o_proj.weight))
 
 
 def decoder_layer(g, lin, x, layer_mod, layer: LayerPlan, num_heads, window, rope, eps, prefix, kv_source,
-                  per_layer_input: str | None) -> str:
+                  per_layer_input: str | None, step: str = "") -> str:
     h = rms_norm(g, x, _np(layer_mod.input_layernorm.weight), f"{prefix}.input_layernorm", eps)
     cos, sin = rope[layer.kind]
     h = attention_block(g, lin, h, layer_mod.self_attn, layer, num_heads, window, cos, sin, eps,
-                        f"{prefix}.self_attn", kv_source)
+                        f"{prefix}.self_attn", kv_source, step)
     h = rms_norm(g, h, _np(layer_mod.post_attention_layernorm.weight), f"{prefix}.post_attention_layernorm", eps)
     x = g.op("Add", x, h)
     h = rms_norm(g, x, _np(layer_mod.pre_feedforward_layernorm.weight), f"{prefix}.pre_feedforward_layernorm", eps)
@@ -169,8 +170,8 @@ def _kv_inputs(g: Graph, plan_layers: list[LayerPlan]) -> None:
         g.input(pv, F32, shape)
 
 
-def _kv_outputs(g: Graph, layer: LayerPlan) -> None:
-    _, _, ok, ov = kv_names(layer.index)
+def _kv_outputs(g: Graph, layer: LayerPlan, step: str = "") -> None:
+    _, _, ok, ov = kv_names(layer.index, step)
     shape = [1, layer.kv_heads, "max_context", layer.head_dim]
     g.outputs.append(_vi(ok, shape))
     g.outputs.append(_vi(ov, shape))
@@ -277,17 +278,27 @@ def centroid_logits(g: Graph, lin: Linears, table: TiedTable, h: str, masked, vo
 
 
 def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan, quant: Quant,
-                          target_quant: Quant, out_dir, shared: WeightFile) -> tuple[Graph, list[LayerPlan]]:
-    """One draft step at a constant position over the target's store-layer buffers."""
+                          target_quant: Quant, out_dir, shared: WeightFile, steps: int | None = None,
+                          data: WeightFile | None = None) -> tuple[Graph, list[LayerPlan]]:
+    """Draft steps at a constant position over the target's store-layer buffers.
+
+    steps=None: the one-step graph `assistant`. steps=k: `draft_round`, k steps unrolled in one call,
+    each feeding its token and projected hidden state to the next; the token is
+    argmax(logits * inv_temperature + gumbel[i]) (zeros for greedy, Gumbel noise for sampling), so a
+    whole round costs one session call. It reads the same weight bytes as `assistant` (`data`).
+    """
     cfg = assistant.config.get_text_config()
     layers = assistant_plan(assistant, target_plan)
-    g = Graph("assistant", out_dir, shared)
+    g = Graph("assistant" if steps is None else "draft_round", out_dir, shared, data=data)
     lin = Linears(g, quant)
-    eps = cfg.rms_norm_eps
+    eps, vocab = cfg.rms_norm_eps, cfg.vocab_size
     tok = g.input("token", I64, [1, 1])
-    hidden_in = g.input("hidden", F32, [1, 1, target_plan.hidden])
+    hidden = g.input("hidden", F32, [1, 1, target_plan.hidden])
     pos = g.input("position_ids", I64, [1, 1])
     _common_inputs(g)
+    if steps is not None:
+        inv_t = g.input("inv_temperature", F32, [])
+        gumbel = g.input("gumbel", F32, [steps, vocab])
     stores = sorted(set(target_plan.store_layers.values()))
     _kv_inputs(g, [next(tl for tl in target_plan.layers if tl.index == i) for i in stores])
 
@@ -295,9 +306,7 @@ def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan,
     # last hidden state, projected down to the assistant width.
     target_table = TiedTable(g, target_quant, "embed_tokens", _np(target_text_model.embed_tokens.weight),
                              shared=True)
-    emb = target_table.rows(tok, target_text_model.embed_tokens.scalar_embed_scale)
-    x = lin(g.op("Concat", emb, hidden_in, axis=-1), "pre_projection", _np(assistant.pre_projection.weight))
-
+    own = TiedTable(g, quant, "lm_head", _np(assistant.lm_head.weight))
     pos_f = g.op("Unsqueeze", g.op("Cast", pos, to=F32), g.const([-1]))
     rotary = assistant.model.rotary_emb
     rope = {kind: rope_tables(g, pos_f, _np(getattr(rotary, f"{kind}_inv_freq")), f"assistant.{kind}")
@@ -310,18 +319,32 @@ def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan,
         width = tl.kv_heads * tl.head_dim
         kv_source[store] = (_row_at(g, pk, "seqlens_k", width), _row_at(g, pv, "seqlens_k", width))
 
-    for layer, mod in zip(layers, assistant.model.layers, strict=True):
-        x = decoder_layer(g, lin, x, mod, layer, cfg.num_attention_heads, cfg.sliding_window, rope, eps,
-                          f"layers.{layer.index}", kv_source, None)
-        _kv_outputs(g, layer)
-    h = rms_norm(g, x, _np(assistant.model.norm.weight), "norm", eps)
-    g.output(lin(h, "post_projection", _np(assistant.post_projection.weight)), "projected_hidden", F32,
-             [1, 1, target_plan.hidden])
-    own = TiedTable(g, quant, "lm_head", _np(assistant.lm_head.weight))
-    if assistant.masked_embedding is not None:
-        logits = centroid_logits(g, lin, own, h, assistant.masked_embedding, cfg.vocab_size)
-    else:
-        logits = own.logits(h)
-    g.output(logits, "logits", F32, [1, 1, cfg.vocab_size])
-    g.output(g.op("ArgMax", logits, axis=-1, keepdims=0), "next_token", I64, [1, 1])
+    tokens, all_logits = [], []
+    for i in range(steps or 1):
+        suffix = "" if steps is None else f".s{i}"
+        emb = target_table.rows(tok, target_text_model.embed_tokens.scalar_embed_scale)
+        x = lin(g.op("Concat", emb, hidden, axis=-1), "pre_projection", _np(assistant.pre_projection.weight))
+        for layer, mod in zip(layers, assistant.model.layers, strict=True):
+            x = decoder_layer(g, lin, x, mod, layer, cfg.num_attention_heads, cfg.sliding_window, rope, eps,
+                              f"layers.{layer.index}", kv_source, None, suffix)
+            _kv_outputs(g, layer, suffix)
+        h = rms_norm(g, x, _np(assistant.model.norm.weight), "norm", eps)
+        hidden = lin(h, "post_projection", _np(assistant.post_projection.weight))
+        if assistant.masked_embedding is not None:
+            logits = centroid_logits(g, lin, own, h, assistant.masked_embedding, vocab)
+        else:
+            logits = own.logits(h)
+        if steps is None:
+            g.output(hidden, "projected_hidden", F32, [1, 1, target_plan.hidden])
+            g.output(logits, "logits", F32, [1, 1, vocab])
+            g.output(g.op("ArgMax", logits, axis=-1, keepdims=0), "next_token", I64, [1, 1])
+            break
+        noise = g.op("Gather", gumbel, g.const([i]), axis=0)  # [1, V]
+        scored = g.op("Add", g.op("Mul", g.op("Reshape", logits, g.const([1, vocab])), inv_t), noise)
+        tok = g.op("ArgMax", scored, axis=-1, keepdims=1)  # [1, 1]
+        tokens.append(tok)
+        all_logits.append(g.op("Reshape", logits, g.const([1, vocab])))
+    if steps is not None:
+        g.output(g.op("Concat", *tokens, axis=1), "tokens", I64, [1, steps])
+        g.output(g.op("Concat", *all_logits, axis=0), "logits", F32, [steps, vocab])
     return g, layers

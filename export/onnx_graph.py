@@ -54,16 +54,18 @@ class WeightFile:
 
 
 class Graph:
-    def __init__(self, name: str, out_dir: Path, shared: WeightFile):
+    def __init__(self, name: str, out_dir: Path, shared: WeightFile, data: WeightFile | None = None):
         self.name = name
-        self.file = f"{name}.weights"
+        # `data`: another graph's weight file, for a graph that reuses its weights (same names, same bytes).
+        self.data = data or WeightFile(Path(out_dir) / f"{name}.weights")
+        self.file = self.data.path.name
         self.nodes: list[onnx.NodeProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self.inline: dict[str, np.ndarray] = {}
-        self.data = WeightFile(Path(out_dir) / self.file)
         self.shared = shared
         self.shared_names: set[str] = set()
+        self.used_data: set[str] = set()
         self._count = 0
 
     # -- values -----------------------------------------------------------------------------------
@@ -83,6 +85,7 @@ class Graph:
             self.shared_names.add(name)
         elif array.nbytes >= _INLINE_BYTES:
             self.data.add(name, array)
+            self.used_data.add(name)
         elif name not in self.inline:
             self.inline[name] = np.array(array, copy=True, order="C")  # keeps 0-d arrays 0-d
         return name
@@ -111,11 +114,11 @@ class Graph:
 
     # -- save ---------------------------------------------------------------------------------------
     def save(self, out_dir: Path) -> list[str]:
-        """Write `<name>.onnx` referencing its data files; returns the files the graph needs."""
-        self.data.close()
+        """Write `<name>.onnx` referencing its data files (close them once every graph is saved); returns
+        the files the graph needs."""
         tensors = [onnx.numpy_helper.from_array(a, n) for n, a in self.inline.items()]
         refs = [(n, SHARED_FILE, self.shared.entries[n]) for n in sorted(self.shared_names)]
-        refs += [(n, self.file, e) for n, e in self.data.entries.items()]
+        refs += [(n, self.file, self.data.entries[n]) for n in sorted(self.used_data)]
         for name, location, (offset, length, shape, dtype) in refs:
             t = TensorProto(name=name, data_type=_DTYPES[np.dtype(dtype)], dims=shape)
             t.data_location = TensorProto.EXTERNAL

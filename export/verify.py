@@ -187,6 +187,21 @@ def _bundle_assistant(bundle: Bundle, case: Case) -> list[tuple[np.ndarray, np.n
     return out
 
 
+def _draft_round_matches(bundle: Bundle, case: Case) -> bool:
+    """The fused round must draft exactly what `steps` single assistant calls draft."""
+    if bundle.draft_round is None:
+        return True
+    cache = bundle.new_cache()
+    _, hidden = bundle.target.forward(cache, case.ids)
+    token = case.ids[-1]
+    fused, _ = bundle.draft_round.run_round(cache, token, hidden[-1])
+    steps, h = [], hidden[-1]
+    for _ in range(bundle.draft_round.steps):
+        _, token, h = bundle.assistant.step(cache, token, h)
+        steps.append(token)
+    return fused == steps
+
+
 def _scores(got_t, ref_t, got_a, ref_a) -> dict:
     return {
         "target": {"max_abs_logits": _maxdiff(got_t, ref_t), "max_abs_reference": float(np.abs(ref_t).max()),
@@ -225,6 +240,8 @@ def compare(bundle_dir: Path, case: Case, tquant: Quant, aquant: Quant) -> dict:
     top1 = same["target"]["top1_agreement"]
     checks["target_top1"] = {"value": top1, "minimum": MIN_TOP1, "passed": top1 >= MIN_TOP1}
     checks["greedy_sequence"] = {"value": same["target"]["greedy_equal"], "passed": same["target"]["greedy_equal"]}
+    fused = _draft_round_matches(bundle, case)
+    checks["draft_round_equals_steps"] = {"value": fused, "passed": fused}
     report["checks"] = checks
     if quantized:
         report["vs_fp32"] = _scores(got_t, case.target_logits["fp32"], got_a, case.assistant["fp32"])

@@ -34,13 +34,12 @@ class AutoDraft:
     prior_accept: float = 0.5  # optimistic start: drafting is tried before it is judged
     accept: list[float] = field(default_factory=list)
     verify_s: dict[int, deque] = field(default_factory=dict)
-    draft_step_s: deque = field(default_factory=deque)
+    draft_s: dict[int, deque] = field(default_factory=dict)  # by k: a fused k-step round is cheaper than k steps
     _rounds: int = 0
     _gap: int = 0
 
     def __post_init__(self):
         self.accept = [self.prior_accept] * self.k_max
-        self.draft_step_s = deque(maxlen=self.window)
         self._gap = self.probe_every
 
     def expected_tokens(self, k: int) -> float:
@@ -60,10 +59,15 @@ class AutoDraft:
         c0, c1 = min(self.verify_s[k0]), min(self.verify_s[k1])
         return max(c0 + (c1 - c0) / (k1 - k0) * (k - k0), 1e-9)
 
+    def _draft_cost(self, k: int) -> float:
+        if k in self.draft_s:
+            return min(self.draft_s[k])
+        return k * max(min(v) / j for j, v in self.draft_s.items())  # conservative: the dearest step seen
+
     def best(self, cap: int) -> int:
         best_k, best_rate = 0, 1.0 / self._verify_cost(0)
         for k in range(1, cap + 1):
-            rate = self.expected_tokens(k) / (k * min(self.draft_step_s) + self._verify_cost(k))
+            rate = self.expected_tokens(k) / (self._draft_cost(k) + self._verify_cost(k))
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
@@ -72,7 +76,7 @@ class AutoDraft:
         cap = min(cap, self.k_max)
         if cap <= 0:
             return 0
-        if not self.draft_step_s:
+        if not self.draft_s:
             return cap  # measure drafting first
         if 0 not in self.verify_s:
             return 0  # then one plain step
@@ -86,7 +90,7 @@ class AutoDraft:
     def update(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
         self.verify_s.setdefault(k, deque(maxlen=self.window)).append(verify_s)
         if k:
-            self.draft_step_s.append(draft_s / k)
+            self.draft_s.setdefault(k, deque(maxlen=self.window)).append(draft_s)
             # Drafting that pays resets the probe gap; a probe that found nothing backs off.
             self._gap = self.probe_every if accepted else min(2 * self._gap, self.max_probe_every)
         d = self.decay

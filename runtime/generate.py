@@ -181,16 +181,7 @@ class Generator:
             if assistant is None:
                 k = 0
             td = time.perf_counter()
-            drafts, qs, tok, hh = [], [], pending, h
-            for _ in range(k):
-                dl, greedy_next, hh = assistant.step(self.cache, tok, hh)
-                if s.greedy:
-                    tok = greedy_next
-                else:
-                    q = probabilities(dl, s)
-                    qs.append(q)
-                    tok = sample(q, rng)
-                drafts.append(tok)
+            drafts, qs = self._draft(k, pending, h, s, rng)
             tv = time.perf_counter()
             stats.draft_s += tv - td
             base = self.cache.length
@@ -215,6 +206,31 @@ class Generator:
                 if d in self.eos_ids or emitted >= max_new_tokens:
                     return
             pending = nxt
+
+    def _draft(self, k: int, token: int, hidden: np.ndarray, s: Sampling, rng: np.random.Generator):
+        """k draft tokens (and, when sampling, the drafter's distributions q). One session call when the
+        bundle's fused round has exactly k steps and the sampling rule fits in it; else k step calls."""
+        if not k:
+            return [], []
+        fused = self.bundle.draft_round
+        if fused is not None and fused.steps == k and s.top_k == 0 and s.top_p == 1.0:
+            if s.greedy:
+                return fused.run_round(self.cache, token, hidden)[0], []
+            u = rng.random((k, fused.vocab))
+            tokens, logits = fused.run_round(self.cache, token, hidden, 1.0 / s.temperature,
+                                             -np.log(-np.log(np.clip(u, 1e-20, 1.0 - 1e-7))))
+            return tokens, [probabilities(row, s) for row in logits]
+        drafts, qs = [], []
+        for _ in range(k):
+            logits, greedy_next, hidden = self.bundle.assistant.step(self.cache, token, hidden)
+            if s.greedy:
+                token = greedy_next
+            else:
+                q = probabilities(logits, s)
+                qs.append(q)
+                token = sample(q, rng)
+            drafts.append(token)
+        return drafts, qs
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
                use_assistant: bool = True, draft_tokens: int | str | None = None,

@@ -127,6 +127,32 @@ class Assistant(_Graph):
         return out["logits"][0, 0], int(out["next_token"].reshape(-1)[0]), out["projected_hidden"][0, 0]
 
 
+class DraftRound(_Graph):
+    """k draft steps in one call (the `draft_round` graph); k is fixed at export."""
+
+    def __init__(self, session, spec: GraphSpec):
+        super().__init__(session, spec)
+        self.steps = next(o.shape[1] for o in spec.outputs if o.name == "tokens")
+        self.vocab = next(o.shape[1] for o in spec.outputs if o.name == "logits")
+        self._zeros = np.zeros((self.steps, self.vocab), np.float32)
+
+    def run_round(self, cache: KVCache, token: int, hidden: np.ndarray, inv_temperature: float = 1.0,
+                  gumbel: np.ndarray | None = None):
+        """Returns (tokens [k], logits [k, V]). Greedy: no noise; sampling: Gumbel noise, one row a step."""
+        p = cache.length
+        feeds = {
+            "token": np.array([[token]], dtype=np.int64),
+            "hidden": np.asarray(hidden, dtype=np.float32).reshape(1, 1, -1),
+            "position_ids": np.array([[p]], dtype=np.int64),
+            "seqlens_k": np.array([p - 1], dtype=np.int32),
+            "total_sequence_length": np.array(p, dtype=np.int32),
+            "inv_temperature": np.array(inv_temperature, dtype=np.float32),
+            "gumbel": self._zeros if gumbel is None else gumbel.astype(np.float32, copy=False),
+        }
+        out = self.run(feeds, cache)
+        return [int(t) for t in out["tokens"].reshape(-1)], out["logits"]
+
+
 class Bundle:
     """Everything loaded from a bundle directory. Sessions are safe to share across threads; a KVCache
     (one per conversation) is not."""
@@ -137,10 +163,13 @@ class Bundle:
         m = self.manifest
         ple = PLETable(self.path, m.model.ple) if m.model.ple else None
         self.target = Target(open_session(self.path, m.graphs["target"], threads, providers), m.graphs["target"], ple)
-        self.assistant = None
+        self.assistant = self.draft_round = None
         if "assistant" in m.graphs:
             spec = m.graphs["assistant"]
             self.assistant = Assistant(open_session(self.path, spec, threads, providers), spec)
+        if "draft_round" in m.graphs:
+            spec = m.graphs["draft_round"]
+            self.draft_round = DraftRound(open_session(self.path, spec, threads, providers), spec)
 
     def new_cache(self, max_context: int | None = None) -> KVCache:
         return KVCache(self.manifest.model.kv_buffers, max_context or self.manifest.model.max_context)
