@@ -50,6 +50,19 @@ def decode_ms(bundle, context: int, steps: int, rng: np.random.Generator) -> flo
     return 1000 * statistics.median(times[3:])
 
 
+def generate_ms(bundle, context: int, new_tokens: int, rng: np.random.Generator) -> float:
+    """Time per generated token (the whole runtime loop, drafting on auto) after a `context`-token prompt."""
+    from edgegen.runtime.generate import Generator
+
+    gen = Generator(bundle)
+    vocab = bundle.manifest.model.vocab_size
+    prompt = [int(t) for t in rng.integers(4, vocab, context)]
+    gen.generate(prompt[:16], max_new_tokens=4)  # warm up sessions and the draft policy
+    gen.reset()
+    stats = gen.generate(prompt, max_new_tokens=new_tokens).stats
+    return 1000 * (stats.elapsed_s - stats.time_to_first_token_s) / max(stats.new_tokens - 1, 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="h1024")
@@ -57,6 +70,8 @@ def main() -> None:
     ap.add_argument("--contexts", default="128,2048")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--mode", choices=["step", "generate"], default="step",
+                    help="step: one target decode step; generate: ms per token of the whole loop")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -65,13 +80,17 @@ def main() -> None:
     path = ensure_bundle(args.preset, args.quant, max(contexts) + 64)
     bundle = Bundle(path, threads=args.threads)
     rng = np.random.default_rng(0)
-    results = {c: decode_ms(bundle, c, args.steps, rng) for c in contexts}
+    if args.mode == "step":
+        results = {c: decode_ms(bundle, c, args.steps, rng) for c in contexts}
+    else:
+        results = {c: generate_ms(bundle, c, args.steps, rng) for c in contexts}
     base = results[contexts[0]]
     rows = [{"context": c, "ms_per_step": round(ms, 2), "ratio": round(ms / base, 3)} for c, ms in results.items()]
     if args.json:
-        print(json.dumps({"preset": args.preset, "quant": args.quant, "rows": rows}))
+        print(json.dumps({"preset": args.preset, "quant": args.quant, "mode": args.mode, "rows": rows}))
     else:
-        print(f"{args.preset} {args.quant}: decode step by context")
+        print(f"{args.preset} {args.quant}: {'decode step' if args.mode == 'step' else 'ms per generated token'}"
+              " by context")
         for r in rows:
             print(f"  context {r['context']:>6}: {r['ms_per_step']:8.2f} ms   x{r['ratio']:.2f}")
 

@@ -1,7 +1,7 @@
 """The bundled demo pair (models/demo): a small trained Gemma 4 target and its distilled assistant.
 
-`edgegen run` without a bundle uses it; the first use exports it (int8 weights stay exact enough and
-load fast) into a cache directory keyed by the pair's content, later runs reuse that bundle.
+`edgegen run` without a bundle uses it; the first use exports it (fp32, verified) into a cache directory
+keyed by the pair's content, and later runs reuse that bundle.
 """
 
 from __future__ import annotations
