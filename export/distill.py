@@ -48,6 +48,8 @@ class DistillOptions:
     centroid_top_k: int = 8
     seed: int = 0
     checkpoint_every: int = 200
+    self_generated: int = 0  # sequences the target samples itself (temperature 1) to train on, half of
+    #                          every batch: drafts are judged on the target's own continuations
     save_dtype: str = "float32"  # or bfloat16 (smaller files; loads back exactly into fp32)
 
 
@@ -110,7 +112,13 @@ def balanced_clusters(emb: np.ndarray, num_clusters: int, iters: int = 10, seed:
         raise EdgegenError(f"vocabulary {v} is not divisible by {num_clusters} centroids; choose a divisor")
     x = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-8)
     rng = np.random.default_rng(seed)
-    cent = x[rng.choice(v, num_clusters, replace=False)]
+    # Farthest-point initialisation: each new centroid is the row least similar to those chosen so far.
+    chosen = [int(rng.integers(v))]
+    closest = x @ x[chosen[0]]
+    for _ in range(num_clusters - 1):
+        chosen.append(int(np.argmin(closest)))
+        closest = np.maximum(closest, x @ x[chosen[-1]])
+    cent = x[chosen].copy()
     for _ in range(iters):
         assign = (x @ cent.T).argmax(1)
         for c in range(num_clusters):
@@ -203,6 +211,22 @@ def unrolled_loss(assistant, embed, ids, hidden, shared_kv, target_logp, k: int,
     return total / k, agree
 
 
+def _self_generated(target, ids: np.ndarray, opts: DistillOptions, seed: int) -> np.ndarray:
+    """[n, seq_len] windows whose tail the target sampled itself, each from a 16-token text prefix."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed + 1)
+    prefix, new, out = 16, opts.seq_len - 16, []
+    while len(out) < opts.self_generated:
+        n = min(16, opts.self_generated - len(out))
+        starts = rng.integers(0, len(ids) - prefix, n)
+        x = torch.from_numpy(np.stack([ids[s : s + prefix] for s in starts]))
+        with torch.no_grad():
+            seqs = target.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=1.0, top_k=0,
+                                   top_p=1.0, max_new_tokens=new, min_new_tokens=new)
+        out.extend(seqs[:, : opts.seq_len].numpy())
+    return np.stack(out)
+
+
 def distill(target: str, out: str | Path, data: str | Path | None = None, options: DistillOptions | None = None,
             resume: bool = True, progress: Callable[[int, int, dict], None] = lambda step, total, info: None) -> Path:
     """Train an assistant for `target`; writes an HF checkpoint to `out` (loadable by transformers and
@@ -242,6 +266,7 @@ def distill(target: str, out: str | Path, data: str | Path | None = None, option
         rng = np.random.default_rng(state["np_seed"])
     for p in target_model.parameters():
         p.requires_grad_(False)
+    generated = _self_generated(target_model, ids, opts, seed=opts.seed) if opts.self_generated else None
     window = text_model.config.sliding_window
     masks = burst_masks(opts.seq_len, opts.draft_tokens, window)
     assistant.train()
@@ -251,7 +276,11 @@ def distill(target: str, out: str | Path, data: str | Path | None = None, option
         for group in optim.param_groups:
             group["lr"] = lr
         starts = rng.integers(0, len(ids) - opts.seq_len, opts.batch_size)
-        batch = torch.from_numpy(np.stack([ids[s : s + opts.seq_len] for s in starts]))
+        rows = [ids[s : s + opts.seq_len] for s in starts]
+        if generated is not None:  # half the batch from the target's own samples
+            picks = rng.integers(0, len(generated), opts.batch_size // 2)
+            rows[: len(picks)] = list(generated[picks])
+        batch = torch.from_numpy(np.stack(rows))
         with torch.no_grad():
             t_out = target_model(input_ids=batch, return_shared_kv_states=True, output_hidden_states=True,
                                  use_cache=False)
