@@ -22,12 +22,12 @@ import torch
 from edgegen.export.quantize import Quant, dequantize
 from edgegen.runtime.model import Bundle
 
-# Tolerances: absolute floor + relative to the largest reference value. The floors are the contract on
-# small models (1e-4 target logits, 1e-5 assistant); the relative part admits fp32 summation-order noise,
-# which grows with width, depth and prompt length: on the hidden-1024 bench preset (max logit 3.6) the
-# bundle is 1.4e-3 from PyTorch on the 536-token check prompt, and PyTorch fp32 itself is 2.8e-4 from
-# fp64 on 40 tokens. Graph bugs show up orders of magnitude above this, and in top-1 agreement.
-TARGET_ATOL, TARGET_RTOL = 1e-4, 5e-4
+# Tolerances. Target: 1e-4 (the contract on small models) plus NOISE_FACTOR times PyTorch's own fp32
+# disagreement with itself (the same logits computed whole vs in the bundle's chunks): fp32
+# summation-order noise grows with width, depth and prompt length (on the E2B-shaped slice at 536
+# tokens PyTorch fp32 is 5.0e-3 from fp64 and the bundle 6.9e-3), while graph bugs show up far above it
+# and in top-1 agreement. Assistant: 1e-5 plus 1e-4 of the largest logit (four layers, little noise).
+TARGET_ATOL, NOISE_FACTOR = 1e-4, 4.0
 ASSISTANT_ATOL, ASSISTANT_RTOL = 1e-5, 1e-4
 MIN_TOP1 = 0.98  # teacher-forced top-1 agreement with the reference (near-ties may flip)
 BUILTIN_TEXT = (
@@ -46,6 +46,7 @@ class Case:
     ids: list[int]
     positions: list[int]
     target_logits: dict[str, np.ndarray] = field(default_factory=dict)  # tag -> [compared, V]
+    noise: dict[str, float] = field(default_factory=dict)  # tag -> PyTorch whole vs chunked, max |diff|
     greedy: list[int] = field(default_factory=list)
     store_kv: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # kind -> K, V [.., n, d]
     hidden: np.ndarray | None = None  # [n, H] target last hidden (post-norm)
@@ -103,6 +104,12 @@ def _pytorch_target(case: Case, model, tag: str, greedy: bool) -> None:
     with torch.no_grad():
         out = model(input_ids=ids, return_shared_kv_states=True, output_hidden_states=True)
         case.target_logits[tag] = out.logits[0, _compared(n)].float().numpy().copy()
+        cache, chunked = None, []
+        for a, b in _chunks(n):
+            step = model(input_ids=ids[:, a:b], past_key_values=cache, use_cache=True)
+            cache = step.past_key_values
+            chunked.append(step.logits[0])
+        case.noise[tag] = float((torch.cat(chunked)[_compared(n)] - out.logits[0, _compared(n)]).abs().max())
         if greedy:
             gen = model.generate(ids, max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS, do_sample=False)
             case.greedy = gen[0, n:].tolist()
@@ -228,7 +235,8 @@ def compare(bundle_dir: Path, case: Case, tquant: Quant, aquant: Quant) -> dict:
     report: dict = {"prompt_tokens": len(case.ids), "draft_positions": case.positions,
                     "quant": {"target": tquant.kind, "assistant": aquant.kind},
                     "vs_same_rounding" if quantized else "vs_pytorch": same}
-    ttol = TARGET_ATOL + TARGET_RTOL * same["target"]["max_abs_reference"]
+    same["target"]["pytorch_self_noise"] = case.noise[tag]
+    ttol = TARGET_ATOL + NOISE_FACTOR * case.noise[tag]
     atol = ASSISTANT_ATOL + ASSISTANT_RTOL * same["assistant"]["max_abs_reference"]
     checks = {
         "target_logits": {"value": same["target"]["max_abs_logits"], "tolerance": ttol},
