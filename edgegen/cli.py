@@ -75,7 +75,10 @@ def distill(
     hidden_size: int = typer.Option(256, "--hidden-size", min=16, help="Assistant width"),
     num_layers: int = typer.Option(4, "--layers", min=1, help="Assistant layers (the last is full attention)"),
     centroids: int = typer.Option(0, "--centroids", min=0, help="Centroid-head clusters (0 = plain lm_head)"),
+    centroid_top_k: int = typer.Option(8, "--centroid-top-k", min=1, help="Clusters scored per draft step"),
     seed: int = typer.Option(0, "--seed"),
+    self_generated: int = typer.Option(0, "--self-generated", min=0,
+                                       help="Train half of each batch on this many target-sampled sequences"),
     bf16: bool = typer.Option(False, "--bf16", help="Save weights in bfloat16 (half the size)"),
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore a checkpoint in OUT and start over"),
 ) -> None:
@@ -87,14 +90,18 @@ def distill(
 
     opts = DistillOptions(steps=steps, draft_tokens=draft_tokens, seq_len=seq_len, batch_size=batch_size, lr=lr,
                           hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_layers=num_layers,
-                          num_centroids=centroids, seed=seed, save_dtype="bfloat16" if bf16 else "float32")
+                          num_centroids=centroids, centroid_top_k=centroid_top_k, seed=seed,
+                          save_dtype="bfloat16" if bf16 else "float32",
+                          self_generated=self_generated)
     with Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()) as progress:
         task = progress.add_task("distill", total=steps, info="")
 
         def report(step: int, total: int, info: dict) -> None:
-            progress.update(task, completed=step,
-                            info=f"loss {info['loss']:.3f}  ~{info['tokens_per_call']:.2f} tok/call")
+            line = f"loss {info['loss']:.3f}  ~{info['tokens_per_call']:.2f} tok/call"
+            progress.update(task, completed=step, info=line)
+            if not progress.console.is_terminal and (step % 50 == 0 or step == total):
+                progress.console.print(f"step {step}/{total}  {line}  {info['elapsed_s'] / 60:.1f} min")
 
         path = run_distill(target, out, data, opts, resume=not no_resume, progress=report)
     typer.echo(f"wrote {path}")

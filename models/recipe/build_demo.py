@@ -4,7 +4,7 @@
 
 1. tokenizer.py     byte-level BPE on the standard library's training split -> models/demo/target/
 2. train_target.py  the demo target (small Gemma 4, E2B structure)           -> models/demo/target/
-3. the assistant is distilled from the target with `edgegen distill` (see models/README.md); not here.
+3. edgegen distill  the demo assistant, trained on the target's hidden states  -> models/demo/assistant/
 
 Each step is its own script with its own options; this one runs them as subprocesses, so what it does
 is exactly what running them by hand does.
@@ -18,16 +18,23 @@ import sys
 from pathlib import Path
 
 RECIPE = Path(__file__).resolve().parent
+# The committed demo assistant: E2B's assistant shape at demo size (4 layers, centroid head), bf16.
+DISTILL_ARGS = ["--seq-len", "256", "--batch-size", "8", "--hidden-size", "192", "--layers", "4",
+                "--centroids", "64", "--centroid-top-k", "16", "--self-generated", "128", "--bf16"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--minutes", type=float, default=40.0, help="training budget of the target")
+    parser.add_argument("--distill-steps", type=int, default=1200, help="training steps of the assistant")
     args, train_args = parser.parse_known_args()
+    demo = RECIPE.parent / "demo"
     steps = [
         [sys.executable, str(RECIPE / "tokenizer.py"), "--vocab-size", str(args.vocab_size)],
         [sys.executable, str(RECIPE / "train_target.py"), "--minutes", str(args.minutes), *train_args],
+        [sys.executable, "-m", "edgegen", "distill", "--target", str(demo / "target"), "--out",
+         str(demo / "assistant"), "--steps", str(args.distill_steps), *DISTILL_ARGS],
     ]
     for command in steps:
         print("+", " ".join(command[1:]), flush=True)
