@@ -251,13 +251,25 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        app()
+        result = app(standalone_mode=False)
     except EdgegenError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("\ninterrupted", err=True)
         sys.exit(130)
+    except Exception as exc:  # the argument parser's own errors (typer vendors click: match by shape)
+        name = type(exc).__name__
+        if name == "NoArgsIsHelpError":  # help was printed
+            sys.exit(0)
+        if name == "Abort":
+            typer.echo("\ninterrupted", err=True)
+            sys.exit(130)
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            typer.echo(f"error: {exc.format_message()} (see --help)", err=True)
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,21 @@ def _copy_tokenizer(pair, tmp: Path) -> dict:
     return {"files": files, "chat_template": template}
 
 
+def _check_tokenizer(tmp: Path, vocab_size: int) -> None:
+    tok_file = tmp / "tokenizer.json"
+    if not tok_file.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        n = Tokenizer.from_file(str(tok_file)).get_vocab_size()
+    except Exception:
+        raise EdgegenError("the target's tokenizer.json is not a valid tokenizer file") from None
+    if n > vocab_size:
+        raise EdgegenError(f"the target's tokenizer has {n} tokens but the model's vocabulary is {vocab_size}; "
+                           "use the tokenizer the model was trained with")
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -227,6 +242,7 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
             source={"target": str(target), "assistant": str(assistant)},
             edgegen_version=_version(),
         )
+        _check_tokenizer(tmp, cfg.vocab_size)
         # Graph IO specs are re-read from the written models (what the runtime will really see).
         import onnx
 

@@ -137,6 +137,10 @@ class Generator:
         """Yield one Event per generated token. Reuses cached K/V of a shared prompt prefix."""
         s = sampling or Sampling()
         policy = self._policy(draft_tokens) if use_assistant else FixedDraft(0)
+        if isinstance(policy, AutoDraft) and not s.greedy and s.seed is not None:
+            # Auto k follows measured timings, and the random draws per round depend on k: a seeded
+            # sampling run uses the bundle's fixed draft length so that it is reproducible.
+            policy = FixedDraft(self.max_draft_tokens)
         if use_assistant and isinstance(policy, FixedDraft) and policy.k and self.bundle.assistant is None:
             raise EdgegenError("this bundle has no assistant graph; run with --no-assistant")
         if not prompt_ids:
@@ -293,10 +297,13 @@ class Generator:
         text = self.tokenizer.render_chat(self.messages, add_generation_prompt=True)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         reply = []
-        for ev in self._with_text(self.stream_ids(ids, max_new_tokens, sampling, use_assistant, draft_tokens), ()):
-            reply.append(ev.text)
-            yield ev
-        self.messages.append({"role": "assistant", "content": "".join(reply)})
+        try:
+            for ev in self._with_text(self.stream_ids(ids, max_new_tokens, sampling, use_assistant, draft_tokens),
+                                      ()):
+                reply.append(ev.text)
+                yield ev
+        finally:  # also when the caller stops early: the conversation keeps what was said
+            self.messages.append({"role": "assistant", "content": "".join(reply)})
 
     def reset(self) -> None:
         self.cache.reset()

@@ -21,8 +21,8 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise EdgegenError(f"temperature {self.temperature} is invalid; use a number >= 0 (0 = greedy)")
+        if not (self.temperature == 0 or (1e-3 <= self.temperature and np.isfinite(self.temperature))):
+            raise EdgegenError(f"temperature {self.temperature} is invalid; use 0 (greedy) or a value >= 0.001")
         if self.top_k < 0:
             raise EdgegenError(f"top-k {self.top_k} is invalid; use 0 (off) or a positive count")
         if not 0 < self.top_p <= 1:
