@@ -77,6 +77,8 @@ def distill(
     centroids: int = typer.Option(0, "--centroids", min=0, help="Centroid-head clusters (0 = plain lm_head)"),
     centroid_top_k: int = typer.Option(8, "--centroid-top-k", min=1, help="Clusters scored per draft step"),
     seed: int = typer.Option(0, "--seed"),
+    bursts: int = typer.Option(0, "--bursts-per-window", min=0,
+                               help="Draft bursts trained per window (0 = every position)"),
     self_generated: int = typer.Option(0, "--self-generated", min=0,
                                        help="Train half of each batch on this many target-sampled sequences"),
     bf16: bool = typer.Option(False, "--bf16", help="Save weights in bfloat16 (half the size)"),
@@ -92,7 +94,7 @@ def distill(
                           hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_layers=num_layers,
                           num_centroids=centroids, centroid_top_k=centroid_top_k, seed=seed,
                           save_dtype="bfloat16" if bf16 else "float32",
-                          self_generated=self_generated)
+                          self_generated=self_generated, bursts_per_window=bursts)
     with Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()) as progress:
         task = progress.add_task("distill", total=steps, info="")

@@ -48,6 +48,7 @@ class DistillOptions:
     centroid_top_k: int = 8
     seed: int = 0
     checkpoint_every: int = 200
+    bursts_per_window: int = 0  # burst starts trained per window (0: all T-k of them)
     self_generated: int = 0  # sequences the target samples itself (temperature 1) to train on, half of
     #                          every batch: drafts are judged on the target's own continuations
     save_dtype: str = "float32"  # or bfloat16 (smaller files; loads back exactly into fp32)
@@ -180,14 +181,20 @@ def burst_masks(t_len: int, k: int, window: int) -> dict[str, torch.Tensor]:
     return {"full_attention": full[None, None], "sliding_attention": (full & (kv >= q - window))[None, None]}
 
 
-def unrolled_loss(assistant, embed, ids, hidden, shared_kv, target_logp, k: int,
-                  masks) -> tuple[torch.Tensor, list[float]]:
-    """KL to the target over k unrolled draft steps; returns (loss, per-step greedy agreement)."""
+def unrolled_loss(assistant, embed, ids, hidden, shared_kv, target_logp, k: int, masks,
+                  starts: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+    """KL to the target over k unrolled draft steps; returns (loss, per-step greedy agreement).
+
+    `starts`: which burst starts t (1..T-k) of each window to train on (all by default); a subset
+    keeps the drafter's share of a step small while the target pass still covers the whole window.
+    """
     b, t_len = ids.shape
-    n = t_len - k
-    positions = torch.arange(1, n + 1)[None].expand(b, n)
-    tok = ids[:, 1 : n + 1]
-    h = hidden[:, :n]
+    t = torch.arange(1, t_len - k + 1) if starts is None else starts
+    n = len(t)
+    positions = t[None].expand(b, n)
+    masks = {kind: m[:, :, t - 1] for kind, m in masks.items()}
+    tok = ids[:, t]
+    h = hidden[:, t - 1]
     total = torch.zeros(())
     agree = []
     still = torch.ones(b, n, dtype=torch.bool)
@@ -198,7 +205,7 @@ def unrolled_loss(assistant, embed, ids, hidden, shared_kv, target_logp, k: int,
                               shared_kv_states=shared_kv, use_cache=False, output_hidden_states=True)
         last = out.last_hidden_state
         logits = assistant.lm_head(last)
-        ref = target_logp[:, i : n + i]  # the target's log-probs at position t+i-1
+        ref = target_logp[:, t + i - 1]  # the target's log-probs at position t+i-1
         total = total + F.kl_div(F.log_softmax(logits, -1), ref, log_target=True, reduction="batchmean") / n
         pred = logits.argmax(-1)
         if assistant.masked_embedding is not None:
@@ -287,8 +294,12 @@ def distill(target: str, out: str | Path, data: str | Path | None = None, option
             logp = F.log_softmax(t_out.logits.float(), -1)
             hidden = t_out.hidden_states[-1]
             shared = dict(t_out.shared_kv_states)
+        starts = None
+        if opts.bursts_per_window and opts.bursts_per_window < opts.seq_len - opts.draft_tokens:
+            pick = rng.choice(opts.seq_len - opts.draft_tokens, opts.bursts_per_window, replace=False)
+            starts = torch.from_numpy(np.sort(pick) + 1)
         loss, agree = unrolled_loss(assistant, text_model.embed_tokens, batch, hidden, shared, logp,
-                                    opts.draft_tokens, masks)
+                                    opts.draft_tokens, masks, starts)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -20,14 +20,15 @@ from pathlib import Path
 RECIPE = Path(__file__).resolve().parent
 # The committed demo assistant: E2B's assistant shape at demo size (4 layers, centroid head), bf16.
 DISTILL_ARGS = ["--seq-len", "256", "--batch-size", "8", "--hidden-size", "192", "--layers", "4",
-                "--centroids", "64", "--centroid-top-k", "16", "--self-generated", "128", "--bf16"]
+                "--centroids", "64", "--centroid-top-k", "16", "--self-generated", "128", "--bursts-per-window", "64",
+                "--bf16"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--minutes", type=float, default=40.0, help="training budget of the target")
-    parser.add_argument("--distill-steps", type=int, default=1200, help="training steps of the assistant")
+    parser.add_argument("--distill-steps", type=int, default=1500, help="training steps of the assistant")
     args, train_args = parser.parse_known_args()
     demo = RECIPE.parent / "demo"
     steps = [
