@@ -143,7 +143,7 @@ def test_temperature_scales_the_softmax() -> None:
     assert (np.diff(entropies) > 0).all()  # higher temperature: flatter
     assert (np.diff(peaks) < 0).all()
     assert probabilities(logits, Sampling(temperature=0.05)).argmax() == logits.argmax()
-    assert probabilities(logits, Sampling(temperature=1e-4)).max() == pytest.approx(1.0)  # towards greedy
+    assert probabilities(logits, Sampling(temperature=1e-3)).max() == pytest.approx(1.0)  # towards greedy
 
 
 def test_top_k_keeps_exactly_the_k_largest() -> None:
