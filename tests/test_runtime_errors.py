@@ -179,9 +179,13 @@ def test_cli_good_run_still_works(bundle: Path) -> None:
 
 def test_ctrl_c_while_streaming_exits_130(bundle: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "edgegen", "run", str(bundle), "-p", "hello", "-n", "100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+    # Chat mode with stdin left open: the process is either streaming a reply or waiting for the next
+    # line when the signal lands, never finished (a plain prompt can end before SIGINT on a fast machine).
+    proc = subprocess.Popen([sys.executable, "-m", "edgegen", "run", str(bundle), "--chat", "-n", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE, env=env)
     try:
+        proc.stdin.write(b"hello\n")
+        proc.stdin.flush()
         first = proc.stdout.read(1)  # streaming has started
         assert first, proc.stderr.read().decode()
         proc.send_signal(signal.SIGINT)
