@@ -248,10 +248,15 @@ def main() -> None:
     cleanup (an export removes its temporary directory), without a traceback."""
     import signal
 
+    interrupted = []
+
     def _terminate(signum, frame):
+        interrupted.append(signum)
         raise KeyboardInterrupt
 
+    # Our own handler, so an interrupt the argument parser swallows still ends with 130.
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     try:
         result = app(standalone_mode=False)
     except EdgegenError as exc:
@@ -271,6 +276,9 @@ def main() -> None:
             typer.echo(f"error: {exc.format_message()} (see --help)", err=True)
             sys.exit(exc.exit_code)
         raise
+    if interrupted:
+        typer.echo("\ninterrupted", err=True)
+        sys.exit(130)
     sys.exit(result if isinstance(result, int) else 0)
 
 
