@@ -202,8 +202,13 @@ def run(
         typer.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
                                "stop_reason": result.stop_reason, "stats": result.stats.as_dict()}))
         return
+    _stream_out(gen.stream(text, stop_strings=tuple(stop), **options), stats)
+
+
+def _stream_out(events, stats: bool) -> None:
+    """Write each event's text as it arrives; statistics to stderr at the end if asked."""
     last = None
-    for event in gen.stream(text, stop_strings=tuple(stop), **options):
+    for event in events:
         sys.stdout.write(event.text)
         sys.stdout.flush()
         last = event
@@ -233,14 +238,7 @@ def _chat_loop(gen, options: dict, stats: bool) -> None:
             break
         if not line.strip():
             continue
-        last = None
-        for event in gen.chat(line.strip(), **options):
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-            last = event
-        sys.stdout.write("\n")
-        if stats and last is not None:
-            _print_stats(last.stats)
+        _stream_out(gen.chat(line.strip(), **options), stats)
 
 
 def main() -> None:

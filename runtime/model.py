@@ -112,18 +112,22 @@ class Target(_Graph):
         return out["logits"][0], out["last_hidden"][0]
 
 
+def _draft_feeds(cache: KVCache, token: int, hidden: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs of a draft step at the constant position P = cache.length (see manifest.py)."""
+    p = cache.length
+    return {
+        "token": np.array([[token]], dtype=np.int64),
+        "hidden": np.asarray(hidden, dtype=np.float32).reshape(1, 1, -1),
+        "position_ids": np.array([[p]], dtype=np.int64),
+        "seqlens_k": np.array([p - 1], dtype=np.int32),
+        "total_sequence_length": np.array(p, dtype=np.int32),
+    }
+
+
 class Assistant(_Graph):
     def step(self, cache: KVCache, token: int, hidden: np.ndarray):
         """One draft step at position cache.length; returns (logits [V], next_token, projected hidden [H])."""
-        p = cache.length
-        feeds = {
-            "token": np.array([[token]], dtype=np.int64),
-            "hidden": np.asarray(hidden, dtype=np.float32).reshape(1, 1, -1),
-            "position_ids": np.array([[p]], dtype=np.int64),
-            "seqlens_k": np.array([p - 1], dtype=np.int32),
-            "total_sequence_length": np.array(p, dtype=np.int32),
-        }
-        out = self.run(feeds, cache)
+        out = self.run(_draft_feeds(cache, token, hidden), cache)
         return out["logits"][0, 0], int(out["next_token"].reshape(-1)[0]), out["projected_hidden"][0, 0]
 
 
@@ -139,16 +143,9 @@ class DraftRound(_Graph):
     def run_round(self, cache: KVCache, token: int, hidden: np.ndarray, inv_temperature: float = 1.0,
                   gumbel: np.ndarray | None = None):
         """Returns (tokens [k], logits [k, V]). Greedy: no noise; sampling: Gumbel noise, one row a step."""
-        p = cache.length
-        feeds = {
-            "token": np.array([[token]], dtype=np.int64),
-            "hidden": np.asarray(hidden, dtype=np.float32).reshape(1, 1, -1),
-            "position_ids": np.array([[p]], dtype=np.int64),
-            "seqlens_k": np.array([p - 1], dtype=np.int32),
-            "total_sequence_length": np.array(p, dtype=np.int32),
-            "inv_temperature": np.array(inv_temperature, dtype=np.float32),
-            "gumbel": self._zeros if gumbel is None else gumbel.astype(np.float32, copy=False),
-        }
+        feeds = _draft_feeds(cache, token, hidden)
+        feeds["inv_temperature"] = np.array(inv_temperature, dtype=np.float32)
+        feeds["gumbel"] = self._zeros if gumbel is None else gumbel.astype(np.float32, copy=False)
         out = self.run(feeds, cache)
         return [int(t) for t in out["tokens"].reshape(-1)], out["logits"]
 
