@@ -81,6 +81,10 @@ def distill(
                                help="Draft bursts trained per window (0 = every position)"),
     self_generated: int = typer.Option(0, "--self-generated", min=0,
                                        help="Train half of each batch on this many target-sampled sequences"),
+    self_generated_temperature: float = typer.Option(
+        1.0, "--self-generated-temperature", min=0.0, help="Sampling temperature of those sequences (0 = greedy)"),
+    init: str | None = typer.Option(None, "--init", help="Start from this assistant (HF id or directory), "
+                                    "e.g. the stock assistant when the target is a fine-tune"),
     bf16: bool = typer.Option(False, "--bf16", help="Save weights in bfloat16 (half the size)"),
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore a checkpoint in OUT and start over"),
 ) -> None:
@@ -94,7 +98,8 @@ def distill(
                           hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_layers=num_layers,
                           num_centroids=centroids, centroid_top_k=centroid_top_k, seed=seed,
                           save_dtype="bfloat16" if bf16 else "float32",
-                          self_generated=self_generated, bursts_per_window=bursts)
+                          self_generated=self_generated, bursts_per_window=bursts,
+                          self_generated_temperature=self_generated_temperature, init=init)
     with Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()) as progress:
         task = progress.add_task("distill", total=steps, info="")
