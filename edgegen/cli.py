@@ -100,17 +100,26 @@ def distill(
                           save_dtype="bfloat16" if bf16 else "float32",
                           self_generated=self_generated, bursts_per_window=bursts,
                           self_generated_temperature=self_generated_temperature, init=init)
-    with Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()) as progress:
-        task = progress.add_task("distill", total=steps, info="")
+    # The bar starts with the first step, so option and loading errors print nothing but their line.
+    progress = Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    task = None
 
-        def report(step: int, total: int, info: dict) -> None:
-            line = f"loss {info['loss']:.3f}  ~{info['tokens_per_call']:.2f} tok/call"
-            progress.update(task, completed=step, info=line)
-            if not progress.console.is_terminal and (step % 50 == 0 or step == total):
-                progress.console.print(f"step {step}/{total}  {line}  {info['elapsed_s'] / 60:.1f} min")
+    def report(step: int, total: int, info: dict) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task("distill", total=total, completed=step - 1, info="")
+        line = f"loss {info['loss']:.3f}  ~{info['tokens_per_call']:.2f} tok/call"
+        progress.update(task, completed=step, info=line)
+        if not progress.console.is_terminal and (step % 50 == 0 or step == total):
+            progress.console.print(f"step {step}/{total}  {line}  {info['elapsed_s'] / 60:.1f} min")
 
+    try:
         path = run_distill(target, out, data, opts, resume=not no_resume, progress=report)
+    finally:
+        if task is not None:
+            progress.stop()
     typer.echo(f"wrote {path}")
 
 
