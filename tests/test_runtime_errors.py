@@ -73,7 +73,7 @@ def assert_one_line(err: EdgegenError) -> None:
 
 EXPECTED_WORDS = {"missing": "does not exist", "file": "not a directory", "no-manifest": "manifest.json",
                   "bad-json": "not valid JSON", "schema": "schema version", "truncated-onnx": "target.onnx",
-                  "missing-onnx": "missing", "truncated-weights": "target.onnx", "truncated-ple": "per-layer"}
+                  "missing-onnx": "missing", "truncated-weights": "target.weights", "truncated-ple": "ple.npy"}
 BAD_BUNDLES = list(EXPECTED_WORDS)
 
 
