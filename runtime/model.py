@@ -69,6 +69,10 @@ class PLETable:
         return rows.reshape(1, len(flat), self.spec.num_layers, self.spec.dim).astype(np.float32, copy=False)
 
 
+_QUIET = ort.RunOptions()
+_QUIET.log_severity_level = 4  # a failed run is reported once, as an EdgegenError, not also as an ORT log line
+
+
 class _Graph:
     def __init__(self, session: ort.InferenceSession, spec: GraphSpec):
         self.session, self.spec = session, spec
@@ -87,7 +91,7 @@ class _Graph:
         for out in self.plain_outputs:
             b.bind_output(out)
         try:
-            self.session.run_with_iobinding(b)
+            self.session.run_with_iobinding(b, _QUIET)
         except Exception as exc:  # onnxruntime's own types: a graph that does not fit its manifest, or bad data
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise EdgegenError(f"running '{self.spec.file}' failed ({first}); the bundle is damaged or does not "

@@ -34,8 +34,11 @@ class Sampling:
 
 
 def check_finite(logits: np.ndarray, where: str) -> None:
+    """NaN or inf logits are never turned into tokens (argmax of NaN is an arbitrary index)."""
     if not np.isfinite(logits).all():
-        raise EdgegenError(f"the {where} produced NaN or inf logits; the bundle or its inputs are broken")
+        hint = "run with --no-assistant (use_assistant=False) or " if where == "assistant" else ""
+        raise EdgegenError(f"the {where} graph produced NaN or inf logits, so no token can be chosen; its weights "
+                           f"are broken: {hint}re-export the bundle from a healthy checkpoint")
 
 
 def probabilities(logits: np.ndarray, s: Sampling) -> np.ndarray:
