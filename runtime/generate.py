@@ -279,6 +279,7 @@ class Generator:
 
     def _with_text(self, events: Iterator[Event], stop_strings: tuple[str, ...]) -> Iterator[Event]:
         tok = self.tokenizer
+        stop_strings = tuple(x for x in stop_strings if x)  # an empty stop string would match everywhere
         ids: list[int] = []
         shown = ""
         hold = max((len(x) for x in stop_strings), default=1) - 1
