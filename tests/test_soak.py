@@ -8,8 +8,10 @@ Promises checked:
   length, so the same positions recur: per-token time is bucketed by position (256-position buckets) and
   the later half of the conversations is compared with the earlier half bucket by bucket. Equal positions
   mean equal attention work, so a ratio above 1 there is not explained by attention (a leak, a growing
-  list, a cache that is not reset). The bound, 1.5x on the median bucket, leaves room for other processes
-  on a shared 2-core machine; a real regression of this kind grows without bound.
+  list, a cache that is not reset). Time is this process's CPU time (all its threads), not wall time:
+  on a shared 2-core machine other jobs' load moved wall time per token 1.6x between the halves of one
+  run (measured), while the work done per token did not change. The bound, 1.5x on the median bucket,
+  leaves room for cache effects of that load; a real regression of this kind grows without bound.
 """
 
 from __future__ import annotations
@@ -44,11 +46,11 @@ def conversation(gen: Generator, use_assistant: bool, index: int) -> tuple[int, 
     tokens, turn = 0, 0
     while gen.cache.length + TURN_TOKENS + 100 < gen.cache.max_context:
         message = f"Write {TOPICS[(index + turn) % len(TOPICS)]} in Python (turn {turn})."
-        last = time.perf_counter()
+        last = time.process_time()
         for event in gen.chat(message, max_new_tokens=TURN_TOKENS, use_assistant=use_assistant, draft_tokens=4):
             if event.token_id < 0:
                 continue
-            now = time.perf_counter()
+            now = time.process_time()
             # A speculative round emits several tokens at once: their shared time is spread over them.
             times[gen.cache.length // BUCKET].append(now - last)
             last = now
