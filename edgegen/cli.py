@@ -139,6 +139,8 @@ def bench(
     from edgegen.runtime.bench import bench as run_bench
     from edgegen.runtime.bench import plot
 
+    if plot_path is not None:
+        _check_plot_path(plot_path)
     result = run_bench(bundle, max_new_tokens, draft_tokens, threads, repeats=repeats)
     if plot_path is not None:
         plot(result, str(plot_path))
@@ -156,6 +158,22 @@ def bench(
             typer.echo(f"{'':>14}acceptance by position {m['acceptance_by_position']}")
     if result.get("speedup") is not None:
         typer.echo(f"speedup x{result['speedup']}  peak RSS {result['peak_rss_mb']} MB")
+
+
+def _check_plot_path(path: Path) -> None:
+    """Before a long benchmark, not after it: the plot can be written, and matplotlib is there."""
+    import importlib.util
+    import os
+
+    parent = path.expanduser().absolute().parent
+    if path.exists() and path.is_dir():
+        raise EdgegenError(f"--plot '{path}' is a directory; give a .png file name")
+    if not parent.is_dir():
+        raise EdgegenError(f"--plot '{path}': the directory '{parent}' does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise EdgegenError(f"--plot '{path}': cannot write to '{parent}'; choose a writable place")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise EdgegenError("--plot needs matplotlib; pip install matplotlib")
 
 
 def _read_prompt(prompt: str | None, file: Path | None, chat: bool) -> str | None:
@@ -257,7 +275,8 @@ def _chat_loop(gen, options: dict, stats: bool) -> None:
 
 def main() -> None:
     """Entry point: user errors are one line on stderr and exit 2; Ctrl-C or SIGTERM exits 130 after
-    cleanup (an export removes its temporary directory), without a traceback."""
+    cleanup (an export removes its temporary directory), without a traceback; anything else is one line
+    too (see _last_resort)."""
     import signal
 
     interrupted = []
@@ -287,11 +306,31 @@ def main() -> None:
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             typer.echo(f"error: {exc.format_message()} (see --help)", err=True)
             sys.exit(exc.exit_code)
-        raise
+        _last_resort(exc)
     if interrupted:
         typer.echo("\ninterrupted", err=True)
         sys.exit(130)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def _last_resort(exc: Exception) -> None:
+    """Whatever escaped the checks above is still one line: the environment's fault (a file, memory) or a
+    bug. EDGEGEN_DEBUG=1 shows the traceback. The tests assert that the bug branch is never reached."""
+    import os
+
+    if os.environ.get("EDGEGEN_DEBUG"):
+        raise exc
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" '{exc.filename}'" if exc.filename else ""
+        typer.echo(f"error: {exc.strerror}{where}; check the path, permissions and free space", err=True)
+        sys.exit(2)
+    if isinstance(exc, MemoryError):
+        typer.echo("error: out of memory; use a smaller bundle, --max-context or fewer threads", err=True)
+        sys.exit(2)
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    typer.echo(f"error: internal error ({type(exc).__name__}: {first}); please report it "
+               "(EDGEGEN_DEBUG=1 shows the traceback)", err=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ interrupt at any stage removes it, so OUT is either a complete, verified bundle 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from edgegen.export.graphs import build_assistant_graph, build_target_graph
 from edgegen.export.onnx_graph import SHARED_FILE, Graph, WeightFile
 from edgegen.export.quantize import Quant, pack, quantize_blocks
 from edgegen.runtime.errors import EdgegenError
+from edgegen.runtime.integrity import sha256_file as sha256
 from edgegen.runtime.manifest import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -183,14 +183,6 @@ def _check_tokenizer(tmp: Path, vocab_size: int) -> None:
                            "use the tokenizer the model was trained with")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_bundle(target: str, assistant: str, out: str | Path, options: ExportOptions | None = None,
                   stage: Callable[[str], None] = lambda name: None) -> Manifest:
     """Export a verified bundle to `out`. Raises EdgegenError on any user-fixable problem."""
@@ -250,6 +242,9 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
                                  ("draft_round", _aliases(alayers, steps), aquant)):
             model = onnx.load(str(tmp / f"{name}.onnx"), load_external_data=False)
             manifest.graphs[name] = _graph_spec(_GraphIO(model.graph), f"{name}.onnx", aliases, q)
+        # Sizes and sha256 before verification, which loads the bundle the way the runtime will.
+        manifest.files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
+                          for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
         _write_manifest(tmp, manifest)
 
         if opts.verify:
@@ -271,9 +266,6 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
                                    "please report this model")
 
         stage("publish")
-        manifest.files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
-                          for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
-        _write_manifest(tmp, manifest)
         _publish(tmp, out)
         return manifest
     except BaseException:

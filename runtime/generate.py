@@ -12,6 +12,7 @@ and `chat` are built from it.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -113,6 +114,9 @@ class Generator:
         self.cache = self.bundle.new_cache()
         self.processed: list[int] = []  # token ids whose K/V are in the cache, in order
         self.messages: list[dict] = []
+        self._guard = threading.Lock()
+        self._owner: int | None = None  # the thread generating now (it may nest streams; others may not)
+        self._depth = 0
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -130,11 +134,36 @@ class Generator:
             raise EdgegenError(f"draft tokens {choice!r} is invalid; use 'auto' or a count >= 0")
         return FixedDraft(int(choice))
 
+    # -- one thread at a time -------------------------------------------------------------------------
+    def _claim(self) -> None:
+        """The cache and conversation belong to one thread at a time: a second thread is refused instead
+        of silently interleaving rounds in the same KV buffers."""
+        me = threading.get_ident()
+        with self._guard:
+            if self._owner not in (None, me):
+                raise EdgegenError("this Generator is already generating in another thread; give each thread "
+                                   "its own Generator (they can share one Bundle)")
+            self._owner, self._depth = me, self._depth + 1
+
+    def _release(self) -> None:
+        with self._guard:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+
     # -- the loop ----------------------------------------------------------------------------------
     def stream_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
                    use_assistant: bool = True, draft_tokens: int | str | None = None,
                    stop_strings: tuple[str, ...] = ()) -> Iterator[Event]:
         """Yield one Event per generated token. Reuses cached K/V of a shared prompt prefix."""
+        self._claim()
+        try:
+            yield from self._rounds(prompt_ids, max_new_tokens, sampling, use_assistant, draft_tokens)
+        finally:
+            self._release()
+
+    def _rounds(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling | None, use_assistant: bool,
+                draft_tokens: int | str | None) -> Iterator[Event]:
         s = sampling or Sampling()
         policy = self._policy(draft_tokens) if use_assistant else FixedDraft(0)
         if isinstance(policy, AutoDraft) and not s.greedy and s.seed is not None:
@@ -219,14 +248,18 @@ class Generator:
         fused = self.bundle.draft_round
         if fused is not None and fused.steps == k and s.top_k == 0 and s.top_p == 1.0:
             if s.greedy:
-                return fused.run_round(self.cache, token, hidden)[0], []
+                tokens, logits = fused.run_round(self.cache, token, hidden)
+                check_finite(logits, "assistant")
+                return tokens, []
             u = rng.random((k, fused.vocab))
             tokens, logits = fused.run_round(self.cache, token, hidden, 1.0 / s.temperature,
                                              -np.log(-np.log(np.clip(u, 1e-20, 1.0 - 1e-7))))
+            check_finite(logits, "assistant")
             return tokens, [probabilities(row, s) for row in logits]
         drafts, qs = [], []
         for _ in range(k):
             logits, greedy_next, hidden = self.bundle.assistant.step(self.cache, token, hidden)
+            check_finite(logits, "assistant")
             if s.greedy:
                 token = greedy_next
             else:
@@ -246,6 +279,7 @@ class Generator:
 
     def _with_text(self, events: Iterator[Event], stop_strings: tuple[str, ...]) -> Iterator[Event]:
         tok = self.tokenizer
+        stop_strings = tuple(x for x in stop_strings if x)  # an empty stop string would match everywhere
         ids: list[int] = []
         shown = ""
         hold = max((len(x) for x in stop_strings), default=1) - 1

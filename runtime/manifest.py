@@ -20,6 +20,7 @@ assistant graph (one draft step; the cache holds P accepted, processed positions
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def load_manifest(bundle: str | Path) -> Manifest:
         raise EdgegenError(f"'{bundle}' has no {MANIFEST}; is it an edgegen bundle?")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise EdgegenError(f"{path} is not valid JSON; re-export the bundle") from None
     if not isinstance(raw, dict):
         raise EdgegenError(f"{path} is not an edgegen manifest; re-export the bundle")
@@ -150,4 +151,83 @@ def load_manifest(bundle: str | Path) -> Manifest:
         raise EdgegenError(f"{path} is missing or has a malformed field ({exc}); re-export the bundle") from None
     if "target" not in manifest.graphs:
         raise EdgegenError(f"{path} lists no target graph; re-export the bundle")
+    problem = _first_problem(manifest)
+    if problem:
+        raise EdgegenError(f"{path} has a malformed field ({problem}); re-export the bundle")
     return manifest
+
+
+# -- field checks: a manifest from an untrusted source must not be able to crash the loader ---------------
+
+LAYER_KINDS = ("sliding_attention", "full_attention")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_BUFFER = re.compile(r"past_key\.\d+")
+
+
+def _int(x: object, lo: int, hi: int = 1 << 40) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+def _str(x: object) -> bool:
+    return isinstance(x, str) and bool(x)
+
+
+def _first_problem(m: Manifest) -> str | None:
+    """The first field that has the wrong type or an impossible value, or None. Checks run in order and
+    later ones rely on earlier ones (hence lambdas). Paths are checked against the bundle by integrity.py."""
+    model = m.model
+    files, template = m.tokenizer.get("files", []), m.tokenizer.get("chat_template")
+    eos, draft = m.generation.get("eos_token_ids") or [], m.generation.get("draft_tokens")
+    checks = [
+        ("model.vocab_size", lambda: _int(model.vocab_size, 1, 1 << 24)),
+        ("model.hidden_size", lambda: _int(model.hidden_size, 1, 1 << 20)),
+        ("model.layer_types", lambda: isinstance(model.layer_types, list) and 0 < len(model.layer_types) <= 4096
+         and all(k in LAYER_KINDS for k in model.layer_types)),
+        ("model.sliding_window", lambda: _int(model.sliding_window, 1)),
+        ("model.max_context", lambda: _int(model.max_context, 2, 1 << 24)),
+        ("model.store_layers", lambda: all(isinstance(k, str) and _int(v, 0, len(model.layer_types) - 1)
+                                           for k, v in model.store_layers.items())),
+        ("model.kv_buffers", lambda: 0 < len(model.kv_buffers) <= len(model.layer_types) and all(
+            isinstance(b.name, str) and _BUFFER.fullmatch(b.name) and _int(b.layer, 0) and b.kind in LAYER_KINDS
+            and _int(b.kv_heads, 1, 1 << 12) and _int(b.head_dim, 1, 1 << 14) for b in model.kv_buffers)),
+        ("model.final_logit_softcapping", lambda: model.final_logit_softcapping is None or (
+            isinstance(model.final_logit_softcapping, (int, float))
+            and not isinstance(model.final_logit_softcapping, bool))),
+        ("model.ple", lambda: model.ple is None or _ple_ok(model.ple)),
+        ("graphs", lambda: all(isinstance(k, str) and _graph_ok(g) for k, g in m.graphs.items())),
+        ("graphs.kv_aliases", lambda: all(buf in _buffer_names(model) for g in m.graphs.values()
+                                          for buf in g.kv_aliases.values())),
+        ("graphs.draft_round.outputs", lambda: "draft_round" not in m.graphs or _round_ok(m.graphs["draft_round"])),
+        ("tokenizer.files", lambda: isinstance(files, list) and all(_str(f) for f in files)),
+        ("tokenizer.chat_template", lambda: template is None or _str(template)),
+        ("generation.eos_token_ids", lambda: isinstance(eos, list) and all(_int(t, 0, model.vocab_size - 1)
+                                                                           for t in eos)),
+        ("generation.draft_tokens", lambda: draft is None or _int(draft, 0, 64)),
+        ("files", lambda: all(isinstance(k, str) and isinstance(v, dict) and _int(v.get("bytes"), 0, 1 << 50)
+                              and isinstance(v.get("sha256"), str) and _SHA256.fullmatch(v["sha256"])
+                              for k, v in m.files.items())),
+    ]
+    return next((name for name, ok in checks if not ok()), None)
+
+
+def _ple_ok(ple: PLESpec) -> bool:
+    quantized_ok = ple.bits == 0 or (ple.block_size > 0 and ple.scales_file is not None)
+    return (_str(ple.file) and _int(ple.num_layers, 1, 4096) and _int(ple.dim, 1, 1 << 16) and ple.bits in (0, 4, 8)
+            and _int(ple.block_size, 0, 1 << 20) and (ple.scales_file is None or _str(ple.scales_file))
+            and quantized_ok)
+
+
+def _buffer_names(model: ModelSpec) -> set[str]:
+    return {n for b in model.kv_buffers for n in (b.name, b.name.replace("past_key", "past_value"))}
+
+
+def _round_ok(g: GraphSpec) -> bool:
+    """The fused draft round's step count and vocabulary are read from its `tokens` and `logits` shapes."""
+    shapes = {t.name: t.shape for t in g.outputs}
+    return all(len(shapes.get(n, [])) == 2 and _int(shapes[n][1], 1) for n in ("tokens", "logits"))
+
+
+def _graph_ok(g: GraphSpec) -> bool:
+    tensors_ok = all(_str(t.name) and isinstance(t.dtype, str) and isinstance(t.shape, list)
+                     and all(_int(d, 0) or isinstance(d, str) for d in t.shape) for t in g.inputs + g.outputs)
+    return _str(g.file) and tensors_ok and all(_str(k) and _str(v) for k, v in g.kv_aliases.items())

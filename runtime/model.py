@@ -7,11 +7,13 @@ the present outputs, so the graphs update them in place.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from edgegen.runtime import integrity
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.kv import KVCache
 from edgegen.runtime.manifest import GraphSpec, Manifest, PLESpec, load_manifest
@@ -51,6 +53,11 @@ class PLETable:
             self.scales = np.load(bundle / spec.scales_file, mmap_mode="r") if spec.scales_file else None
         except (OSError, ValueError) as exc:
             raise EdgegenError(f"per-layer embedding table in '{bundle}' is unreadable ({exc}); re-export") from None
+        width = spec.num_layers * spec.dim // (8 // spec.bits if spec.bits else 1)
+        if self.rows.ndim != 2 or self.rows.shape[1] != width or (
+                self.scales is not None and self.scales.shape[0] != self.rows.shape[0]):
+            raise EdgegenError(f"per-layer embedding table in '{bundle}' has shape {self.rows.shape}, which does "
+                               "not match the manifest; re-export the bundle")
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         flat = ids.reshape(-1)
@@ -60,6 +67,10 @@ class PLETable:
 
             rows = dequantize_rows(rows, np.asarray(self.scales[flat]), self.spec.bits, self.spec.block_size)
         return rows.reshape(1, len(flat), self.spec.num_layers, self.spec.dim).astype(np.float32, copy=False)
+
+
+_QUIET = ort.RunOptions()
+_QUIET.log_severity_level = 4  # a failed run is reported once, as an EdgegenError, not also as an ORT log line
 
 
 class _Graph:
@@ -79,7 +90,12 @@ class _Graph:
             b.bind_ortvalue_output(out, cache.values[buf])
         for out in self.plain_outputs:
             b.bind_output(out)
-        self.session.run_with_iobinding(b)
+        try:
+            self.session.run_with_iobinding(b, _QUIET)
+        except Exception as exc:  # onnxruntime's own types: a graph that does not fit its manifest, or bad data
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise EdgegenError(f"running '{self.spec.file}' failed ({first}); the bundle is damaged or does not "
+                               "match its manifest, re-export it") from None
         values = b.get_outputs()
         # Bound outputs come back in binding order: aliases first, then the plain outputs.
         return {n: v.numpy() for n, v in zip(self.plain_outputs, values[len(self.spec.kv_aliases):], strict=True)}
@@ -154,10 +170,14 @@ class Bundle:
     """Everything loaded from a bundle directory. Sessions are safe to share across threads; a KVCache
     (one per conversation) is not."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, providers: list | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list | None = None,
+                 hashes: str = "cached"):
+        """`hashes`: check files' sha256 "cached" (once per file change, see integrity.py), "always" or
+        "never" (sizes only). Paths are always checked before any file is opened."""
         self.path = Path(path)
         self.manifest: Manifest = load_manifest(self.path)
         m = self.manifest
+        integrity.check_bundle(self.path, m, hashes)
         ple = PLETable(self.path, m.model.ple) if m.model.ple else None
         self.target = Target(open_session(self.path, m.graphs["target"], threads, providers), m.graphs["target"], ple)
         self.assistant = self.draft_round = None
@@ -169,4 +189,16 @@ class Bundle:
             self.draft_round = DraftRound(open_session(self.path, spec, threads, providers), spec)
 
     def new_cache(self, max_context: int | None = None) -> KVCache:
-        return KVCache(self.manifest.model.kv_buffers, max_context or self.manifest.model.max_context)
+        max_context = max_context or self.manifest.model.max_context
+        need = 8 * max_context * sum(b.kv_heads * b.head_dim for b in self.manifest.model.kv_buffers)
+        if need > _physical_memory():
+            raise EdgegenError(f"the KV cache for {max_context} positions needs {need / 2**30:.1f} GiB, more than "
+                               "this machine has; use a bundle exported with a smaller --max-context")
+        return KVCache(self.manifest.model.kv_buffers, max_context)
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62

@@ -21,6 +21,14 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
+        number = (int, float, np.integer, np.floating)
+        if not all(isinstance(x, number) and not isinstance(x, bool) for x in (self.temperature, self.top_p)) or \
+                not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or \
+                not (self.seed is None or isinstance(self.seed, (int, np.integer))):
+            raise EdgegenError("sampling options have the wrong type: temperature and top_p are numbers, top_k an "
+                               "integer, seed None or an integer")
+        if self.seed is not None and self.seed < 0:
+            raise EdgegenError(f"seed {self.seed} is invalid; use an integer >= 0")
         if not (self.temperature == 0 or (1e-3 <= self.temperature and np.isfinite(self.temperature))):
             raise EdgegenError(f"temperature {self.temperature} is invalid; use 0 (greedy) or a value >= 0.001")
         if self.top_k < 0:
@@ -34,8 +42,11 @@ class Sampling:
 
 
 def check_finite(logits: np.ndarray, where: str) -> None:
+    """NaN or inf logits are never turned into tokens (argmax of NaN is an arbitrary index)."""
     if not np.isfinite(logits).all():
-        raise EdgegenError(f"the {where} produced NaN or inf logits; the bundle or its inputs are broken")
+        hint = "run with --no-assistant (use_assistant=False) or " if where == "assistant" else ""
+        raise EdgegenError(f"the {where} graph produced NaN or inf logits, so no token can be chosen; its weights "
+                           f"are broken: {hint}re-export the bundle from a healthy checkpoint")
 
 
 def probabilities(logits: np.ndarray, s: Sampling) -> np.ndarray:
