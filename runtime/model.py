@@ -154,11 +154,19 @@ class Bundle:
     """Everything loaded from a bundle directory. Sessions are safe to share across threads; a KVCache
     (one per conversation) is not."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, providers: list | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, providers: list | None = None,
+                 ep: str = "cpu"):
         self.path = Path(path)
         self.manifest: Manifest = load_manifest(self.path)
         m = self.manifest
         ple = PLETable(self.path, m.model.ple) if m.model.ple else None
+        self.ep = ep
+        if m.ep_profile == "qnn":  # static shapes, host-side K/V (runtime/static.py)
+            from edgegen.runtime.static import open_static
+
+            self.target, self.assistant = open_static(self.path, m, threads, ep, ple)
+            self.draft_round = None
+            return
         self.target = Target(open_session(self.path, m.graphs["target"], threads, providers), m.graphs["target"], ple)
         self.assistant = self.draft_round = None
         if "assistant" in m.graphs:
@@ -169,4 +177,8 @@ class Bundle:
             self.draft_round = DraftRound(open_session(self.path, spec, threads, providers), spec)
 
     def new_cache(self, max_context: int | None = None) -> KVCache:
+        if self.manifest.ep_profile == "qnn":
+            from edgegen.runtime.static import StaticCache
+
+            return StaticCache(self.manifest.model.kv_buffers, self.manifest.model.max_context)
         return KVCache(self.manifest.model.kv_buffers, max_context or self.manifest.model.max_context)
