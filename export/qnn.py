@@ -180,13 +180,25 @@ def _quantize(src: Path, dst: Path, calls: list[dict]) -> None:
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
     config = get_qnn_qdq_config(str(src), _Reader(calls), activation_type=QuantType.QUInt16,
-                                weight_type=QuantType.QInt8, weight_symmetric=True)
+                                weight_type=QuantType.QInt8, weight_symmetric=True,
+                                init_overrides={name: [{"quant_type": QuantType.QInt8, "symmetric": True}]
+                                                for name in _gathered_tables(src)})
     config.use_external_data_format = True
     quantize(str(src), str(dst), config)
     data = dst.with_name(dst.name + ".data")
     if data.exists():  # one weight file per graph, named like the CPU profile's
         data.rename(dst.with_suffix(".weights"))
         _relocate_external(dst, data.name, dst.with_suffix(".weights").name)
+
+
+def _gathered_tables(path: Path) -> list[str]:
+    """Float tables read by Gather (embeddings). The quantizer would treat them as 16-bit activations,
+    and a 16-bit weight keeps the lm_head that reads the same table off the HTP: make them int8 weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    return sorted({n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in floats})
 
 
 def _relocate_external(model_path: Path, old: str, new: str) -> None:
