@@ -113,6 +113,7 @@ def export_static(pair, opts, tmp: Path, max_context: int, copy_tokenizer, stage
     stage("verify")
     for name in ("target", "assistant"):
         _quantize(staging / f"{name}.onnx", tmp / f"{name}.onnx", _subsample(calls[name]))
+        manifest.static.setdefault("quantized_io", {})[name] = quantized_io(tmp / f"{name}.onnx")
         manifest.graphs[name] = _graph_spec_from_file(tmp / f"{name}.onnx", {}, QDQ)
     (tmp / "manifest.json").write_text(manifest.to_json())
     report.update(_compare_qdq(staging, tmp, manifest))
@@ -189,6 +190,70 @@ def _quantize(src: Path, dst: Path, calls: list[dict]) -> None:
     if data.exists():  # one weight file per graph, named like the CPU profile's
         data.rename(dst.with_suffix(".weights"))
         _relocate_external(dst, data.name, dst.with_suffix(".weights").name)
+
+
+def quantized_io(path: Path) -> dict[str, dict]:
+    """Move the boundary QuantizeLinear / DequantizeLinear of a QDQ graph to the host.
+
+    A QDQ graph takes float inputs and quantizes them first (and dequantizes its outputs last); the
+    QNN EP leaves those boundary nodes to the CPU EP. Here each float input read only by QuantizeLinear
+    nodes of one scale becomes a uint16 input, each output made by DequantizeLinear a uint16 output, so
+    every node of the graph can run on the HTP. Returns {tensor: {scale, zero_point, dtype}} for the host.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
+
+    def params(node) -> tuple[float, int, int] | None:
+        if len(node.input) < 3 or node.input[1] not in inits or node.input[2] not in inits:
+            return None
+        scale, zp = numpy_helper.to_array(inits[node.input[1]]), inits[node.input[2]]
+        if scale.size != 1:
+            return None
+        return float(scale.reshape(-1)[0]), int(numpy_helper.to_array(zp).reshape(-1)[0]), zp.data_type
+
+    def rename(old: str, new: str) -> None:
+        for n in g.node:
+            n.input[:] = [new if x == old else x for x in n.input]
+            n.output[:] = [new if x == old else x for x in n.output]
+
+    io: dict[str, dict] = {}
+    drop = []
+    for vi in g.input:
+        readers = [n for n in g.node if vi.name in n.input]
+        if vi.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or not readers:
+            continue
+        if any(n.op_type != "QuantizeLinear" for n in readers) or len({params(n) for n in readers}) != 1:
+            continue
+        if params(readers[0]) is None:
+            continue
+        p = params(readers[0])
+        for n in readers:
+            drop.append(n)
+            rename(n.output[0], vi.name)
+        vi.type.tensor_type.elem_type = p[2]
+        io[vi.name] = {"scale": p[0], "zero_point": p[1], "dtype": onnx.helper.tensor_dtype_to_np_dtype(p[2]).name}
+    for vo in g.output:
+        maker = next((n for n in g.node if vo.name in n.output), None)
+        if maker is None or maker.op_type != "DequantizeLinear" or params(maker) is None:
+            continue
+        p = params(maker)
+        quantized = maker.input[0]
+        if any(vo.name in n.input for n in g.node):  # also read inside the graph: keep its DQ for that
+            rename(vo.name, f"{vo.name}_float")
+        else:
+            drop.append(maker)
+        rename(quantized, vo.name)
+        vo.type.tensor_type.elem_type = p[2]
+        io[vo.name] = {"scale": p[0], "zero_point": p[1], "dtype": onnx.helper.tensor_dtype_to_np_dtype(p[2]).name}
+    for n in drop:
+        g.node.remove(n)
+    del g.value_info[:]  # element types changed along the moved paths; the loader infers them again
+    onnx.save(model, str(path))
+    return io
 
 
 def _gathered_tables(path: Path) -> list[str]:

@@ -44,17 +44,18 @@ from edgegen.export.quantize import Linears, Quant, TiedTable
 MASK_VALUE = -100.0  # additive mask; finite and small so that a uint16 QDQ range keeps score precision
 
 
-def masked_attention(g: Graph, heads_n: int, kv_heads: int, d: int, q: str, k_all: str, v_all: str,
-                     mask: str, rows: int, keys: int) -> str:
+def masked_attention(g: Graph, heads_n: int, kv_heads: int, d: int, q: str, k_all: str, v_all: str, mask: str,
+                     rows: int, keys: int) -> str:
     """Standard-op attention. q [1,rows,heads,d], k_all/v_all [1,kv_heads,keys,d], mask [1,1,rows,keys]
-    -> [1,rows,heads*d]. Query heads are grouped by the KV head they read (GQA) with rank <= 4 tensors."""
+    -> [1,rows,heads*d]. Query heads are grouped by the KV head they read (GQA), tensors stay rank <= 4,
+    and K/V enter MatMuls as they are (scores are computed transposed): a K/V graph input feeds a
+    quantized MatMul directly, which keeps its quantization inside the NPU graph."""
     group = heads_n // kv_heads
-    q = g.op("Reshape", g.op("Transpose", q, perm=[0, 2, 1, 3]), g.const([kv_heads, group * rows, d]))
-    k = g.op("Transpose", g.op("Reshape", k_all, g.const([kv_heads, keys, d])), perm=[0, 2, 1])
-    v = g.op("Reshape", v_all, g.const([kv_heads, keys, d]))
-    scores = g.op("Reshape", g.op("MatMul", q, k), g.const([kv_heads, group, rows, keys]))
+    q = g.op("Reshape", g.op("Transpose", q, perm=[0, 2, 1, 3]), g.const([1, kv_heads, group * rows, d]))
+    scores = g.op("Transpose", g.op("MatMul", k_all, g.op("Transpose", q, perm=[0, 1, 3, 2])), perm=[0, 1, 3, 2])
+    scores = g.op("Reshape", scores, g.const([kv_heads, group, rows, keys]))
     probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
-    out = g.op("MatMul", g.op("Reshape", probs, g.const([kv_heads, group * rows, keys])), v)
+    out = g.op("MatMul", g.op("Reshape", probs, g.const([1, kv_heads, group * rows, keys])), v_all)
     out = g.op("Transpose", g.op("Reshape", out, g.const([1, heads_n, rows, d])), perm=[0, 2, 1, 3])
     return g.op("Reshape", out, g.const([1, rows, heads_n * d]))
 
@@ -180,7 +181,8 @@ def build_static_assistant(assistant, target_text_model, target_plan: TargetPlan
     rope = _rope_inputs(g, 1, head_dims(layers))
     for kind in sorted({layer.kind for layer in layers}):
         g.input(f"attention_mask.{kind}", F32, [1, 1, 1, max_context])
-    stores = [next(t for t in target_plan.layers if t.index == i) for i in sorted(set(target_plan.store_layers.values()))]
+    store_ids = sorted(set(target_plan.store_layers.values()))
+    stores = [next(t for t in target_plan.layers if t.index == i) for i in store_ids]
     _kv_inputs(g, stores, max_context)
 
     emb = target_text_model.embed_tokens

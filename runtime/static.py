@@ -105,6 +105,9 @@ class _StaticGraph:
         self.rope = Rope(manifest.static["inv_freq"], tag)
         self.output_names = [o.name for o in session.get_outputs()]
         self.kv_inputs = [i.name for i in spec.inputs if i.name.startswith("past_")]
+        # Tensors the graph takes or gives quantized (the host does the boundary Q/DQ; see export/qnn.py).
+        self.quantized = {k: (np.float32(v["scale"]), v["zero_point"], np.dtype(v["dtype"]))
+                          for k, v in manifest.static.get("quantized_io", {}).get(tag, {}).items()}
 
     def _position_feeds(self, past: int, query_pos: np.ndarray, rope_pos: np.ndarray, new_rows: int) -> dict:
         feeds = self.rope.feeds(rope_pos, self.kinds)
@@ -117,7 +120,15 @@ class _StaticGraph:
     def _run(self, feeds: dict, cache: StaticCache) -> dict[str, np.ndarray]:
         for name in self.kv_inputs:
             feeds[name] = cache.values[name]
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+        for name, (scale, zero, dtype) in self.quantized.items():
+            if name in feeds:  # as QuantizeLinear: round half to even, saturate
+                info = np.iinfo(dtype)
+                feeds[name] = np.clip(np.rint(feeds[name] / scale) + zero, info.min, info.max).astype(dtype)
+        out = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+        for name, (scale, zero, _) in self.quantized.items():
+            if name in out:
+                out[name] = (out[name].astype(np.float32) - np.float32(zero)) * scale
+        return out
 
 
 class StaticTarget(_StaticGraph):
