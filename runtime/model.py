@@ -161,6 +161,9 @@ class Bundle:
         m = self.manifest
         ple = PLETable(self.path, m.model.ple) if m.model.ple else None
         self.ep = ep
+        if ep == "qnn" and m.ep_profile != "qnn":
+            raise EdgegenError(f"bundle '{self.path}' was exported for {m.ep_profile}; export it with --ep qnn "
+                               "to run on the QNN HTP")
         if m.ep_profile == "qnn":  # static shapes, host-side K/V (runtime/static.py)
             from edgegen.runtime.static import open_static
 

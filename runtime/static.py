@@ -224,10 +224,12 @@ def static_session(path: Path, ep: str, threads: int | None, strict: bool = Fals
     if not path.is_file():
         raise EdgegenError(f"bundle file '{path.name}' is missing from '{path.parent}'; re-export the bundle")
     try:
-        return ort.InferenceSession(str(path), so)
+        session = ort.InferenceSession(str(path), so)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise EdgegenError(f"cannot load '{path.name}' on {ep} ({first})") from None
+    session.disable_fallback()  # a failing EP run must fail, not quietly rerun on the CPU
+    return session
 
 
 def placement(session: ort.InferenceSession) -> dict[str, int]:
@@ -242,9 +244,12 @@ def open_static(bundle: Path, manifest: Manifest, threads: int | None, ep: str, 
     """(target, assistant or None) for a static bundle. On QNN, precompiled EP context graphs are used
     when the bundle has them."""
     binaries = manifest.static.get("context_binaries", {}) if ep == "qnn" else {}
+    # Binaries are compiled for one SoC; the EP is configured for it too (one simulator per process).
+    options = {"soc_model": manifest.static["soc_model"]} if binaries and manifest.static.get("soc_model") else None
 
     def session(name: str):
-        return static_session(bundle / binaries.get(name, manifest.graphs[name].file), ep, threads, strict)
+        path = bundle / binaries.get(name, manifest.graphs[name].file)
+        return static_session(path, ep, threads, strict, provider_options=options)
 
     target = StaticTarget(session("target"), manifest.graphs["target"], manifest, ple)
     assistant = None
