@@ -111,6 +111,9 @@ def test_speculative_equals_plain_on_htp_and_agrees_with_cpu(htp, cpu_bundle):
     assert st.drafted > 0
     assert spec.token_ids == plain.token_ids
 
+    cpu_spec = Generator(cpu_bundle, draft_tokens=4).generate(ids, NEW_TOKENS).stats
+    print(f"cpu fp32: {cpu_spec.drafted} drafted, {cpu_spec.accepted} accepted "
+          f"({cpu_spec.accepted / cpu_spec.drafted:.2f}), {cpu_spec.tokens_per_target_call:.2f} tokens per target call")
     cpu = Generator(cpu_bundle).generate(ids, NEW_TOKENS, use_assistant=False).token_ids
     first = next((i for i, (a, b) in enumerate(zip(cpu, plain.token_ids, strict=True)) if a != b), None)
     if first is None:
