@@ -212,8 +212,9 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
         raise EdgegenError(f"--ep {opts.ep} is not an export profile; use one of {', '.join(EXPORT_EPS)}")
     if opts.soc_model and opts.ep != "qnn":
         raise EdgegenError("--soc-model precompiles QNN context binaries; use it with --ep qnn")
-    if opts.ep == "qnn" and opts.quant != "fp32":
-        raise EdgegenError("--ep qnn quantizes to QDQ itself (uint16 activations, int8 weights); drop --quant")
+    if opts.ep == "qnn" and (opts.quant != "fp32" or opts.assistant_quant):
+        raise EdgegenError("--ep qnn quantizes to QDQ itself (uint16 activations, int8 weights); "
+                           "drop --quant / --assistant-quant")
     tquant = Quant(opts.quant, opts.block_size)
     aquant = Quant(opts.assistant_quant_resolved(), opts.block_size)
 
@@ -228,7 +229,7 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
         if opts.ep == "qnn":
             from edgegen.export.qnn import export_static
 
-            manifest = export_static(pair, opts, tmp, max_context, _copy_tokenizer, stage)
+            manifest = export_static(pair, opts, tmp, max_context, stage)
             _check_tokenizer(tmp, cfg.vocab_size)
             manifest.edgegen_version = _version()
             manifest.source = {"target": str(target), "assistant": str(assistant)}

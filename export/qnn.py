@@ -66,7 +66,7 @@ def _subsample(calls: list[dict]) -> list[dict]:
     return [calls[i] for i in keep]
 
 
-def export_static(pair, opts, tmp: Path, max_context: int, copy_tokenizer, stage) -> Manifest:
+def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
     """Build, calibrate, quantize and verify the qnn profile into `tmp`; returns the manifest."""
     cfg = pair.text_config
     rows = opts.draft_tokens_resolved(pair) + 1
@@ -91,16 +91,15 @@ def export_static(pair, opts, tmp: Path, max_context: int, copy_tokenizer, stage
         del ple_table
     buffers = [KVBuffer(f"past_key.{layer.index}", layer.index, layer.kind, layer.kv_heads, layer.head_dim)
                for layer in plan.layers if not layer.shared]
-    from edgegen.export.bundle import _generation_defaults, _graph_spec_from_file
+    from edgegen.export.bundle import _copy_tokenizer, _generation_defaults, _graph_spec_from_file
 
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         model=ModelSpec(cfg.vocab_size, cfg.hidden_size, list(cfg.layer_types), cfg.sliding_window, max_context,
                         dict(plan.store_layers), buffers, cfg.final_logit_softcapping, ple),
         graphs={},
-        tokenizer=copy_tokenizer(pair, tmp),
+        tokenizer=_copy_tokenizer(pair, tmp),
         generation=_generation_defaults(pair, rows - 1),
-        source={"target": str(pair.target_dir), "assistant": str(pair.assistant_dir)},
         ep_profile="qnn",
         static={"query_rows": rows, "mask_value": MASK_VALUE, "inv_freq": inv_freqs(pair.text_model, pair.assistant)},
     )
