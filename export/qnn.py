@@ -33,6 +33,7 @@ CALIBRATION_NEW_TOKENS = 24
 MAX_SAMPLES = 96  # recorded calls per graph used for calibration (each holds a copy of the K/V buffers)
 QDQ = {"kind": "qdq", "activations": "uint16", "weights": "int8 symmetric per tensor"}
 MIN_QDQ_TOP1 = 0.9  # teacher-forced top-1 agreement of the QDQ target with its fp32 graph
+FP32_ATOL = 1e-3  # the fp32 static target vs PyTorch (measured 9.5e-6 on the demo pair): graph bugs are far above
 
 
 class _Recorder:
@@ -115,13 +116,16 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
         manifest.static.setdefault("quantized_io", {})[name] = quantized_io(tmp / f"{name}.onnx")
         manifest.graphs[name] = _graph_spec_from_file(tmp / f"{name}.onnx", {}, QDQ)
     (tmp / "manifest.json").write_text(manifest.to_json())
-    report.update(_compare_qdq(staging, tmp, manifest))
+    qdq, check = _compare_qdq(staging, tmp, manifest)
+    report.update(qdq)
+    report["checks"].update(check)
     manifest.parity = report
     if opts.soc_model:
         manifest.static["context_binaries"] = compile_context_binaries(tmp, opts.soc_model)
         manifest.static["soc_model"] = str(opts.soc_model)
     shutil.rmtree(staging)
-    failed = [f"{k} {v['value']:.3g} < {v['minimum']:.3g}" for k, v in report["checks"].items() if not v["passed"]]
+    failed = [f"{k} {v['value']:.3g} < {v['minimum']:.3g}" if "minimum" in v else
+              f"{k} {v['value']:.3g} > {v['tolerance']:.3g}" for k, v in report["checks"].items() if not v["passed"]]
     if failed:
         raise EdgegenError(f"qnn export failed verification ({'; '.join(failed)}); please report this model")
     return manifest
@@ -160,18 +164,24 @@ def _calibrate(staging: Path, pair, manifest: Manifest) -> tuple[dict[str, list[
     for ids in prompts:
         gen.reset()
         gen.generate(ids, max_new_tokens=CALIBRATION_NEW_TOKENS)
-    # The static fp32 target against PyTorch, teacher-forced over the first prompt.
-    ids = prompts[0]
+    # The static fp32 target against PyTorch, teacher-forced in chunks of S rows (with a padded last one)
+    # over built-in text that runs past the sliding window.
+    from edgegen.export.verify import prompt_ids
+
+    m = manifest.model
+    ids = prompt_ids(staging, m.vocab_size, min(m.sliding_window + 38, m.max_context - 1))
     gen.bundle.target.session = target.session
-    cache = gen.bundle.new_cache()
-    got = np.concatenate([gen.bundle.target.forward(cache, [t])[0] for t in ids])
+    cache, rows = gen.bundle.new_cache(), gen.bundle.target.rows
+    got = np.concatenate([gen.bundle.target.forward(cache, ids[a:a + rows], logits_to_keep=len(ids[a:a + rows]))[0]
+                          for a in range(0, len(ids), rows)])
     with torch.no_grad():
         ref = pair.target(input_ids=torch.tensor([ids])).logits[0].float().numpy()
     err = float(np.abs(got - ref).max())
     report = {"fp32_static_vs_pytorch": {"max_abs_logit_error": err, "positions": len(ids),
                                           "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean())},
               "calibration": {"prompts": len(prompts), "target_calls": len(target.calls),
-                              "assistant_calls": len(assistant.calls)}}
+                              "assistant_calls": len(assistant.calls)},
+              "checks": {"fp32_static_vs_pytorch": {"value": err, "tolerance": FP32_ATOL, "passed": err <= FP32_ATOL}}}
     return {"target": target.calls, "assistant": assistant.calls}, report
 
 
@@ -276,9 +286,10 @@ def _relocate_external(model_path: Path, old: str, new: str) -> None:
     onnx.save(model, str(model_path))
 
 
-def _compare_qdq(staging: Path, bundle: Path, manifest: Manifest) -> dict:
+def _compare_qdq(staging: Path, bundle: Path, manifest: Manifest) -> tuple[dict, dict]:
     """QDQ vs fp32 static graphs on the CPU EP, same token sequence: logits error and top-1 agreement
-    (teacher-forced, one row per call like decoding), and whether greedy decoding produces the same tokens."""
+    (teacher-forced, one row per call like decoding), and whether greedy decoding produces the same tokens.
+    Returns (report, checks)."""
     from edgegen.runtime.generate import Generator
 
     fp32, qdq = Generator(staging, draft_tokens=0), Generator(bundle, draft_tokens=0)
@@ -297,8 +308,7 @@ def _compare_qdq(staging: Path, bundle: Path, manifest: Manifest) -> dict:
         "qdq_vs_fp32": {"max_abs_logit_error": float(err.max()), "mean_abs_logit_error": float(err.mean()),
                         "top1_agreement": top1, "positions": len(seq),
                         "greedy_tokens_equal_prefix": same, "greedy_tokens": len(ref)},
-        "checks": {"qdq_top1": {"value": top1, "minimum": MIN_QDQ_TOP1, "passed": top1 >= MIN_QDQ_TOP1}},
-    }
+    }, {"qdq_top1": {"value": top1, "minimum": MIN_QDQ_TOP1, "passed": top1 >= MIN_QDQ_TOP1}}
 
 
 def compile_context_binaries(bundle: Path, soc_model: str) -> dict[str, str]:
