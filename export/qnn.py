@@ -37,14 +37,21 @@ FP32_ATOL = 1e-3  # the fp32 static target vs PyTorch (measured 9.5e-6 on the de
 
 
 class _Recorder:
-    """Stands in for a session: runs it and keeps a copy of every call's inputs."""
+    """Stands in for a session: runs it, keeps a copy of every call's inputs and the range of its K/V."""
 
     def __init__(self, session):
         self.session, self.calls = session, []
+        self.kv_ranges: dict[str, tuple[float, float]] = {}  # buffer (past_key.i) -> (min, max) seen
 
     def run(self, names, feeds):
         self.calls.append({k: np.array(v, copy=True) for k, v in feeds.items()})
-        return self.session.run(names, feeds)
+        outputs = self.session.run(names, feeds)
+        seen = [(k, v) for k, v in feeds.items() if k.startswith("past_")]
+        seen += [(k.replace("new_", "past_"), v) for k, v in zip(names, outputs, strict=True) if k.startswith("new_")]
+        for name, value in seen:
+            lo, hi = self.kv_ranges.get(name, (0.0, 0.0))
+            self.kv_ranges[name] = (min(lo, float(value.min())), max(hi, float(value.max())))
+        return outputs
 
     def get_outputs(self):
         return self.session.get_outputs()
@@ -109,10 +116,10 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
     _link_host_files(tmp, staging, manifest)
     (staging / "manifest.json").write_text(manifest.to_json())
 
-    calls, report = _calibrate(staging, pair, manifest)
+    calls, kv_ranges, report = _calibrate(staging, pair, manifest)
     stage("verify")
     for name in ("target", "assistant"):
-        _quantize(staging / f"{name}.onnx", tmp / f"{name}.onnx", _subsample(calls[name]))
+        _quantize(staging / f"{name}.onnx", tmp / f"{name}.onnx", _subsample(calls[name]), kv_ranges)
         manifest.static.setdefault("quantized_io", {})[name] = quantized_io(tmp / f"{name}.onnx")
         manifest.graphs[name] = _graph_spec_from_file(tmp / f"{name}.onnx", {}, QDQ)
     (tmp / "manifest.json").write_text(manifest.to_json())
@@ -150,7 +157,7 @@ def _prompts(bundle: Path, vocab: int) -> list[list[int]]:
     return [[t for t in tok.encode(p).ids if t < vocab] or [2] for p in CALIBRATION_PROMPTS]
 
 
-def _calibrate(staging: Path, pair, manifest: Manifest) -> tuple[dict[str, list[dict]], dict]:
+def _calibrate(staging: Path, pair, manifest: Manifest) -> tuple[dict[str, list[dict]], dict, dict]:
     """Record graph inputs over built-in prompts (speculative greedy through the real loop on CPU), and
     check the fp32 static target against PyTorch on the first prompt."""
     import torch
@@ -182,17 +189,23 @@ def _calibrate(staging: Path, pair, manifest: Manifest) -> tuple[dict[str, list[
               "calibration": {"prompts": len(prompts), "target_calls": len(target.calls),
                               "assistant_calls": len(assistant.calls)},
               "checks": {"fp32_static_vs_pytorch": {"value": err, "tolerance": FP32_ATOL, "passed": err <= FP32_ATOL}}}
-    return {"target": target.calls, "assistant": assistant.calls}, report
+    return {"target": target.calls, "assistant": assistant.calls}, target.kv_ranges, report
 
 
-def _quantize(src: Path, dst: Path, calls: list[dict]) -> None:
+def _quantize(src: Path, dst: Path, calls: list[dict], kv_ranges: dict[str, tuple[float, float]]) -> None:
+    """QDQ with the QNN config. K/V buffer inputs get the range of everything the target wrote and read
+    (not each graph's own calibration), so target and assistant share one encoding per buffer and the
+    host can keep its buffers quantized (runtime/static.py)."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
+    overrides = {name: [{"quant_type": QuantType.QInt8, "symmetric": True}] for name in _gathered_tables(src)}
+    inputs = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
+    overrides.update({name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                      for name, (lo, hi) in kv_ranges.items() if name in inputs})
     config = get_qnn_qdq_config(str(src), _Reader(calls), activation_type=QuantType.QUInt16,
-                                weight_type=QuantType.QInt8, weight_symmetric=True,
-                                init_overrides={name: [{"quant_type": QuantType.QInt8, "symmetric": True}]
-                                                for name in _gathered_tables(src)})
+                                weight_type=QuantType.QInt8, weight_symmetric=True, init_overrides=overrides)
     config.use_external_data_format = True
     quantize(str(src), str(dst), config)
     data = dst.with_name(dst.name + ".data")

@@ -181,7 +181,8 @@ class Bundle:
 
     def new_cache(self, max_context: int | None = None) -> KVCache:
         if self.manifest.ep_profile == "qnn":
-            from edgegen.runtime.static import StaticCache
+            from edgegen.runtime.static import StaticCache, encodings
 
-            return StaticCache(self.manifest.model.kv_buffers, self.manifest.model.max_context)
+            return StaticCache(self.manifest.model.kv_buffers, self.manifest.model.max_context,
+                               encodings(self.manifest, "target"))
         return KVCache(self.manifest.model.kv_buffers, max_context or self.manifest.model.max_context)

@@ -27,24 +27,64 @@ QNN_PROVIDER_OPTIONS = {"backend_type": "htp", "htp_performance_mode": "burst"}
 PAD_ID = 0
 
 
-class StaticCache:
-    """K/V buffers in host memory, one pair per store (non-shared) target layer; `length` rows are valid."""
+Encoding = tuple  # (scale float32, zero point, integer dtype) of a tensor a QDQ graph takes quantized
 
-    def __init__(self, buffers: list[KVBuffer], max_context: int):
+
+def quantize(x: np.ndarray, enc: Encoding) -> np.ndarray:
+    """As QuantizeLinear: round half to even, saturate."""
+    scale, zero, dtype = enc
+    info = np.iinfo(dtype)
+    return np.clip(np.rint(x / scale) + zero, info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, enc: Encoding) -> np.ndarray:
+    scale, zero, _ = enc
+    return (q.astype(np.float32) - np.float32(zero)) * scale
+
+
+def encodings(manifest: Manifest, graph: str) -> dict[str, Encoding]:
+    return {k: (np.float32(v["scale"]), v["zero_point"], np.dtype(v["dtype"]))
+            for k, v in manifest.static.get("quantized_io", {}).get(graph, {}).items()}
+
+
+class StaticCache:
+    """K/V buffers in host memory, one pair per store (non-shared) target layer; `length` rows are valid.
+
+    A buffer with an encoding is kept quantized, in the encoding both graphs take it in (the export gives
+    them one), so a call feeds it as it is and a step quantizes only the rows it writes."""
+
+    def __init__(self, buffers: list[KVBuffer], max_context: int, quantized: dict[str, Encoding] | None = None):
         self.max_context = max_context
         self.length = 0
-        self.buffers: dict[int, KVBuffer] = {b.layer: b for b in buffers}
+        self.encoding: dict[str, Encoding] = {}
         self.values: dict[str, np.ndarray] = {}
         for b in buffers:
             for name in (f"past_key.{b.layer}", f"past_value.{b.layer}"):
-                self.values[name] = np.zeros((1, b.kv_heads, max_context, b.head_dim), np.float32)
+                shape = (1, b.kv_heads, max_context, b.head_dim)
+                enc = (quantized or {}).get(name)
+                if enc is None:
+                    self.values[name] = np.zeros(shape, np.float32)
+                else:
+                    self.encoding[name] = enc
+                    self.values[name] = np.full(shape, enc[1], enc[2])  # the zero point encodes 0.0
 
     def write(self, new: dict[str, np.ndarray], rows: int) -> None:
-        """Put the first `rows` rows of each new_key/new_value output at positions length.. ."""
+        """Put the first `rows` rows of each new_key/new_value output (float) at positions length.. ."""
         a = self.length
         for name, value in new.items():
-            self.values[name.replace("new_", "past_")][:, :, a:a + rows] = value[:, :, :rows]
+            buffer = name.replace("new_", "past_")
+            rows_in = value[:, :, :rows]
+            enc = self.encoding.get(buffer)
+            self.values[buffer][:, :, a:a + rows] = rows_in if enc is None else quantize(rows_in, enc)
         self.length = a + rows
+
+    def feed(self, name: str, enc: Encoding | None) -> np.ndarray:
+        """The buffer as a graph that takes it in `enc` (None: float) needs it."""
+        value, have = self.values[name], self.encoding.get(name)
+        if have == enc:
+            return value
+        as_float = value if have is None else dequantize(value, have)
+        return as_float if enc is None else quantize(as_float, enc)
 
     def trim(self, length: int) -> None:
         if not 0 <= length <= self.length:
@@ -106,8 +146,7 @@ class _StaticGraph:
         self.output_names = [o.name for o in session.get_outputs()]
         self.kv_inputs = [i.name for i in spec.inputs if i.name.startswith("past_")]
         # Tensors the graph takes or gives quantized (the host does the boundary Q/DQ; see export/qnn.py).
-        self.quantized = {k: (np.float32(v["scale"]), v["zero_point"], np.dtype(v["dtype"]))
-                          for k, v in manifest.static.get("quantized_io", {}).get(tag, {}).items()}
+        self.quantized = encodings(manifest, tag)
 
     def _position_feeds(self, past: int, query_pos: np.ndarray, rope_pos: np.ndarray, new_rows: int) -> dict:
         feeds = self.rope.feeds(rope_pos, self.kinds)
@@ -118,16 +157,15 @@ class _StaticGraph:
         return feeds
 
     def _run(self, feeds: dict, cache: StaticCache) -> dict[str, np.ndarray]:
+        for name, enc in self.quantized.items():
+            if name in feeds:
+                feeds[name] = quantize(feeds[name], enc)
         for name in self.kv_inputs:
-            feeds[name] = cache.values[name]
-        for name, (scale, zero, dtype) in self.quantized.items():
-            if name in feeds:  # as QuantizeLinear: round half to even, saturate
-                info = np.iinfo(dtype)
-                feeds[name] = np.clip(np.rint(feeds[name] / scale) + zero, info.min, info.max).astype(dtype)
+            feeds[name] = cache.feed(name, self.quantized.get(name))
         out = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
-        for name, (scale, zero, _) in self.quantized.items():
+        for name, enc in self.quantized.items():
             if name in out:
-                out[name] = (out[name].astype(np.float32) - np.float32(zero)) * scale
+                out[name] = dequantize(out[name], enc)
         return out
 
 

@@ -77,6 +77,10 @@ def test_graphs_are_static_standard_op_qdq(qnn_bundle):
         assert matrices and set(matrices) == {onnx.TensorProto.INT8}, name
         io = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input}
         assert io["past_key." + str(manifest["model"]["store_layers"]["full_attention"])] == onnx.TensorProto.UINT16
+    # One encoding per K/V buffer in both graphs: the host keeps its buffers quantized and feeds them as they are.
+    io = manifest["static"]["quantized_io"]
+    shared = [name for name in io["assistant"] if name.startswith("past_")]
+    assert shared and all(io["assistant"][name] == io["target"][name] for name in shared)
     rows = manifest["static"]["query_rows"]
     assert rows == manifest["generation"]["draft_tokens"] + 1
     parity = manifest["parity"]
