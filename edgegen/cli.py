@@ -19,6 +19,16 @@ def _root() -> None:
     """Gemma 4 speculative decoding on ONNX Runtime: export a pair, run it, measure it."""
 
 
+class ExportEP(str, Enum):
+    cpu = "cpu"
+    qnn = "qnn"
+
+
+class RunEP(str, Enum):
+    cpu = "cpu"
+    qnn = "qnn"
+
+
 class QuantKind(str, Enum):
     fp32 = "fp32"
     int8 = "int8"
@@ -37,6 +47,9 @@ def export(
     max_context: int = typer.Option(4096, "--max-context", min=16, help="Longest prompt + generation the bundle holds"),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check against PyTorch"),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists"),
+    ep: ExportEP = typer.Option(ExportEP.cpu, "--ep", help="Export profile: cpu, or qnn (static shapes, QDQ, NPU)"),
+    soc_model: str | None = typer.Option(None, "--soc-model",
+                                         help="qnn: precompile QNN context binaries for this SoC model number"),
 ) -> None:
     """Export a target + assistant pair to a verified ONNX bundle."""
     if block_size & (block_size - 1):
@@ -47,7 +60,7 @@ def export(
 
     check_out_dir(out.expanduser().absolute(), force, (target, assistant))
     opts = ExportOptions(quant.value, assistant_quant.value if assistant_quant else None, block_size, max_context,
-                         not no_verify, force)
+                         not no_verify, force, ep=ep.value, soc_model=soc_model)
     with Progress(TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), transient=False) as progress:
         task = progress.add_task("start", total=len(STAGES))
@@ -132,6 +145,7 @@ def bench(
     repeats: int = typer.Option(1, "--repeats", min=1, help="Run the built-in prompts this many times"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here (needs matplotlib)"),
+    ep: RunEP = typer.Option(RunEP.cpu, "--ep", help="Execution provider (qnn: the QNN HTP backend)"),
 ) -> None:
     """Measure plain vs speculative decoding on a bundle, side by side."""
     import json
@@ -141,7 +155,7 @@ def bench(
 
     if plot_path is not None:
         _check_plot_path(plot_path)
-    result = run_bench(bundle, max_new_tokens, draft_tokens, threads, repeats=repeats)
+    result = run_bench(bundle, max_new_tokens, draft_tokens, threads, repeats=repeats, ep=ep.value)
     if plot_path is not None:
         plot(result, str(plot_path))
     if as_json:
@@ -210,6 +224,7 @@ def run(
     threads: int | None = typer.Option(None, "--threads", min=1, help="Threads per session"),
     stats: bool = typer.Option(False, "--stats", help="Print generation statistics to stderr"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token_ids, stats"),
+    ep: RunEP = typer.Option(RunEP.cpu, "--ep", help="Execution provider (qnn: the QNN HTP backend)"),
 ) -> None:
     """Generate text with a bundle: speculative decoding with its assistant, streamed to the terminal."""
     import json
@@ -223,7 +238,7 @@ def run(
         from edgegen.demo import demo_bundle
 
         bundle = demo_bundle()
-    gen = Generator(bundle, threads=threads)
+    gen = Generator(bundle, threads=threads, ep=ep.value)
     options = dict(max_new_tokens=max_new_tokens, sampling=sampling, use_assistant=not no_assistant,
                    draft_tokens=draft_tokens)
     if chat:

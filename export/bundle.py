@@ -33,6 +33,7 @@ from edgegen.runtime.manifest import (
 )
 
 STAGES = ("load", "graphs", "write", "verify", "publish")
+EXPORT_EPS = ("cpu", "qnn")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "generation_config.json")
 _DTYPE_NAMES = {1: "float32", 7: "int64", 6: "int32"}
@@ -47,6 +48,11 @@ class ExportOptions:
     verify: bool = True
     force: bool = False
     draft_tokens: int | None = None  # steps of the fused draft_round graph [default: the assistant's own]
+    ep: str = "cpu"  # export profile: cpu | qnn (static shapes, standard ops, QDQ; export/qnn.py)
+    soc_model: str | None = None  # qnn: precompile EP context binaries for this Qualcomm SoC model number
+
+    def draft_tokens_resolved(self, pair) -> int:
+        return self.draft_tokens or int(pair.assistant.generation_config.num_assistant_tokens)
 
     def assistant_quant_resolved(self) -> str:
         if self.assistant_quant:
@@ -194,6 +200,13 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     _remove_stale_partials(out)
     if opts.max_context < 16:
         raise EdgegenError(f"--max-context {opts.max_context} is too small; use at least 16")
+    if opts.ep not in EXPORT_EPS:
+        raise EdgegenError(f"--ep {opts.ep} is not an export profile; use one of {', '.join(EXPORT_EPS)}")
+    if opts.soc_model and opts.ep != "qnn":
+        raise EdgegenError("--soc-model precompiles QNN context binaries; use it with --ep qnn")
+    if opts.ep == "qnn" and (opts.quant != "fp32" or opts.assistant_quant):
+        raise EdgegenError("--ep qnn quantizes to QDQ itself (uint16 activations, int8 weights); "
+                           "drop --quant / --assistant-quant")
     tquant = Quant(opts.quant, opts.block_size)
     aquant = Quant(opts.assistant_quant_resolved(), opts.block_size)
 
@@ -205,6 +218,16 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out)}{os.getpid()}-", dir=out.parent))
     try:
         stage("graphs")
+        if opts.ep == "qnn":
+            from edgegen.export.qnn import export_static
+
+            manifest = export_static(pair, opts, tmp, max_context, stage)
+            _check_tokenizer(tmp, cfg.vocab_size)
+            manifest.edgegen_version = _version()
+            manifest.source = {"target": str(target), "assistant": str(assistant)}
+            stage("publish")
+            _finish(tmp, out, manifest)
+            return manifest
         untied = None
         if pair.target.lm_head.weight.data_ptr() != pair.text_model.embed_tokens.weight.data_ptr():
             untied = pair.target.lm_head.weight.detach().float().numpy()
@@ -242,10 +265,7 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
                                  ("draft_round", _aliases(alayers, steps), aquant)):
             model = onnx.load(str(tmp / f"{name}.onnx"), load_external_data=False)
             manifest.graphs[name] = _graph_spec(_GraphIO(model.graph), f"{name}.onnx", aliases, q)
-        # Sizes and sha256 before verification, which loads the bundle the way the runtime will.
-        manifest.files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
-                          for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
-        _write_manifest(tmp, manifest)
+        _record_files(tmp, manifest)  # before verification, which loads the bundle the way the runtime will
 
         if opts.verify:
             stage("verify")
@@ -271,6 +291,25 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _record_files(tmp: Path, manifest: Manifest) -> None:
+    """Sizes and sha256 of every bundle file into the manifest (checked by the runtime at load)."""
+    manifest.files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
+                      for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
+    _write_manifest(tmp, manifest)
+
+
+def _finish(tmp: Path, out: Path, manifest: Manifest) -> None:
+    _record_files(tmp, manifest)
+    _publish(tmp, out)
+
+
+def _graph_spec_from_file(path: Path, aliases: dict[str, str], quantization: dict) -> GraphSpec:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return GraphSpec(path.name, _specs(model.graph.input), _specs(model.graph.output), aliases, quantization)
 
 
 class _GraphIO:

@@ -136,11 +136,13 @@ def attention_block(g, lin, x, attn, layer: LayerPlan, num_heads: int, window: i
 
 
 def decoder_layer(g, lin, x, layer_mod, layer: LayerPlan, num_heads, window, rope, eps, prefix, kv_source,
-                  per_layer_input: str | None, step: str = "") -> str:
+                  per_layer_input: str | None, step: str = "", attention=attention_block) -> str:
+    """`attention`: attention_block (GroupQueryAttention, the CPU profile) or a standard-op variant with
+    the same signature (export/static_graphs.py)."""
     h = rms_norm(g, x, _np(layer_mod.input_layernorm.weight), f"{prefix}.input_layernorm", eps)
     cos, sin = rope[layer.kind]
-    h = attention_block(g, lin, h, layer_mod.self_attn, layer, num_heads, window, cos, sin, eps,
-                        f"{prefix}.self_attn", kv_source, step)
+    h = attention(g, lin, h, layer_mod.self_attn, layer, num_heads, window, cos, sin, eps,
+                  f"{prefix}.self_attn", kv_source, step)
     h = rms_norm(g, h, _np(layer_mod.post_attention_layernorm.weight), f"{prefix}.post_attention_layernorm", eps)
     x = g.op("Add", x, h)
     h = rms_norm(g, x, _np(layer_mod.pre_feedforward_layernorm.weight), f"{prefix}.pre_feedforward_layernorm", eps)

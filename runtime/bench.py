@@ -81,15 +81,15 @@ def run_mode(gen: Generator, name: str, prompts: list[list[int]], max_new_tokens
 
 
 def bench(bundle_path, max_new_tokens: int = 128, draft_tokens: int | str = "auto", threads: int | None = None,
-          prompts: list[str] | None = None, repeats: int = 1) -> dict:
-    gen = Generator(bundle_path, threads=threads, draft_tokens=draft_tokens)
+          prompts: list[str] | None = None, repeats: int = 1, ep: str = "cpu") -> dict:
+    gen = Generator(bundle_path, threads=threads, draft_tokens=draft_tokens, ep=ep)
     tok = gen.tokenizer
     ids = [tok.encode(p) for p in (prompts or BENCH_PROMPTS)] * repeats
     run_mode(gen, "warmup", ids[:1], 8, True, draft_tokens)  # first runs pay one-time allocation costs
     modes = {"plain": run_mode(gen, "plain", ids, max_new_tokens, False, 0)}
     if gen.bundle.assistant is not None:
         modes["speculative"] = run_mode(gen, "speculative", ids, max_new_tokens, True, draft_tokens)
-    result = {"bundle": str(bundle_path), "max_new_tokens": max_new_tokens, "prompts": len(ids),
+    result = {"bundle": str(bundle_path), "ep": ep, "max_new_tokens": max_new_tokens, "prompts": len(ids),
               "draft_tokens": draft_tokens,
               "modes": {k: v.as_dict() for k, v in modes.items()},
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

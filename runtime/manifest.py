@@ -15,6 +15,8 @@ assistant graph (one draft step; the cache holds P accepted, processed positions
        total_sequence_length [] int32 = P · past_key.{s} / past_value.{s} for the store buffers
   out  logits [1,1,V] · next_token [1,1] int64 (argmax) · projected_hidden [1,1,H]
        present_key.{j} / present_value.{j} aliases of the store buffers (rewritten unchanged)
+ep_profile "qnn": static-shape graphs from standard ops; their IO is listed in export/static_graphs.py and
+  fed by runtime/static.py (host-side RoPE tables, masks and K/V row writes).
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ class Manifest:
     parity: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     edgegen_version: str = ""
+    ep_profile: str = "cpu"  # cpu | qnn (| webgpu | openvino): which export profile built the graphs
+    static: dict = field(default_factory=dict)  # static-shape profiles: RoPE frequencies, mask value, EP binaries
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -119,7 +123,8 @@ class Manifest:
             graphs={k: GraphSpec.from_dict(v) for k, v in d["graphs"].items()},
             tokenizer=dict(d["tokenizer"]), generation=dict(d["generation"]), files=dict(d.get("files", {})),
             parity=dict(d.get("parity", {})), source=dict(d.get("source", {})),
-            edgegen_version=d.get("edgegen_version", ""),
+            edgegen_version=d.get("edgegen_version", ""), ep_profile=str(d.get("ep_profile", "cpu")),
+            static=dict(d.get("static", {})),
         )
 
 

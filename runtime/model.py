@@ -171,7 +171,7 @@ class Bundle:
     (one per conversation) is not."""
 
     def __init__(self, path: str | Path, threads: int | None = None, providers: list | None = None,
-                 hashes: str = "cached"):
+                 ep: str = "cpu", hashes: str = "cached"):
         """`hashes`: check files' sha256 "cached" (once per file change, see integrity.py), "always" or
         "never" (sizes only). Paths are always checked before any file is opened."""
         self.path = Path(path)
@@ -179,6 +179,16 @@ class Bundle:
         m = self.manifest
         integrity.check_bundle(self.path, m, hashes)
         ple = PLETable(self.path, m.model.ple) if m.model.ple else None
+        self.ep = ep
+        if ep == "qnn" and m.ep_profile != "qnn":
+            raise EdgegenError(f"bundle '{self.path}' was exported for {m.ep_profile}; export it with --ep qnn "
+                               "to run on the QNN HTP")
+        if m.ep_profile == "qnn":  # static shapes, host-side K/V (runtime/static.py)
+            from edgegen.runtime.static import open_static
+
+            self.target, self.assistant = open_static(self.path, m, threads, ep, ple)
+            self.draft_round = None
+            return
         self.target = Target(open_session(self.path, m.graphs["target"], threads, providers), m.graphs["target"], ple)
         self.assistant = self.draft_round = None
         if "assistant" in m.graphs:
@@ -189,6 +199,11 @@ class Bundle:
             self.draft_round = DraftRound(open_session(self.path, spec, threads, providers), spec)
 
     def new_cache(self, max_context: int | None = None) -> KVCache:
+        if self.manifest.ep_profile == "qnn":
+            from edgegen.runtime.static import StaticCache, encodings
+
+            return StaticCache(self.manifest.model.kv_buffers, self.manifest.model.max_context,
+                               encodings(self.manifest, "target"))
         max_context = max_context or self.manifest.model.max_context
         need = 8 * max_context * sum(b.kv_heads * b.head_dim for b in self.manifest.model.kv_buffers)
         if need > _physical_memory():

@@ -8,5 +8,5 @@ python3 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
 # torch first, from the CPU pin, so the export extra's `torch>=2.6` is already satisfied.
 "$venv/bin/pip" install -q -c "$here/constraints/cpu.txt" torch
-"$venv/bin/pip" install -q -c "$here/constraints/cpu.txt" -e "$here[export,dev]"
+"$venv/bin/pip" install -q -c "$here/constraints/cpu.txt" -e "$here[export,dev,ep]"
 echo "edgegen installed in $venv"

@@ -1,0 +1,345 @@
+"""`edgegen export --ep qnn`: static standard-op graphs, QDQ-quantized for the QNN HTP backend (NPU).
+
+  graphs     fp32 static graphs (static_graphs.py) in a staging bundle `fp32/` inside the export dir
+  calibrate  the staging bundle runs built-in prompts through the real runtime loop (prefill chunks,
+             drafting, verify, decode) on the CPU EP; every graph call's inputs are recorded
+  quantize   onnxruntime.quantization with the QNN config: uint16 activations, int8 symmetric
+             per-channel weights, QDQ format (QuantizeLinear/DequantizeLinear pairs, all standard ops)
+  verify     the QDQ graphs against the fp32 static graphs on the CPU EP (logit error, top-1 agreement,
+             greedy continuation) and the fp32 static target against PyTorch
+  binaries   optional (--soc-model): the QNN EP compiles each graph to an EP context model for that SoC
+The staging bundle is deleted; the published bundle holds the QDQ graphs, host tables and the report.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from edgegen.export.static_graphs import MASK_VALUE, build_static_assistant, build_static_target, inv_freqs
+from edgegen.runtime.errors import EdgegenError
+from edgegen.runtime.manifest import SCHEMA_VERSION, KVBuffer, Manifest, ModelSpec, PLESpec
+
+CALIBRATION_PROMPTS = (
+    "The quick brown fox jumps over the lazy dog. Speculative decoding lets a small drafter propose "
+    "several tokens that the large model verifies in a single pass.",
+    "def parse_args(argv=None):\n    parser = argparse.ArgumentParser(",
+    "import os\nimport sys\n\n\nclass Config:\n    \"\"\"",
+    "for i in range(10):\n    if i % 2 == 0:\n",
+)
+CALIBRATION_NEW_TOKENS = 24
+MAX_SAMPLES = 96  # recorded calls per graph used for calibration (each holds a copy of the K/V buffers)
+QDQ = {"kind": "qdq", "activations": "uint16", "weights": "int8 symmetric per tensor"}
+MIN_QDQ_TOP1 = 0.9  # teacher-forced top-1 agreement of the QDQ target with its fp32 graph
+FP32_ATOL = 1e-3  # the fp32 static target vs PyTorch (measured 9.5e-6 on the demo pair): graph bugs are far above
+
+
+class _Recorder:
+    """Stands in for a session: runs it, keeps a copy of every call's inputs and the range of its K/V."""
+
+    def __init__(self, session):
+        self.session, self.calls = session, []
+        self.kv_ranges: dict[str, tuple[float, float]] = {}  # buffer (past_key.i) -> (min, max) seen
+
+    def run(self, names, feeds):
+        self.calls.append({k: np.array(v, copy=True) for k, v in feeds.items()})
+        outputs = self.session.run(names, feeds)
+        seen = [(k, v) for k, v in feeds.items() if k.startswith("past_")]
+        seen += [(k.replace("new_", "past_"), v) for k, v in zip(names, outputs, strict=True) if k.startswith("new_")]
+        for name, value in seen:
+            lo, hi = self.kv_ranges.get(name, (0.0, 0.0))
+            self.kv_ranges[name] = (min(lo, float(value.min())), max(hi, float(value.max())))
+        return outputs
+
+    def get_outputs(self):
+        return self.session.get_outputs()
+
+
+class _Reader:
+    """A CalibrationDataReader over recorded feeds."""
+
+    def __init__(self, calls: list[dict]):
+        self._it = iter(calls)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def _subsample(calls: list[dict]) -> list[dict]:
+    if len(calls) <= MAX_SAMPLES:
+        return calls
+    keep = np.linspace(0, len(calls) - 1, MAX_SAMPLES).round().astype(int)
+    return [calls[i] for i in keep]
+
+
+def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
+    """Build, calibrate, quantize and verify the qnn profile into `tmp`; returns the manifest."""
+    cfg = pair.text_config
+    rows = opts.draft_tokens_resolved(pair) + 1
+    staging = tmp / "fp32"
+    staging.mkdir()
+    untied = None
+    if pair.target.lm_head.weight.data_ptr() != pair.text_model.embed_tokens.weight.data_ptr():
+        untied = pair.target.lm_head.weight.detach().float().numpy()
+    tgraph, plan, ple_table = build_static_target(pair.text_model, cfg, staging, max_context, rows, untied)
+    agraph, _ = build_static_assistant(pair.assistant, pair.text_model, plan, staging, max_context)
+    for g in (tgraph, agraph):
+        g.save(staging)
+        g.data.close()
+        g.shared.close()
+    del tgraph, agraph
+
+    stage("write")
+    ple = None
+    if ple_table is not None:
+        np.save(tmp / "ple.npy", ple_table)
+        ple = PLESpec("ple.npy", cfg.num_hidden_layers, ple_table.shape[1] // cfg.num_hidden_layers)
+        del ple_table
+    buffers = [KVBuffer(f"past_key.{layer.index}", layer.index, layer.kind, layer.kv_heads, layer.head_dim)
+               for layer in plan.layers if not layer.shared]
+    from edgegen.export.bundle import _copy_tokenizer, _generation_defaults, _graph_spec_from_file
+
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        model=ModelSpec(cfg.vocab_size, cfg.hidden_size, list(cfg.layer_types), cfg.sliding_window, max_context,
+                        dict(plan.store_layers), buffers, cfg.final_logit_softcapping, ple),
+        graphs={},
+        tokenizer=_copy_tokenizer(pair, tmp),
+        generation=_generation_defaults(pair, rows - 1),
+        ep_profile="qnn",
+        static={"query_rows": rows, "mask_value": MASK_VALUE, "inv_freq": inv_freqs(pair.text_model, pair.assistant)},
+    )
+    for name in ("target", "assistant"):
+        manifest.graphs[name] = _graph_spec_from_file(staging / f"{name}.onnx", {}, {"kind": "fp32"})
+    _link_host_files(tmp, staging, manifest)
+    (staging / "manifest.json").write_text(manifest.to_json())
+
+    calls, kv_ranges, report = _calibrate(staging, pair, manifest)
+    stage("verify")
+    for name in ("target", "assistant"):
+        _quantize(staging / f"{name}.onnx", tmp / f"{name}.onnx", _subsample(calls[name]), kv_ranges)
+        manifest.static.setdefault("quantized_io", {})[name] = quantized_io(tmp / f"{name}.onnx")
+        manifest.graphs[name] = _graph_spec_from_file(tmp / f"{name}.onnx", {}, QDQ)
+    (tmp / "manifest.json").write_text(manifest.to_json())
+    qdq, check = _compare_qdq(staging, tmp, manifest)
+    report.update(qdq)
+    report["checks"].update(check)
+    manifest.parity = report
+    if opts.soc_model:
+        manifest.static["context_binaries"] = compile_context_binaries(tmp, opts.soc_model)
+        manifest.static["soc_model"] = str(opts.soc_model)
+    shutil.rmtree(staging)
+    failed = [f"{k} {v['value']:.3g} < {v['minimum']:.3g}" if "minimum" in v else
+              f"{k} {v['value']:.3g} > {v['tolerance']:.3g}" for k, v in report["checks"].items() if not v["passed"]]
+    if failed:
+        raise EdgegenError(f"qnn export failed verification ({'; '.join(failed)}); please report this model")
+    return manifest
+
+
+def _link_host_files(tmp: Path, staging: Path, manifest: Manifest) -> None:
+    """The staging bundle reads the export dir's host files (PLE table, tokenizer) through links."""
+    names = list(manifest.tokenizer.get("files", [])) + ([manifest.model.ple.file] if manifest.model.ple else [])
+    for name in names:
+        (staging / name).symlink_to(tmp / name)
+
+
+def _prompts(bundle: Path, vocab: int) -> list[list[int]]:
+    from edgegen.export.verify import prompt_ids
+
+    tok_file = bundle / "tokenizer.json"
+    if not tok_file.is_file():
+        return [prompt_ids(bundle, vocab, n, seed=n) for n in (40, 13, 7)]
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_file))
+    return [[t for t in tok.encode(p).ids if t < vocab] or [2] for p in CALIBRATION_PROMPTS]
+
+
+def _calibrate(staging: Path, pair, manifest: Manifest) -> tuple[dict[str, list[dict]], dict, dict]:
+    """Record graph inputs over built-in prompts (speculative greedy through the real loop on CPU), and
+    check the fp32 static target against PyTorch on the first prompt."""
+    import torch
+
+    from edgegen.runtime.generate import Generator
+
+    gen = Generator(staging, draft_tokens=manifest.static["query_rows"] - 1)
+    target, assistant = _Recorder(gen.bundle.target.session), _Recorder(gen.bundle.assistant.session)
+    gen.bundle.target.session, gen.bundle.assistant.session = target, assistant
+    prompts = _prompts(staging, manifest.model.vocab_size)
+    for ids in prompts:
+        gen.reset()
+        gen.generate(ids, max_new_tokens=CALIBRATION_NEW_TOKENS)
+    # The static fp32 target against PyTorch, teacher-forced in chunks of S rows (with a padded last one)
+    # over built-in text that runs past the sliding window.
+    from edgegen.export.verify import prompt_ids
+
+    m = manifest.model
+    ids = prompt_ids(staging, m.vocab_size, min(m.sliding_window + 38, m.max_context - 1))
+    gen.bundle.target.session = target.session
+    cache, rows = gen.bundle.new_cache(), gen.bundle.target.rows
+    got = np.concatenate([gen.bundle.target.forward(cache, ids[a:a + rows], logits_to_keep=len(ids[a:a + rows]))[0]
+                          for a in range(0, len(ids), rows)])
+    with torch.no_grad():
+        ref = pair.target(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    err = float(np.abs(got - ref).max())
+    report = {"fp32_static_vs_pytorch": {"max_abs_logit_error": err, "positions": len(ids),
+                                          "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean())},
+              "calibration": {"prompts": len(prompts), "target_calls": len(target.calls),
+                              "assistant_calls": len(assistant.calls)},
+              "checks": {"fp32_static_vs_pytorch": {"value": err, "tolerance": FP32_ATOL, "passed": err <= FP32_ATOL}}}
+    return {"target": target.calls, "assistant": assistant.calls}, target.kv_ranges, report
+
+
+def _quantize(src: Path, dst: Path, calls: list[dict], kv_ranges: dict[str, tuple[float, float]]) -> None:
+    """QDQ with the QNN config. K/V buffer inputs get the range of everything the target wrote and read
+    (not each graph's own calibration), so target and assistant share one encoding per buffer and the
+    host can keep its buffers quantized (runtime/static.py)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    overrides = {name: [{"quant_type": QuantType.QInt8, "symmetric": True}] for name in _gathered_tables(src)}
+    inputs = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
+    overrides.update({name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                      for name, (lo, hi) in kv_ranges.items() if name in inputs})
+    config = get_qnn_qdq_config(str(src), _Reader(calls), activation_type=QuantType.QUInt16,
+                                weight_type=QuantType.QInt8, weight_symmetric=True, init_overrides=overrides)
+    config.use_external_data_format = True
+    quantize(str(src), str(dst), config)
+    data = dst.with_name(dst.name + ".data")
+    if data.exists():  # one weight file per graph, named like the CPU profile's
+        data.rename(dst.with_suffix(".weights"))
+        _relocate_external(dst, data.name, dst.with_suffix(".weights").name)
+
+
+def quantized_io(path: Path) -> dict[str, dict]:
+    """Move the boundary QuantizeLinear / DequantizeLinear of a QDQ graph to the host.
+
+    A QDQ graph takes float inputs and quantizes them first (and dequantizes its outputs last); the
+    QNN EP leaves those boundary nodes to the CPU EP. Here each float input read only by QuantizeLinear
+    nodes of one scale becomes a uint16 input, each output made by DequantizeLinear a uint16 output, so
+    every node of the graph can run on the HTP. Returns {tensor: {scale, zero_point, dtype}} for the host.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
+
+    def params(node) -> tuple[float, int, int] | None:
+        if len(node.input) < 3 or node.input[1] not in inits or node.input[2] not in inits:
+            return None
+        scale, zp = numpy_helper.to_array(inits[node.input[1]]), inits[node.input[2]]
+        if scale.size != 1:
+            return None
+        return float(scale.reshape(-1)[0]), int(numpy_helper.to_array(zp).reshape(-1)[0]), zp.data_type
+
+    def rename(old: str, new: str) -> None:
+        for n in g.node:
+            n.input[:] = [new if x == old else x for x in n.input]
+            n.output[:] = [new if x == old else x for x in n.output]
+
+    io: dict[str, dict] = {}
+    drop = []
+    for vi in g.input:
+        readers = [n for n in g.node if vi.name in n.input]
+        if vi.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or not readers:
+            continue
+        if any(n.op_type != "QuantizeLinear" for n in readers) or len({params(n) for n in readers}) != 1:
+            continue
+        if params(readers[0]) is None:
+            continue
+        p = params(readers[0])
+        for n in readers:
+            drop.append(n)
+            rename(n.output[0], vi.name)
+        vi.type.tensor_type.elem_type = p[2]
+        io[vi.name] = {"scale": p[0], "zero_point": p[1], "dtype": onnx.helper.tensor_dtype_to_np_dtype(p[2]).name}
+    for vo in g.output:
+        maker = next((n for n in g.node if vo.name in n.output), None)
+        if maker is None or maker.op_type != "DequantizeLinear" or params(maker) is None:
+            continue
+        p = params(maker)
+        quantized = maker.input[0]
+        if any(vo.name in n.input for n in g.node):  # also read inside the graph: keep its DQ for that
+            rename(vo.name, f"{vo.name}_float")
+        else:
+            drop.append(maker)
+        rename(quantized, vo.name)
+        vo.type.tensor_type.elem_type = p[2]
+        io[vo.name] = {"scale": p[0], "zero_point": p[1], "dtype": onnx.helper.tensor_dtype_to_np_dtype(p[2]).name}
+    for n in drop:
+        g.node.remove(n)
+    del g.value_info[:]  # element types changed along the moved paths; the loader infers them again
+    onnx.save(model, str(path))
+    return io
+
+
+def _gathered_tables(path: Path) -> list[str]:
+    """Float tables read by Gather (embeddings). The quantizer would treat them as 16-bit activations,
+    and a 16-bit weight keeps the lm_head that reads the same table off the HTP: make them int8 weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    floats = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    return sorted({n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in floats})
+
+
+def _relocate_external(model_path: Path, old: str, new: str) -> None:
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    onnx.save(model, str(model_path))
+
+
+def _compare_qdq(staging: Path, bundle: Path, manifest: Manifest) -> tuple[dict, dict]:
+    """QDQ vs fp32 static graphs on the CPU EP, same token sequence: logits error and top-1 agreement
+    (teacher-forced, one row per call like decoding), and whether greedy decoding produces the same tokens.
+    Returns (report, checks)."""
+    from edgegen.runtime.generate import Generator
+
+    fp32, qdq = Generator(staging, draft_tokens=0), Generator(bundle, draft_tokens=0)
+    ids = _prompts(staging, manifest.model.vocab_size)[1]
+    ref = fp32.generate(ids, max_new_tokens=CALIBRATION_NEW_TOKENS, use_assistant=False).token_ids
+    got = qdq.generate(ids, max_new_tokens=CALIBRATION_NEW_TOKENS, use_assistant=False).token_ids
+    seq = ids + ref
+    logits = {}
+    for name, g in (("fp32", fp32), ("qdq", qdq)):
+        cache = g.bundle.new_cache()
+        logits[name] = np.concatenate([g.bundle.target.forward(cache, [t])[0] for t in seq])
+    err = np.abs(logits["qdq"] - logits["fp32"])
+    top1 = float((logits["qdq"].argmax(-1) == logits["fp32"].argmax(-1)).mean())
+    same = next((i for i, (a, b) in enumerate(zip(ref, got, strict=True)) if a != b), len(ref))
+    return {
+        "qdq_vs_fp32": {"max_abs_logit_error": float(err.max()), "mean_abs_logit_error": float(err.mean()),
+                        "top1_agreement": top1, "positions": len(seq),
+                        "greedy_tokens_equal_prefix": same, "greedy_tokens": len(ref)},
+    }, {"qdq_top1": {"value": top1, "minimum": MIN_QDQ_TOP1, "passed": top1 >= MIN_QDQ_TOP1}}
+
+
+def compile_context_binaries(bundle: Path, soc_model: str) -> dict[str, str]:
+    """Precompile each QDQ graph with the QNN EP for `soc_model` into `<name>_ctx.onnx` (EP context model:
+    the HTP binary embedded), so the device skips graph preparation at load."""
+    from edgegen.runtime.static import placement, static_session
+
+    out = {}
+    for name in ("target", "assistant"):
+        ctx = bundle / f"{name}_ctx.onnx"
+        session = static_session(bundle / f"{name}.onnx", "qnn", None, provider_options={"soc_model": str(soc_model)},
+                                 config={"ep.context_enable": "1", "ep.context_file_path": str(ctx),
+                                         "ep.context_embed_mode": "1"})
+        if set(placement(session)) != {"QNNExecutionProvider"} and not ctx.is_file():
+            raise EdgegenError(f"the QNN EP did not compile '{name}' for SoC {soc_model}")
+        del session
+        if not ctx.is_file():
+            raise EdgegenError(f"the QNN EP wrote no context binary for '{name}' (SoC model {soc_model})")
+        out[name] = ctx.name
+    return out
+

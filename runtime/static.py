@@ -1,0 +1,296 @@
+"""Static-shape graphs (ep_profile "qnn"): the host side of export/static_graphs.py.
+
+The NPU graph has fixed shapes and no position arithmetic, so the host does three things per call:
+  - RoPE cos/sin rows for the call's positions (frequencies from the manifest);
+  - an additive mask per layer kind: causal, sliding window, and only the cache rows that are valid;
+  - the K/V rows: the target returns the S new rows of each store layer and the host writes the valid
+    ones into its numpy buffers. Rolling back rejected drafts stays a length change (`StaticCache.trim`).
+The target runs S = k+1 rows per call: prefill goes in chunks of S, verify of fewer rows and decode pad
+the rest (padded rows are computed and dropped). The assistant runs one row per call.
+
+`StaticTarget.forward` and `StaticAssistant.step` have the CPU classes' signatures (runtime/model.py), so
+the Generator's loop runs unchanged on them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgegen.runtime.errors import EdgegenError
+from edgegen.runtime.manifest import GraphSpec, KVBuffer, Manifest
+
+QNN_EP = "QNNExecutionProvider"
+QNN_PROVIDER_OPTIONS = {"backend_type": "htp", "htp_performance_mode": "burst"}
+PAD_ID = 0
+
+
+Encoding = tuple  # (scale float32, zero point, integer dtype) of a tensor a QDQ graph takes quantized
+
+
+def quantize(x: np.ndarray, enc: Encoding) -> np.ndarray:
+    """As QuantizeLinear: round half to even, saturate."""
+    scale, zero, dtype = enc
+    info = np.iinfo(dtype)
+    return np.clip(np.rint(x / scale) + zero, info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, enc: Encoding) -> np.ndarray:
+    scale, zero, _ = enc
+    return (q.astype(np.float32) - np.float32(zero)) * scale
+
+
+def encodings(manifest: Manifest, graph: str) -> dict[str, Encoding]:
+    return {k: (np.float32(v["scale"]), v["zero_point"], np.dtype(v["dtype"]))
+            for k, v in manifest.static.get("quantized_io", {}).get(graph, {}).items()}
+
+
+class StaticCache:
+    """K/V buffers in host memory, one pair per store (non-shared) target layer; `length` rows are valid.
+
+    A buffer with an encoding is kept quantized, in the encoding both graphs take it in (the export gives
+    them one), so a call feeds it as it is and a step quantizes only the rows it writes."""
+
+    def __init__(self, buffers: list[KVBuffer], max_context: int, quantized: dict[str, Encoding] | None = None):
+        self.max_context = max_context
+        self.length = 0
+        self.encoding: dict[str, Encoding] = {}
+        self.values: dict[str, np.ndarray] = {}
+        for b in buffers:
+            for name in (f"past_key.{b.layer}", f"past_value.{b.layer}"):
+                shape = (1, b.kv_heads, max_context, b.head_dim)
+                enc = (quantized or {}).get(name)
+                if enc is None:
+                    self.values[name] = np.zeros(shape, np.float32)
+                else:
+                    self.encoding[name] = enc
+                    self.values[name] = np.full(shape, enc[1], enc[2])  # the zero point encodes 0.0
+
+    def write(self, new: dict[str, np.ndarray], rows: int) -> None:
+        """Put the first `rows` rows of each new_key/new_value output (float) at positions length.. ."""
+        a = self.length
+        for name, value in new.items():
+            buffer = name.replace("new_", "past_")
+            rows_in = value[:, :, :rows]
+            enc = self.encoding.get(buffer)
+            self.values[buffer][:, :, a:a + rows] = rows_in if enc is None else quantize(rows_in, enc)
+        self.length = a + rows
+
+    def feed(self, name: str, enc: Encoding | None) -> np.ndarray:
+        """The buffer as a graph that takes it in `enc` (None: float) needs it."""
+        value, have = self.values[name], self.encoding.get(name)
+        if have == enc:
+            return value
+        as_float = value if have is None else dequantize(value, have)
+        return as_float if enc is None else quantize(as_float, enc)
+
+    def trim(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot trim a cache of {self.length} positions to {length}")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.values.values())
+
+
+def attention_mask(sliding: bool, window: int, past: int, query_pos: np.ndarray, max_context: int,
+                   new_rows: int, value: float) -> np.ndarray:
+    """[1, 1, R, max_context + new_rows] additive mask: 0 where a query may look, `value` elsewhere.
+
+    Cache column j is visible to the query at position p when j < past (and p - j < window for sliding
+    layers); new column c (position past + c) when it is not after the query (and within the window)."""
+    p = query_pos[:, None]
+    reach = window if sliding else max_context + new_rows
+    j = np.arange(max_context)[None, :]
+    ok_past = (j < past) & (p - j < reach)
+    c = past + np.arange(new_rows)[None, :]
+    ok_new = (c <= p) & (p - c < reach)
+    ok = np.concatenate([ok_past, ok_new], axis=1)
+    return np.where(ok, np.float32(0), np.float32(value)).astype(np.float32)[None, None]
+
+
+class Rope:
+    """cos/sin rows [1, R, 1, d] for positions, in HF's cat(freqs, freqs) layout (as graphs.rope_tables)."""
+
+    def __init__(self, inv_freq: dict[str, list[float]], tag: str):
+        self.inv = {k.split(".", 1)[1]: np.asarray(v, np.float32) for k, v in inv_freq.items()
+                    if k.startswith(tag + ".")}
+
+    def feeds(self, positions: np.ndarray, kinds) -> dict[str, np.ndarray]:
+        out = {}
+        for kind in kinds:
+            freqs = positions.astype(np.float32)[:, None] * self.inv[kind][None, :]
+            emb = np.concatenate([freqs, freqs], axis=-1)[None, :, None, :]
+            out[f"rope_cos.{kind}"], out[f"rope_sin.{kind}"] = np.cos(emb), np.sin(emb)
+        return out
+
+
+def _graph_kinds(spec: GraphSpec) -> list[str]:
+    return [t.name.split(".", 1)[1] for t in spec.inputs if t.name.startswith("attention_mask.")]
+
+
+class _StaticGraph:
+    def __init__(self, session: ort.InferenceSession, spec: GraphSpec, manifest: Manifest, tag: str):
+        self.session, self.spec = session, spec
+        m = manifest.model
+        self.window, self.max_context = m.sliding_window, m.max_context
+        self.mask_value = float(manifest.static.get("mask_value", -100.0))
+        self.kinds = _graph_kinds(spec)
+        self.rope = Rope(manifest.static["inv_freq"], tag)
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.kv_inputs = [i.name for i in spec.inputs if i.name.startswith("past_")]
+        # Tensors the graph takes or gives quantized (the host does the boundary Q/DQ; see export/qnn.py).
+        self.quantized = encodings(manifest, tag)
+
+    def _position_feeds(self, past: int, query_pos: np.ndarray, rope_pos: np.ndarray, new_rows: int) -> dict:
+        feeds = self.rope.feeds(rope_pos, self.kinds)
+        for kind in self.kinds:
+            feeds[f"attention_mask.{kind}"] = attention_mask(kind == "sliding_attention", self.window, past,
+                                                             query_pos, self.max_context, new_rows,
+                                                             self.mask_value)
+        return feeds
+
+    def _run(self, feeds: dict, cache: StaticCache) -> dict[str, np.ndarray]:
+        for name, enc in self.quantized.items():
+            if name in feeds:
+                feeds[name] = quantize(feeds[name], enc)
+        for name in self.kv_inputs:
+            feeds[name] = cache.feed(name, self.quantized.get(name))
+        out = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+        for name, enc in self.quantized.items():
+            if name in out:
+                out[name] = dequantize(out[name], enc)
+        return out
+
+
+class StaticTarget(_StaticGraph):
+    def __init__(self, session, spec: GraphSpec, manifest: Manifest, ple):
+        super().__init__(session, spec, manifest, "target")
+        self.ple = ple
+        self.rows = next(t.shape[1] for t in spec.inputs if t.name == "input_ids")
+
+    def forward(self, cache: StaticCache, ids: list[int] | np.ndarray, logits_to_keep: int = 1):
+        """Run ids at positions cache.length.. in chunks of S rows; (logits [N,V], hidden [N,H]) for the last N."""
+        ids = [int(t) for t in np.asarray(ids).reshape(-1)]
+        if cache.length + len(ids) > cache.max_context:
+            raise EdgegenError(f"context full: {cache.length + len(ids)} positions exceed the bundle's max "
+                               f"context {cache.max_context}")
+        logits, hidden = [], []
+        for a in range(0, len(ids), self.rows):
+            out, n = self._chunk(cache, ids[a:a + self.rows])
+            logits.append(out["logits"][0, :n])
+            hidden.append(out["last_hidden"][0, :n])
+            kept = sum(len(x) for x in logits)
+            while len(logits) > 1 and kept - len(logits[0]) >= logits_to_keep:  # prefill keeps only the tail
+                kept -= len(logits.pop(0))
+                hidden.pop(0)
+        return np.concatenate(logits)[-logits_to_keep:], np.concatenate(hidden)[-logits_to_keep:]
+
+    def _chunk(self, cache: StaticCache, chunk: list[int]):
+        n, past = len(chunk), cache.length
+        ids = np.array([chunk + [PAD_ID] * (self.rows - n)], np.int64)
+        pos = past + np.arange(self.rows)
+        feeds = self._position_feeds(past, pos, pos, self.rows)
+        feeds["input_ids"] = ids
+        if self.ple is not None:
+            feeds["per_layer_inputs"] = self.ple(ids)
+        out = self._run(feeds, cache)
+        cache.write({k: v for k, v in out.items() if k.startswith("new_")}, n)
+        return out, n
+
+
+class StaticAssistant(_StaticGraph):
+    def __init__(self, session, spec: GraphSpec, manifest: Manifest):
+        super().__init__(session, spec, manifest, "assistant")
+
+    def step(self, cache: StaticCache, token: int, hidden: np.ndarray):
+        """One draft step at the constant position P = cache.length over the accepted rows [0, P)."""
+        p = cache.length
+        feeds = self._position_feeds(p, np.array([p - 1]), np.array([p]), 0)
+        feeds["token"] = np.array([[token]], np.int64)
+        feeds["hidden"] = np.asarray(hidden, np.float32).reshape(1, 1, -1)
+        out = self._run(feeds, cache)
+        logits = out["logits"][0, 0]
+        return logits, int(logits.argmax()), out["projected_hidden"][0, 0]
+
+
+# -- sessions ----------------------------------------------------------------------------------------------
+
+
+def qnn_devices() -> list:
+    """The QNN EP's devices, registering the plugin library (onnxruntime-qnn) on first use."""
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN_EP]
+    if devices:
+        return devices
+    try:
+        import onnxruntime_qnn
+    except ImportError:
+        raise EdgegenError("the QNN execution provider is not installed; pip install 'edgegen[ep]' "
+                           "(onnxruntime-qnn)") from None
+    try:
+        ort.register_execution_provider_library(QNN_EP, onnxruntime_qnn.get_library_path())
+    except Exception as exc:
+        raise EdgegenError(f"cannot load the QNN execution provider ({str(exc).splitlines()[0][:160]})") from None
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN_EP]
+    if not devices:
+        raise EdgegenError("the QNN execution provider loaded but offers no device")
+    return devices
+
+
+def static_session(path: Path, ep: str, threads: int | None, strict: bool = False,
+                   provider_options: dict | None = None, config: dict | None = None) -> ort.InferenceSession:
+    """A session for a static graph on `ep` ("qnn": the HTP backend; "cpu"). `strict`: fail instead of
+    placing any node on the CPU (session.disable_cpu_ep_fallback); graph assignment is recorded."""
+    from edgegen.runtime.model import session_options
+
+    so = session_options(threads)
+    so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
+    if ep == "qnn":
+        so.add_provider_for_devices(qnn_devices(), {**QNN_PROVIDER_OPTIONS, **(provider_options or {})})
+        if strict:
+            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    elif ep != "cpu":
+        raise EdgegenError(f"execution provider '{ep}' cannot run a static (qnn profile) bundle; use qnn or cpu")
+    if not path.is_file():
+        raise EdgegenError(f"bundle file '{path.name}' is missing from '{path.parent}'; re-export the bundle")
+    try:
+        session = ort.InferenceSession(str(path), so)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise EdgegenError(f"cannot load '{path.name}' on {ep} ({first})") from None
+    session.disable_fallback()  # a failing EP run must fail, not quietly rerun on the CPU
+    return session
+
+
+def placement(session: ort.InferenceSession) -> dict[str, int]:
+    """Nodes per execution provider, as the session assigned them."""
+    counts: dict[str, int] = {}
+    for sub in session.get_provider_graph_assignment_info():
+        counts[sub.ep_name] = counts.get(sub.ep_name, 0) + len(sub.get_nodes())
+    return counts
+
+
+def open_static(bundle: Path, manifest: Manifest, threads: int | None, ep: str, ple, strict: bool = False):
+    """(target, assistant or None) for a static bundle. On QNN, precompiled EP context graphs are used
+    when the bundle has them."""
+    binaries = manifest.static.get("context_binaries", {}) if ep == "qnn" else {}
+    # Binaries are compiled for one SoC; the EP is configured for it too (one simulator per process).
+    options = {"soc_model": manifest.static["soc_model"]} if binaries and manifest.static.get("soc_model") else None
+
+    def session(name: str):
+        path = bundle / binaries.get(name, manifest.graphs[name].file)
+        return static_session(path, ep, threads, strict, provider_options=options)
+
+    target = StaticTarget(session("target"), manifest.graphs["target"], manifest, ple)
+    assistant = None
+    if "assistant" in manifest.graphs:
+        assistant = StaticAssistant(session("assistant"), manifest.graphs["assistant"], manifest)
+    return target, assistant

@@ -1,0 +1,204 @@
+"""The QNN HTP profile (`edgegen export --ep qnn`), run on the HTP simulator of the onnxruntime-qnn wheel.
+
+One export of the demo pair (max context 256) serves the module. What is checked: the graphs are static
+and standard-op QDQ; every node is placed on the HTP with CPU fallback disabled; the draft/verify loop on
+the HTP gives exactly the HTP's plain greedy output; the tokens agree with the CPU fp32 bundle (or the first
+divergence is a near tie there, reported with its logit margin); acceptance is reported; precompiled
+context binaries load and give the same tokens. The host-side masks are checked against their definition.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("onnxruntime_qnn", reason="the QNN EP plugin is installed by the 'ep' extra")
+
+from edgegen.demo import DEMO_PAIR  # noqa: E402
+from edgegen.runtime.generate import Generator  # noqa: E402
+from edgegen.runtime.model import Bundle  # noqa: E402
+from edgegen.runtime.static import attention_mask, placement, static_session  # noqa: E402
+
+MAX_CONTEXT = 256
+PROMPT = "def parse_args("
+NEW_TOKENS = 12
+CONTRIB_OPS = {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization", "MatMulNBits",
+               "GatherBlockQuantized"}
+NEAR_TIE = 1.0  # a first divergence from CPU fp32 is accepted only where fp32's own top-2 margin is below this
+
+
+@pytest.fixture(scope="module")
+def qnn_bundle(tmp_path_factory) -> Path:
+    from edgegen.export.bundle import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("qnn") / "demo-qnn"
+    export_bundle(str(DEMO_PAIR / "target"), str(DEMO_PAIR / "assistant"), out,
+                  ExportOptions(ep="qnn", max_context=MAX_CONTEXT))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cpu_bundle(tmp_path_factory) -> Path:
+    from edgegen.export.bundle import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("qnn") / "demo-cpu"
+    export_bundle(str(DEMO_PAIR / "target"), str(DEMO_PAIR / "assistant"), out,
+                  ExportOptions(max_context=MAX_CONTEXT, verify=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def htp(qnn_bundle) -> Bundle:
+    return Bundle(qnn_bundle, ep="qnn")
+
+
+def test_graphs_are_static_standard_op_qdq(qnn_bundle):
+    manifest = json.loads((qnn_bundle / "manifest.json").read_text())
+    assert manifest["ep_profile"] == "qnn"
+    for name in ("target", "assistant"):
+        model = onnx.load(str(qnn_bundle / f"{name}.onnx"), load_external_data=False)
+        ops = {n.op_type for n in model.graph.node}
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, name
+        assert not ops & CONTRIB_OPS, name
+        assert {"QuantizeLinear", "DequantizeLinear", "MatMul", "Softmax"} <= ops, name
+        for vi in [*model.graph.input, *model.graph.output]:
+            assert all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim), (name, vi.name)
+        inits = {t.name: t for t in model.graph.initializer}
+        matrices = [inits[n.input[0]].data_type for n in model.graph.node
+                    if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2]
+        # Matrices (projections, embeddings) are int8; norm scales and scalars are 16-bit in the QNN config.
+        assert matrices and set(matrices) == {onnx.TensorProto.INT8}, name
+        io = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input}
+        assert io["past_key." + str(manifest["model"]["store_layers"]["full_attention"])] == onnx.TensorProto.UINT16
+    # One encoding per K/V buffer in both graphs: the host keeps its buffers quantized and feeds them as they are.
+    io = manifest["static"]["quantized_io"]
+    shared = [name for name in io["assistant"] if name.startswith("past_")]
+    assert shared and all(io["assistant"][name] == io["target"][name] for name in shared)
+    rows = manifest["static"]["query_rows"]
+    assert rows == manifest["generation"]["draft_tokens"] + 1
+    parity = manifest["parity"]
+    print(f"\nqnn export parity: {json.dumps({k: v for k, v in parity.items() if k != 'calibration'})}")
+    # The standard-op graph is exact: chunks of S rows (last one padded), past the sliding window.
+    assert parity["fp32_static_vs_pytorch"]["max_abs_logit_error"] < 1e-4
+    assert parity["fp32_static_vs_pytorch"]["positions"] > manifest["model"]["sliding_window"]
+    assert all(check["passed"] for check in parity["checks"].values())
+
+
+def test_every_node_runs_on_the_htp(qnn_bundle):
+    """Placement with session.disable_cpu_ep_fallback=1: the session would fail to load with any CPU node."""
+    for name in ("target", "assistant"):
+        counts = placement(static_session(qnn_bundle / f"{name}.onnx", "qnn", None, strict=True))
+        share = counts.get("QNNExecutionProvider", 0) / sum(counts.values())
+        print(f"\n{name}: {counts} -> {share:.1%} on QNN HTP")
+        assert share >= 0.95
+
+
+def _cpu_logits(cpu_bundle: Path, ids: list[int]) -> np.ndarray:
+    bundle = Bundle(cpu_bundle)
+    cache = bundle.new_cache()
+    return bundle.target.forward(cache, ids)[0][-1]
+
+
+def test_speculative_equals_plain_on_htp_and_agrees_with_cpu(htp, cpu_bundle):
+    ids = Generator(htp).tokenizer.encode(PROMPT)
+    spec = Generator(htp, draft_tokens=4).generate(ids, NEW_TOKENS)
+    plain = Generator(htp).generate(ids, NEW_TOKENS, use_assistant=False)
+    st = spec.stats
+    print(f"\nqnn htp: {st.drafted} drafted, {st.accepted} accepted ({st.accepted / st.drafted:.2f}), "
+          f"{st.tokens_per_target_call:.2f} tokens per target call, acceptance by position "
+          f"{st.as_dict()['acceptance_by_position']}")
+    assert st.drafted > 0
+    assert spec.token_ids == plain.token_ids
+
+    cpu_spec = Generator(cpu_bundle, draft_tokens=4).generate(ids, NEW_TOKENS).stats
+    print(f"cpu fp32: {cpu_spec.drafted} drafted, {cpu_spec.accepted} accepted "
+          f"({cpu_spec.accepted / cpu_spec.drafted:.2f}), {cpu_spec.tokens_per_target_call:.2f} tokens per target call")
+    cpu = Generator(cpu_bundle).generate(ids, NEW_TOKENS, use_assistant=False).token_ids
+    first = next((i for i, (a, b) in enumerate(zip(cpu, plain.token_ids, strict=True)) if a != b), None)
+    if first is None:
+        print(f"qnn htp tokens equal CPU fp32 for all {NEW_TOKENS} tokens")
+        return
+    logits = _cpu_logits(cpu_bundle, ids + cpu[:first])
+    margin = float(logits[cpu[first]] - logits[plain.token_ids[first]])
+    print(f"first divergence from CPU fp32 at token {first}: fp32 logit margin {margin:.4f}")
+    assert margin < NEAR_TIE
+
+
+def test_long_prompt_to_a_full_context_on_the_cpu_ep(qnn_bundle):
+    """The same QDQ graphs on the CPU EP (fast): a prompt past the sliding window, drafting until the
+    static context is full. Speculative equals plain, and the run stops at the context, not with an error."""
+    bundle = Bundle(qnn_bundle, ep="cpu")
+    rng = np.random.default_rng(0)
+    ids = [int(t) for t in rng.integers(4, bundle.manifest.model.vocab_size, MAX_CONTEXT - 40)]
+    spec = Generator(bundle, draft_tokens=4).generate(ids, 64)
+    plain = Generator(bundle).generate(ids, 64, use_assistant=False)
+    assert spec.token_ids == plain.token_ids
+    assert spec.stop_reason == "context" or spec.token_ids[-1] in bundle.manifest.generation["eos_token_ids"]
+    assert spec.stats.drafted > 0
+
+
+def test_sampling_runs_the_same_loop_on_htp(htp):
+    from edgegen.runtime.sampling import Sampling
+
+    gen = Generator(htp, draft_tokens=4)
+    ids = gen.tokenizer.encode(PROMPT)
+    result = gen.generate(ids, 8, sampling=Sampling(temperature=0.8, seed=3))
+    assert len(result.token_ids) == 8 and result.stats.drafted > 0
+    assert all(0 <= t < htp.manifest.model.vocab_size for t in result.token_ids)
+
+
+def test_context_binaries_load_and_match(qnn_bundle, htp, tmp_path):
+    """Runs after the other HTP tests: in one process, creating a session for another SoC model reconfigures
+    the simulator, and sessions made before it fail to execute (QNN error 1100) - so `want` comes first."""
+    from edgegen.export.qnn import compile_context_binaries
+
+    ids = Generator(htp).tokenizer.encode(PROMPT)
+    want = Generator(htp).generate(ids, 4, use_assistant=False).token_ids
+    copy = tmp_path / "ctx"
+    shutil.copytree(qnn_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["static"]["context_binaries"] = compile_context_binaries(copy, "60")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    compiled = Bundle(copy, ep="qnn")
+    assert placement(compiled.target.session) == {"QNNExecutionProvider": 1}  # one EPContext node
+    assert Generator(compiled).generate(ids, 4, use_assistant=False).token_ids == want
+
+
+@pytest.mark.parametrize("sliding", [True, False])
+def test_host_mask_matches_its_definition(sliding):
+    window, past, rows, m = 4, 6, 3, 10
+    pos = past + np.arange(rows)
+    mask = attention_mask(sliding, window, past, pos, m, rows, -100.0)[0, 0]
+    for r, p in enumerate(pos):
+        for col in range(m + rows):
+            key = col if col < m else past + col - m
+            visible = (col < past or col >= m) and key <= p and (not sliding or p - key < window)
+            assert (mask[r, col] == 0) == visible, (r, col)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgegen", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("extra", [["--ep", "qnn", "--quant", "int4"], ["--soc-model", "60"]])
+def test_export_option_errors_are_one_line(tmp_path, extra):
+    res = _cli("export", "--target", str(DEMO_PAIR / "target"), "--assistant", str(DEMO_PAIR / "assistant"),
+               "--out", str(tmp_path / "out"), *extra)
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_cpu_bundle_on_qnn_is_one_line(cpu_bundle):
+    res = _cli("run", str(cpu_bundle), "--ep", "qnn", "-p", "x")
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--ep qnn" in lines[0]
