@@ -296,7 +296,7 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
 def _record_files(tmp: Path, manifest: Manifest) -> None:
     """Sizes and sha256 of every bundle file into the manifest (checked by the runtime at load)."""
     manifest.files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)}
-                      for p in sorted(tmp.iterdir()) if p.name != MANIFEST}
+                      for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
     _write_manifest(tmp, manifest)
 
 

@@ -13,6 +13,7 @@ The staging bundle is deleted; the published bundle holds the QDQ graphs, host t
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -99,7 +100,7 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
         del ple_table
     buffers = [KVBuffer(f"past_key.{layer.index}", layer.index, layer.kind, layer.kv_heads, layer.head_dim)
                for layer in plan.layers if not layer.shared]
-    from edgegen.export.bundle import _copy_tokenizer, _generation_defaults, _graph_spec_from_file
+    from edgegen.export.bundle import _copy_tokenizer, _generation_defaults, _graph_spec_from_file, _record_files
 
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
@@ -114,7 +115,7 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
     for name in ("target", "assistant"):
         manifest.graphs[name] = _graph_spec_from_file(staging / f"{name}.onnx", {}, {"kind": "fp32"})
     _link_host_files(tmp, staging, manifest)
-    (staging / "manifest.json").write_text(manifest.to_json())
+    _record_files(staging, manifest)  # the runtime checks sizes and hashes of what it loads
 
     calls, kv_ranges, report = _calibrate(staging, pair, manifest)
     stage("verify")
@@ -122,7 +123,7 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
         _quantize(staging / f"{name}.onnx", tmp / f"{name}.onnx", _subsample(calls[name]), kv_ranges)
         manifest.static.setdefault("quantized_io", {})[name] = quantized_io(tmp / f"{name}.onnx")
         manifest.graphs[name] = _graph_spec_from_file(tmp / f"{name}.onnx", {}, QDQ)
-    (tmp / "manifest.json").write_text(manifest.to_json())
+    _record_files(tmp, manifest)
     qdq, check = _compare_qdq(staging, tmp, manifest)
     report.update(qdq)
     report["checks"].update(check)
@@ -139,10 +140,14 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
 
 
 def _link_host_files(tmp: Path, staging: Path, manifest: Manifest) -> None:
-    """The staging bundle reads the export dir's host files (PLE table, tokenizer) through links."""
+    """The staging bundle shares the export dir's host files (PLE table, tokenizer): hard links, since a
+    bundle may not point outside itself (runtime/integrity.py); a copy where links are not possible."""
     names = list(manifest.tokenizer.get("files", [])) + ([manifest.model.ple.file] if manifest.model.ple else [])
     for name in names:
-        (staging / name).symlink_to(tmp / name)
+        try:
+            os.link(tmp / name, staging / name)
+        except OSError:
+            shutil.copy2(tmp / name, staging / name)
 
 
 def _prompts(bundle: Path, vocab: int) -> list[list[int]]:
