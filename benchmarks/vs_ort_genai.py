@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -131,6 +132,7 @@ def ensure_genai(work: Path, pair: Path, quant: str) -> Path:
 def mobius_build(target: Path, out: Path) -> list[int]:
     """mobius's `build --config DIR --ep cpu --runtime ort-genai`, through its Python API so that the
     config can be repaired first (see the module docstring). Returns each layer's head_dim."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # mobius draws a progress bar per saved tensor
     import transformers
     from mobius import build_from_module, registry
     from mobius._configs import Gemma4Config
@@ -176,6 +178,7 @@ def quantize_genai(src: Path, out: Path, bits: int) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = onnx.load(str(src / "model.onnx"))
     quantizer = MatMulNBitsQuantizer(model, bits=bits, **INT4)
     quantizer.process()
