@@ -70,18 +70,32 @@ class BenchError(Exception):
 
 
 # -- building what both sides run ----------------------------------------------------------------------
+STAMP = "built-from.txt"  # in every built directory: the checkpoint it was built from
+
+
 @contextmanager
-def building(out: Path):
+def building(out: Path, source: Path):
     """Build into OUT.partial and move it to OUT only when complete: an interrupted build leaves no OUT."""
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        (tmp / STAMP).write_text(f"{source.resolve()}\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     tmp.rename(out)
+
+
+def built(out: Path, source: Path) -> bool:
+    """Whether OUT holds a finished build of SOURCE (a build of another checkpoint is an error)."""
+    if not (out / STAMP).is_file():
+        return False
+    if (out / STAMP).read_text().strip() != str(source.resolve()):
+        raise BenchError(f"'{out}' was built from {(out / STAMP).read_text().strip()}, not {source}; "
+                         "use another --work or delete it")
+    return True
 
 
 def ensure_pair(work: Path, pair: str | None) -> Path:
@@ -95,18 +109,19 @@ def ensure_pair(work: Path, pair: str | None) -> Path:
         from edgegen.export.testing import save_pair
 
         print(f"building the {PRESET} pair in {path} ...", flush=True)
-        with building(path) as tmp:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with building(path, path) as tmp:
             save_pair(tmp, PRESET)
     return path
 
 
 def ensure_edgegen(work: Path, pair: Path, quant: str) -> Path:
     out = work / f"edgegen-{quant}"
-    if not (out / "manifest.json").is_file():
+    if not built(out, pair):
         from edgegen.export.bundle import ExportOptions, export_bundle
 
         print(f"exporting the edgegen {quant} bundle to {out} ...", flush=True)
-        with building(out) as tmp:
+        with building(out, pair) as tmp:
             export_bundle(str(pair / "target"), str(pair / "assistant"), tmp,
                           ExportOptions(quant=quant, max_context=EXPORT_CONTEXT, verify=False, force=True))
     return out
@@ -114,17 +129,17 @@ def ensure_edgegen(work: Path, pair: Path, quant: str) -> Path:
 
 def ensure_genai(work: Path, pair: Path, quant: str) -> Path:
     out = work / f"genai-{quant}"
-    if (out / "genai_config.json").is_file():
+    if built(out, pair):
         return out
     if quant == "fp32":
         print(f"building the mobius fp32 graph in {out} ...", flush=True)
-        with building(out) as tmp:
+        with building(out, pair) as tmp:
             head_dims = mobius_build(pair / "target", tmp)
             repair_for_genai(tmp / "model.onnx", head_dims)
     else:
         fp32 = ensure_genai(work, pair, "fp32")
         print(f"quantizing the mobius graph to {quant} in {out} ...", flush=True)
-        with building(out) as tmp:
+        with building(out, pair) as tmp:
             quantize_genai(fp32, tmp, bits=4)
     return out
 
@@ -184,7 +199,7 @@ def quantize_genai(src: Path, out: Path, bits: int) -> None:
     quantizer.process()
     quantizer.model.save_model_to_file(str(out / "model.onnx"), use_external_data_format=True)
     for f in src.iterdir():
-        if not f.name.startswith("model.onnx"):
+        if not f.name.startswith("model.onnx") and f.name != STAMP:
             shutil.copy2(f, out / f.name)
 
 
@@ -312,7 +327,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     versions = check_packages()
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BenchError(f"cannot use --work '{work}' ({exc.strerror}); give a writable directory") from None
     pair = ensure_pair(work, args.pair)
     models = {q: (ensure_edgegen(work, pair, q), ensure_genai(work, pair, q)) for q in args.quants}
 
