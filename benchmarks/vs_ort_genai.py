@@ -56,6 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # mobius draws a progress bar per saved tensor; read at tqdm import
+
 from edgegen.runtime.errors import EdgegenError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,7 +149,6 @@ def ensure_genai(work: Path, pair: Path, quant: str) -> Path:
 def mobius_build(target: Path, out: Path) -> list[int]:
     """mobius's `build --config DIR --ep cpu --runtime ort-genai`, through its Python API so that the
     config can be repaired first (see the module docstring). Returns each layer's head_dim."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # mobius draws a progress bar per saved tensor
     import transformers
     from mobius import build_from_module, registry
     from mobius._configs import Gemma4Config
