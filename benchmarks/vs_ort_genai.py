@@ -32,6 +32,8 @@ mobius 0.1.0 + transformers 5.23 need three repairs, applied here and checked by
 
 Measurement, per case (quant x context): the same seeded random prompt of `context` tokens on both sides,
 `--new-tokens` greedy tokens, `--threads` intra-op threads on both sides (genai otherwise keeps its defaults).
+edgegen's sessions never let idle threads spin; genai's do unless --genai-spinning off. Spinning decides the
+result: on an idle machine it makes genai faster, on a busy one (other processes on the cores) slower.
 Each side prefills the prompt once (that run is the warm-up); every timed run then re-decodes from the
 cached prompt (edgegen reuses the cached prefix, genai rewinds), so a 2k context costs one prefill per side.
 Timed runs alternate edgegen, genai, genai, edgegen, ... and the medians are reported. ms/token is decode
@@ -227,12 +229,15 @@ class EdgegenSide:
 class GenaiSide:
     name = "genai"
 
-    def __init__(self, model_dir: Path, threads: int):
+    def __init__(self, model_dir: Path, threads: int, spinning: bool = True):
         import onnxruntime_genai as og
 
         self.og = og
         config = og.Config(str(model_dir))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        options: dict = {"intra_op_num_threads": threads}
+        if not spinning:  # genai passes unknown string keys on as session config entries
+            options["session.intra_op.allow_spinning"] = "0"
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.model = og.Model(config)
         self.generator, self.key = None, None
 
@@ -297,6 +302,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side and case (median reported)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    ap.add_argument("--genai-spinning", choices=["default", "off"], default="default",
+                    help="genai's intra-op threads spin by default; edgegen's never do (off: same as edgegen)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -344,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
     cases = []
     for quant in args.quants:
-        sides = [EdgegenSide(models[quant][0], args.threads), GenaiSide(models[quant][1], args.threads)]
+        sides = [EdgegenSide(models[quant][0], args.threads),
+                 GenaiSide(models[quant][1], args.threads, spinning=args.genai_spinning == "default")]
         for context in args.contexts:
             print(f"measuring {quant}, context {context} ...", file=sys.stderr, flush=True)
             cases.append({"quant": quant, "context": context,
@@ -352,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         del sides  # free this precision's models before loading the next
     summary = {
         "preset": PRESET, "pair": str(pair), "new_tokens": args.new_tokens, "threads": args.threads,
-        "repeats": args.repeats, "versions": versions,
+        "repeats": args.repeats, "genai_spinning": args.genai_spinning, "versions": versions,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "load_before": [round(x, 2) for x in load_before],
                     "load_after": [round(x, 2) for x in os.getloadavg()]},
@@ -368,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
 def report(s: dict) -> None:
     v, m = s["versions"], s["machine"]
     print(f"{s['preset']}: plain greedy decode, {s['new_tokens']} new tokens, {s['threads']} threads, "
-          f"median of {s['repeats']} alternating runs")
+          f"median of {s['repeats']} alternating runs, genai spinning {s['genai_spinning']}")
     print(f"edgegen {v['edgegen']} (onnxruntime {v['onnxruntime']}) vs onnxruntime-genai {v['onnxruntime-genai']} "
           f"over mobius-onnx {v['mobius-onnx']}; {m['cpus']} CPUs, load average {m['load_before'][0]} before, "
           f"{m['load_after'][0]} after")
