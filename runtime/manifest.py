@@ -98,6 +98,7 @@ class Manifest:
     parity: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     edgegen_version: str = ""
+    ep_profile: str = "cpu"  # the execution provider the graphs were exported for (cpu, qnn, webgpu, openvino)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -118,7 +119,7 @@ class Manifest:
             graphs={k: GraphSpec.from_dict(v) for k, v in d["graphs"].items()},
             tokenizer=dict(d["tokenizer"]), generation=dict(d["generation"]), files=dict(d.get("files", {})),
             parity=dict(d.get("parity", {})), source=dict(d.get("source", {})),
-            edgegen_version=d.get("edgegen_version", ""),
+            edgegen_version=d.get("edgegen_version", ""), ep_profile=str(d.get("ep_profile", "cpu")),
         )
 
 

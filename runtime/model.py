@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edgegen.runtime import providers
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.kv import KVCache
 from edgegen.runtime.manifest import GraphSpec, Manifest, PLESpec, load_manifest
@@ -29,15 +30,30 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
-def open_session(bundle: Path, spec: GraphSpec, threads: int | None, providers: list | None = None):
+def open_session(bundle: Path, spec: GraphSpec, threads: int | None, ep: str = "cpu", strict: bool = False,
+                 placements: dict | None = None):
+    """A session for one graph on `ep` (see providers.py). strict: fail if any node would fall back to the
+    CPU EP. placements: if given, receives the graph's node placement under its file name."""
     path = bundle / spec.file
     if not path.is_file():
         raise EdgegenError(f"bundle file '{spec.file}' is missing from '{bundle}'; re-export the bundle")
+    so = session_options(threads)
+    providers.add_to_session(so, ep, strict)  # EP errors are the user's to fix: raised before the try
+
     try:
-        providers = providers or ["CPUExecutionProvider"]
-        return ort.InferenceSession(str(path), session_options(threads), providers=providers)
+        session = ort.InferenceSession(str(path), so)
+        if placements is not None:
+            report = session_options(threads)
+            providers.add_to_session(report, ep, strict)
+            placements[spec.file] = providers.placement(lambda o: ort.InferenceSession(str(path), o), report)
+        return session
+    except EdgegenError:
+        raise
     except Exception as exc:  # onnxruntime raises several types for a damaged model
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        if strict and "fallback to CPU EP has been explicitly disabled" in first:
+            raise EdgegenError(f"'{spec.file}' has nodes that cannot run on {ep} (strict placement); "
+                               f"export the bundle with --ep {ep} or run without strict placement") from None
         raise EdgegenError(f"cannot load '{spec.file}' from '{bundle}' ({first}); re-export the bundle") from None
 
 
@@ -154,19 +170,34 @@ class Bundle:
     """Everything loaded from a bundle directory. Sessions are safe to share across threads; a KVCache
     (one per conversation) is not."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, providers: list | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, ep: str = "cpu", strict: bool = False,
+                 report_placement: bool = False):
+        """ep: cpu, qnn, webgpu, openvino or auto (the bundle's own profile if its EP loads here, else an
+        accelerator, else cpu; `ep_reason` says why). strict: every node must run on the EP.
+        report_placement: fill `placement` (graph file -> Placement) from onnxruntime's placement log."""
         self.path = Path(path)
         self.manifest: Manifest = load_manifest(self.path)
         m = self.manifest
+        self.ep, self.ep_reason = providers.choose(ep, m.ep_profile)
+        self.placement: dict[str, providers.Placement] | None = {} if report_placement else None
         ple = PLETable(self.path, m.model.ple) if m.model.ple else None
-        self.target = Target(open_session(self.path, m.graphs["target"], threads, providers), m.graphs["target"], ple)
+
+        def session(spec: GraphSpec):
+            return open_session(self.path, spec, threads, self.ep, strict, self.placement)
+
+        self.target = Target(session(m.graphs["target"]), m.graphs["target"], ple)
         self.assistant = self.draft_round = None
         if "assistant" in m.graphs:
-            spec = m.graphs["assistant"]
-            self.assistant = Assistant(open_session(self.path, spec, threads, providers), spec)
+            self.assistant = Assistant(session(m.graphs["assistant"]), m.graphs["assistant"])
         if "draft_round" in m.graphs:
-            spec = m.graphs["draft_round"]
-            self.draft_round = DraftRound(open_session(self.path, spec, threads, providers), spec)
+            self.draft_round = DraftRound(session(m.graphs["draft_round"]), m.graphs["draft_round"])
+
+    def placement_report(self) -> dict:
+        """{graph file: {"nodes": {ORT EP: count}, "share": share on this bundle's EP, "cpu_ops": {...}}}."""
+        if self.placement is None:
+            return {}
+        name = providers.ort_name(self.ep)
+        return {f: p.as_dict(name) for f, p in self.placement.items()}
 
     def new_cache(self, max_context: int | None = None) -> KVCache:
         return KVCache(self.manifest.model.kv_buffers, max_context or self.manifest.model.max_context)
