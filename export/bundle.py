@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgegen.export.graphs import build_assistant_graph, build_target_graph
+from edgegen.export.graphs import PROFILES, build_assistant_graph, build_target_graph
 from edgegen.export.onnx_graph import SHARED_FILE, Graph, WeightFile
 from edgegen.export.quantize import Quant, pack, quantize_blocks
 from edgegen.runtime.errors import EdgegenError
@@ -47,6 +47,7 @@ class ExportOptions:
     verify: bool = True
     force: bool = False
     draft_tokens: int | None = None  # steps of the fused draft_round graph [default: the assistant's own]
+    ep: str = "cpu"  # execution-provider profile of the graphs: cpu, qnn, webgpu, openvino (graphs.PROFILES)
 
     def assistant_quant_resolved(self) -> str:
         if self.assistant_quant:
@@ -202,6 +203,11 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     _remove_stale_partials(out)
     if opts.max_context < 16:
         raise EdgegenError(f"--max-context {opts.max_context} is too small; use at least 16")
+    if opts.ep not in ("cpu", "qnn", "webgpu", "openvino"):
+        raise EdgegenError(f"--ep {opts.ep} is unknown; use cpu, qnn, webgpu or openvino")
+    if opts.ep not in PROFILES:
+        raise EdgegenError(f"the {opts.ep} export profile is not part of this edgegen build; use cpu, webgpu or openvino")
+    profile = PROFILES[opts.ep]
     tquant = Quant(opts.quant, opts.block_size)
     aquant = Quant(opts.assistant_quant_resolved(), opts.block_size)
 
@@ -217,11 +223,13 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
         if pair.target.lm_head.weight.data_ptr() != pair.text_model.embed_tokens.weight.data_ptr():
             untied = pair.target.lm_head.weight.detach().float().numpy()
         shared = WeightFile(tmp / SHARED_FILE)
-        tgraph, plan, ple_table = build_target_graph(pair.text_model, cfg, tquant, tmp, shared, untied)
-        agraph, alayers = build_assistant_graph(pair.assistant, pair.text_model, plan, aquant, tquant, tmp, shared)
+        tgraph, plan, ple_table = build_target_graph(pair.text_model, cfg, tquant, tmp, shared, untied, profile,
+                                                     max_context)
+        agraph, alayers = build_assistant_graph(pair.assistant, pair.text_model, plan, aquant, tquant, tmp, shared,
+                                                profile=profile, max_context=max_context)
         steps = opts.draft_tokens or int(pair.assistant.generation_config.num_assistant_tokens)
         rgraph, _ = build_assistant_graph(pair.assistant, pair.text_model, plan, aquant, tquant, tmp, shared,
-                                          steps=steps, data=agraph.data)
+                                          steps=steps, data=agraph.data, profile=profile, max_context=max_context)
 
         stage("write")
         for g in (tgraph, agraph, rgraph):
@@ -241,6 +249,7 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
             generation=_generation_defaults(pair, steps),
             source={"target": str(target), "assistant": str(assistant)},
             edgegen_version=_version(),
+            ep_profile=opts.ep,
         )
         _check_tokenizer(tmp, cfg.vocab_size)
         # Graph IO specs are re-read from the written models (what the runtime will really see).

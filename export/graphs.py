@@ -26,6 +26,32 @@ F32, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
 KINDS = ("sliding_attention", "full_attention")
 
 
+@dataclass(frozen=True)
+class Profile:
+    """What one execution provider needs from the graphs (ARCHITECTURE: "Execution-provider profiles").
+    The math is the same in every profile; only the ops that express it change."""
+
+    name: str = "cpu"
+    # RoPE cos/sin gathered from [max_context, d/2] tables by position id: no int64->float Cast and no
+    # Sin/Cos, which WebGPU runs on the CPU.
+    rope_tables: bool = False
+    # The logits slice starts at an input (-N) instead of int64 arithmetic on N (int64 math is CPU-only on
+    # WebGPU and ORT moves small shape computations to the CPU anyway).
+    logits_start_input: bool = False
+    # Token ids computed on the device (centroid head, draft tokens) stay int32 or float until an ArgMax:
+    # WebGPU has no int64 Reshape or Concat.
+    device_ids: bool = False
+    # RMSNormalization (opset 23) as ReduceMean/Sqrt/Div: OpenVINO has no kernel for it.
+    standard_norm: bool = False
+
+
+PROFILES = {
+    "cpu": Profile(),
+    "webgpu": Profile("webgpu", rope_tables=True, logits_start_input=True, device_ids=True),
+    "openvino": Profile("openvino", standard_norm=True),
+}
+
+
 def _np(t) -> np.ndarray:
     return t.detach().to("cpu").float().numpy()
 
@@ -71,7 +97,12 @@ def plan_target(cfg) -> TargetPlan:
 
 
 def rms_norm(g: Graph, x: str, weight: np.ndarray, name: str, eps: float) -> str:
-    return g.op("RMSNormalization", x, g.weight(name, weight.astype(np.float32)), axis=-1, epsilon=eps)
+    w = g.weight(name, weight.astype(np.float32))
+    if g.profile.standard_norm:
+        ms = g.op("ReduceMean", g.op("Mul", x, x), g.const([-1]), keepdims=1)
+        rms = g.op("Sqrt", g.op("Add", ms, g.const(np.float32(eps), np.float32)))
+        return g.op("Mul", g.op("Div", x, rms), w)
+    return g.op("RMSNormalization", x, w, axis=-1, epsilon=eps)
 
 
 def _rms_noscale(g: Graph, x: str, eps: float) -> str:
@@ -80,9 +111,17 @@ def _rms_noscale(g: Graph, x: str, eps: float) -> str:
     return g.op("Mul", x, inv)
 
 
-def rope_tables(g: Graph, pos_f: str, inv_freq: np.ndarray, tag: str) -> tuple[str, str]:
-    """cos/sin [1, S, 1, head_dim] for float positions [1, S, 1]; HF's cat(freqs, freqs) layout."""
-    freqs = g.op("Mul", pos_f, g.weight(f"inv_freq.{tag}", inv_freq.astype(np.float32)))
+def rope_tables(g: Graph, pos: str, inv_freq: np.ndarray, tag: str, max_context: int) -> tuple[str, str]:
+    """cos/sin [1, S, 1, head_dim] for int64 positions [1, S]; HF's cat(freqs, freqs) layout."""
+    inv_freq = inv_freq.astype(np.float32)
+    if g.profile.rope_tables:
+        # Same float32 product as HF (positions x inv_freq), evaluated once per position at export.
+        freqs = np.arange(max_context, dtype=np.float32)[:, None] * inv_freq[None, :]
+        cos, sin = (g.op("Gather", g.weight(f"rope_{f.__name__}.{tag}", f(freqs).astype(np.float32)), pos, axis=0)
+                    for f in (np.cos, np.sin))
+        return tuple(g.op("Unsqueeze", g.op("Concat", t, t, axis=-1), g.const([2])) for t in (cos, sin))
+    pos_f = g.op("Unsqueeze", g.op("Cast", pos, to=F32), g.const([-1]))
+    freqs = g.op("Mul", pos_f, g.weight(f"inv_freq.{tag}", inv_freq))
     emb = g.op("Concat", freqs, freqs, axis=-1)
     emb = g.op("Unsqueeze", emb, g.const([2]))
     return g.op("Cos", emb), g.op("Sin", emb)
@@ -187,15 +226,21 @@ def _vi(name, shape):
 
 
 def build_target_graph(text_model, cfg, quant: Quant, out_dir, shared: WeightFile,
-                       untied_lm_head: np.ndarray | None = None) -> tuple[Graph, TargetPlan, np.ndarray | None]:
-    """Returns the graph, its plan, and the host-side PLE table (token component, scale folded in)."""
+                       untied_lm_head: np.ndarray | None = None, profile: Profile = PROFILES["cpu"],
+                       max_context: int = 0) -> tuple[Graph, TargetPlan, np.ndarray | None]:
+    """Returns the graph, its plan, and the host-side PLE table (token component, scale folded in).
+    max_context: positions the RoPE tables cover (profiles with rope_tables)."""
     plan = plan_target(cfg)
-    g = Graph("target", out_dir, shared)
+    g = Graph("target", out_dir, shared, profile=profile)
     lin = Linears(g, quant)
     eps = cfg.rms_norm_eps
     ids = g.input("input_ids", I64, [1, "S"])
     pos = g.input("position_ids", I64, [1, "S"])
-    keep = g.input("logits_to_keep", I64, [])
+    if profile.logits_start_input:
+        start = g.input("logits_start", I64, [1])
+    else:
+        keep = g.input("logits_to_keep", I64, [])
+        start = g.op("Neg", g.op("Unsqueeze", keep, g.const([0])))
     if plan.ple_dim:
         g.input("per_layer_inputs", F32, [1, "S", cfg.num_hidden_layers, plan.ple_dim])
     _common_inputs(g)
@@ -203,9 +248,8 @@ def build_target_graph(text_model, cfg, quant: Quant, out_dir, shared: WeightFil
 
     table = TiedTable(g, quant, "embed_tokens", _np(text_model.embed_tokens.weight), shared=True)
     x = table.rows(ids, text_model.embed_tokens.scalar_embed_scale)
-    pos_f = g.op("Unsqueeze", g.op("Cast", pos, to=F32), g.const([-1]))
-    rope = {kind: rope_tables(g, pos_f, _np(getattr(text_model.rotary_emb, f"{kind}_inv_freq")), f"target.{kind}")
-            for kind in KINDS}
+    rope = {kind: rope_tables(g, pos, _np(getattr(text_model.rotary_emb, f"{kind}_inv_freq")), f"target.{kind}",
+                              max_context) for kind in KINDS}
 
     per_layer = None
     ple_table = None
@@ -230,7 +274,6 @@ def build_target_graph(text_model, cfg, quant: Quant, out_dir, shared: WeightFil
 
     x = rms_norm(g, x, _np(text_model.norm.weight), "norm", eps)
     # Only the last `logits_to_keep` positions need logits and hidden states (prefill: 1, verify: k+1).
-    start = g.op("Neg", g.op("Unsqueeze", keep, g.const([0])))
     x = g.op("Slice", x, start, g.const([2**62]), g.const([1]))
     g.output(x, "last_hidden", F32, [1, "N", plan.hidden])
     logits = table.logits(x) if untied_lm_head is None else lin(x, "lm_head", untied_lm_head)
@@ -266,7 +309,8 @@ def centroid_logits(g: Graph, lin: Linears, table: TiedTable, h: str, masked, vo
     per_cluster = vocab // masked.num_centroids
     scores = lin(h, "masked_embedding.centroids", _np(masked.centroids.weight))
     _, clusters = g.op("TopK", scores, g.const([top_k]), axis=-1, largest=1, sorted=1, out=2)
-    ordering = masked.token_ordering.detach().cpu().numpy().astype(np.int64).reshape(masked.num_centroids, per_cluster)
+    id_type = np.int32 if g.profile.device_ids else np.int64
+    ordering = masked.token_ordering.detach().cpu().numpy().astype(id_type).reshape(masked.num_centroids, per_cluster)
     tokens = g.op("Reshape", g.op("Gather", g.weight("masked_embedding.token_ordering", ordering), clusters, axis=0),
                   g.const([1, top_k * per_cluster]))
     rows = table.rows(g.op("Reshape", tokens, g.const([-1])))  # [top_k*per_cluster, hidden]
@@ -279,7 +323,8 @@ def centroid_logits(g: Graph, lin: Linears, table: TiedTable, h: str, masked, vo
 
 def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan, quant: Quant,
                           target_quant: Quant, out_dir, shared: WeightFile, steps: int | None = None,
-                          data: WeightFile | None = None) -> tuple[Graph, list[LayerPlan]]:
+                          data: WeightFile | None = None, profile: Profile = PROFILES["cpu"],
+                          max_context: int = 0) -> tuple[Graph, list[LayerPlan]]:
     """Draft steps at a constant position over the target's store-layer buffers.
 
     steps=None: the one-step graph `assistant`. steps=k: `draft_round`, k steps unrolled in one call,
@@ -289,7 +334,7 @@ def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan,
     """
     cfg = assistant.config.get_text_config()
     layers = assistant_plan(assistant, target_plan)
-    g = Graph("assistant" if steps is None else "draft_round", out_dir, shared, data=data)
+    g = Graph("assistant" if steps is None else "draft_round", out_dir, shared, data=data, profile=profile)
     lin = Linears(g, quant)
     eps, vocab = cfg.rms_norm_eps, cfg.vocab_size
     tok = g.input("token", I64, [1, 1])
@@ -307,9 +352,8 @@ def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan,
     target_table = TiedTable(g, target_quant, "embed_tokens", _np(target_text_model.embed_tokens.weight),
                              shared=True)
     own = TiedTable(g, quant, "lm_head", _np(assistant.lm_head.weight))
-    pos_f = g.op("Unsqueeze", g.op("Cast", pos, to=F32), g.const([-1]))
     rotary = assistant.model.rotary_emb
-    rope = {kind: rope_tables(g, pos_f, _np(getattr(rotary, f"{kind}_inv_freq")), f"assistant.{kind}")
+    rope = {kind: rope_tables(g, pos, _np(getattr(rotary, f"{kind}_inv_freq")), f"assistant.{kind}", max_context)
             for kind in set(cfg.layer_types)}
     # The K/V row of the last processed position, rewritten unchanged so GQA attends in place.
     kv_source = {}
@@ -342,9 +386,12 @@ def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan,
         noise = g.op("Gather", gumbel, g.const([i]), axis=0)  # [1, V]
         scored = g.op("Add", g.op("Mul", g.op("Reshape", logits, g.const([1, vocab])), inv_t), noise)
         tok = g.op("ArgMax", scored, axis=-1, keepdims=1)  # [1, 1]
-        tokens.append(tok)
+        tokens.append(g.op("Unsqueeze", scored, g.const([0])) if profile.device_ids else tok)
         all_logits.append(g.op("Reshape", logits, g.const([1, vocab])))
     if steps is not None:
-        g.output(g.op("Concat", *tokens, axis=1), "tokens", I64, [1, steps])
+        if profile.device_ids:  # the same argmaxes over the stacked scores [1, k, V]: no int64 Concat
+            g.output(g.op("ArgMax", g.op("Concat", *tokens, axis=1), axis=-1, keepdims=0), "tokens", I64, [1, steps])
+        else:
+            g.output(g.op("Concat", *tokens, axis=1), "tokens", I64, [1, steps])
         g.output(g.op("Concat", *all_logits, axis=0), "logits", F32, [steps, vocab])
     return g, layers

@@ -117,10 +117,13 @@ class Target(_Graph):
         feeds = {
             "input_ids": ids,
             "position_ids": np.arange(past, past + s, dtype=np.int64).reshape(1, -1),
-            "logits_to_keep": np.array(logits_to_keep, dtype=np.int64),
             "seqlens_k": np.array([past + s - 1], dtype=np.int32),
             "total_sequence_length": np.array(past + s, dtype=np.int32),
         }
+        if "logits_start" in self.input_names:  # the webgpu profile takes the slice start, -N
+            feeds["logits_start"] = np.array([-logits_to_keep], dtype=np.int64)
+        else:
+            feeds["logits_to_keep"] = np.array(logits_to_keep, dtype=np.int64)
         if self.ple is not None:
             feeds["per_layer_inputs"] = self.ple(ids)
         out = self.run(feeds, cache)
