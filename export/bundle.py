@@ -206,7 +206,8 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     if opts.ep not in ("cpu", "qnn", "webgpu", "openvino"):
         raise EdgegenError(f"--ep {opts.ep} is unknown; use cpu, qnn, webgpu or openvino")
     if opts.ep not in PROFILES:
-        raise EdgegenError(f"the {opts.ep} export profile is not part of this edgegen build; use cpu, webgpu or openvino")
+        raise EdgegenError(f"the {opts.ep} export profile is not part of this edgegen build; "
+                           "use cpu, webgpu or openvino")
     profile = PROFILES[opts.ep]
     tquant = Quant(opts.quant, opts.block_size)
     aquant = Quant(opts.assistant_quant_resolved(), opts.block_size)
