@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgegen.export.graphs import PROFILES, build_assistant_graph, build_target_graph
+from edgegen.export.graphs import PROFILES, build_assistant_graph, build_target_graph, writes_kv
 from edgegen.export.onnx_graph import SHARED_FILE, Graph, WeightFile
 from edgegen.export.quantize import Quant, pack, quantize_blocks
 from edgegen.runtime.errors import EdgegenError
@@ -121,10 +121,10 @@ def _graph_spec(g: Graph, file: str, aliases: dict[str, str], quant: Quant) -> G
                      {"kind": quant.kind, "block_size": quant.block_size if quant.bits else 0})
 
 
-def _aliases(layers, steps: int | None = None) -> dict[str, str]:
+def _aliases(layers, profile, steps: int | None = None) -> dict[str, str]:
     out = {}
     for suffix in [""] if steps is None else [f".s{i}" for i in range(steps)]:
-        for layer in layers:
+        for layer in filter(lambda la: writes_kv(la, profile), layers):
             out[f"present_key.{layer.index}{suffix}"] = f"past_key.{layer.store}"
             out[f"present_value.{layer.index}{suffix}"] = f"past_value.{layer.store}"
     return out
@@ -256,8 +256,9 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
         # Graph IO specs are re-read from the written models (what the runtime will really see).
         import onnx
 
-        for name, aliases, q in (("target", _aliases(plan.layers), tquant), ("assistant", _aliases(alayers), aquant),
-                                 ("draft_round", _aliases(alayers, steps), aquant)):
+        for name, aliases, q in (("target", _aliases(plan.layers, profile), tquant),
+                                 ("assistant", _aliases(alayers, profile), aquant),
+                                 ("draft_round", _aliases(alayers, profile, steps), aquant)):
             model = onnx.load(str(tmp / f"{name}.onnx"), load_external_data=False)
             manifest.graphs[name] = _graph_spec(_GraphIO(model.graph), f"{name}.onnx", aliases, q)
         _write_manifest(tmp, manifest)

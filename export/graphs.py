@@ -43,13 +43,22 @@ class Profile:
     device_ids: bool = False
     # RMSNormalization (opset 23) as ReduceMean/Sqrt/Div: OpenVINO has no kernel for it.
     standard_norm: bool = False
+    # Attention from standard ops instead of com.microsoft GroupQueryAttention (OpenVINO has none): new K/V
+    # rows are scattered into the buffer (present bound to the same memory as past), then masked softmax
+    # attention over the first total_sequence_length rows. Only non-shared target layers write K/V.
+    standard_attention: bool = False
 
 
 PROFILES = {
     "cpu": Profile(),
     "webgpu": Profile("webgpu", rope_tables=True, logits_start_input=True, device_ids=True),
-    "openvino": Profile("openvino", standard_norm=True),
+    "openvino": Profile("openvino", standard_norm=True, standard_attention=True),
 }
+
+
+def writes_kv(layer: LayerPlan, profile: Profile) -> bool:
+    """Whether the layer has present K/V outputs (aliases of its store buffer)."""
+    return not (profile.standard_attention and layer.shared)
 
 
 def _np(t) -> np.ndarray:
@@ -163,15 +172,58 @@ def attention_block(g, lin, x, attn, layer: LayerPlan, num_heads: int, window: i
         v = _rms_noscale(g, v, eps)
         kv_source[layer.index] = (g.op("Reshape", k, g.const([1, -1, layer.kv_heads * d])),
                                   g.op("Reshape", v, g.const([1, -1, layer.kv_heads * d])))
-    k_new, v_new = kv_source[layer.store]
     past_k, past_v, _, _ = kv_names(layer.store)
     _, _, pres_k, pres_v = kv_names(layer.index, step)
+    if g.profile.standard_attention:
+        if not layer.shared:  # write the S new rows in place; shared layers and the drafter read the result
+            kv_source[layer.index] = tuple(_scatter_rows(g, buf, new, out, layer)
+                                           for buf, new, out in ((past_k, k, pres_k), (past_v, v, pres_v)))
+        out = _standard_attention(g, q, *kv_source[layer.store], layer, num_heads, window, kv_source["mask_positions"])
+        return lin(out, f"{prefix}.o_proj", _np(attn.o_proj.weight))
+    k_new, v_new = kv_source[layer.store]
     q = g.op("Reshape", q, g.const([1, -1, num_heads * d]))
     out = g.op("GroupQueryAttention", q, k_new, v_new, past_k, past_v, "seqlens_k", "total_sequence_length",
                domain="com.microsoft", out=[f"attn.{layer.index}{step}", pres_k, pres_v], num_heads=num_heads,
                kv_num_heads=layer.kv_heads, scale=1.0,
                local_window_size=window if layer.kind == "sliding_attention" else -1)[0]
     return lin(out, f"{prefix}.o_proj", _np(attn.o_proj.weight))
+
+
+def _scatter_rows(g: Graph, buffer: str, new: str, out: str, layer: LayerPlan) -> str:
+    """buffer [1, kv, max_ctx, d] with rows position_ids replaced by new [1, S, kv, d]; output `out`."""
+    rows = g.op("Transpose", new, perm=[0, 2, 1, 3])  # [1, kv, S, d]
+    index = g.op("Expand", g.op("Reshape", "position_ids", g.const([1, 1, -1, 1])), g.op("Shape", rows))
+    return g.op("ScatterElements", buffer, index, rows, axis=2, out=out)
+
+
+def _standard_attention(g: Graph, q: str, keys: str, values: str, layer: LayerPlan, num_heads: int, window: int,
+                        query_positions: str) -> str:
+    """GroupQueryAttention's result from standard ops. q [1, S, H, d]; keys/values are whole buffers
+    [1, kv, max_ctx, d], of which the first total_sequence_length rows are valid. Query i sits at
+    query_positions[i]: it sees keys j <= that position (sliding layers: the last `window` of them).
+    Query head h reads K/V head h // (H / kv), scale 1 (Gemma 4 normalizes q and k instead)."""
+    d, kv = layer.head_dim, layer.kv_heads
+    group = num_heads // kv
+    total = g.op("Reshape", g.op("Cast", "total_sequence_length", to=I64), g.const([1]))
+    # [1, kv, 1, T, d]: the group axis broadcasts against the query heads that share each K/V head.
+    keys, values = (g.op("Unsqueeze", g.op("Slice", t, g.const([0]), total, g.const([2])), g.const([2]))
+                    for t in (keys, values))
+    q = g.op("Transpose", g.op("Reshape", q, g.const([1, -1, kv, group, d])), perm=[0, 2, 3, 1, 4])  # [1,kv,g,S,d]
+    scores = g.op("MatMul", q, g.op("Transpose", keys, perm=[0, 1, 2, 4, 3]))  # [1, kv, group, S, T]
+    mask = _attention_mask(g, query_positions, total, window if layer.kind == "sliding_attention" else 0)
+    probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
+    out = g.op("Transpose", g.op("MatMul", probs, values), perm=[0, 3, 1, 2, 4])  # [1, S, kv, group, d]
+    return g.op("Reshape", out, g.const([1, -1, num_heads * d]))
+
+
+def _attention_mask(g: Graph, query_positions: str, total: str, window: int) -> str:
+    """Additive mask [1, 1, 1, S, T]: 0 where key j may be seen from query position p, else -inf."""
+    p = g.op("Reshape", query_positions, g.const([1, 1, 1, -1, 1]))
+    j = g.op("Reshape", g.op("Range", g.const(0), g.op("Squeeze", total), g.const(1)), g.const([1, 1, 1, 1, -1]))
+    seen = g.op("LessOrEqual", j, p)
+    if window:
+        seen = g.op("And", seen, g.op("Greater", j, g.op("Sub", p, g.const(window))))
+    return g.op("Where", seen, g.const(np.float32(0), np.float32), g.const(np.float32(-np.inf), np.float32))
 
 
 def decoder_layer(g, lin, x, layer_mod, layer: LayerPlan, num_heads, window, rope, eps, prefix, kv_source,
@@ -263,14 +315,15 @@ def build_target_graph(text_model, cfg, quant: Quant, out_dir, shared: WeightFil
         emb = text_model.embed_tokens_per_layer
         ple_table = (_np(emb.weight) * np.float32(emb.scalar_embed_scale)).astype(np.float32)
 
-    kv_source: dict = {}
+    kv_source: dict = {"mask_positions": "position_ids"}
     for layer, mod in zip(plan.layers, text_model.layers, strict=True):
         pli = None
         if per_layer is not None:
             pli = g.op("Gather", per_layer, g.const(layer.index), axis=2)
         x = decoder_layer(g, lin, x, mod, layer, plan.num_heads, plan.window, rope, eps, f"layers.{layer.index}",
                           kv_source, pli)
-        _kv_outputs(g, layer)
+        if writes_kv(layer, profile):
+            _kv_outputs(g, layer)
 
     x = rms_norm(g, x, _np(text_model.norm.weight), "norm", eps)
     # Only the last `logits_to_keep` positions need logits and hidden states (prefill: 1, verify: k+1).
@@ -361,7 +414,12 @@ def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan,
         tl = next(t for t in target_plan.layers if t.index == store)
         pk, pv, _, _ = kv_names(store)
         width = tl.kv_heads * tl.head_dim
-        kv_source[store] = (_row_at(g, pk, "seqlens_k", width), _row_at(g, pv, "seqlens_k", width))
+        if profile.standard_attention:  # attend to the buffers as they are: no row rewritten
+            kv_source[store] = (pk, pv)
+        else:
+            kv_source[store] = (_row_at(g, pk, "seqlens_k", width), _row_at(g, pv, "seqlens_k", width))
+    if profile.standard_attention:  # the drafter's query sits where GQA puts it: the last processed position P-1
+        kv_source["mask_positions"] = g.op("Reshape", g.op("Cast", "seqlens_k", to=I64), g.const([1, 1]))
 
     tokens, all_logits = [], []
     for i in range(steps or 1):
@@ -371,7 +429,8 @@ def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan,
         for layer, mod in zip(layers, assistant.model.layers, strict=True):
             x = decoder_layer(g, lin, x, mod, layer, cfg.num_attention_heads, cfg.sliding_window, rope, eps,
                               f"layers.{layer.index}", kv_source, None, suffix)
-            _kv_outputs(g, layer, suffix)
+            if writes_kv(layer, profile):
+                _kv_outputs(g, layer, suffix)
         h = rms_norm(g, x, _np(assistant.model.norm.weight), "norm", eps)
         hidden = lin(h, "post_projection", _np(assistant.post_projection.weight))
         if assistant.masked_embedding is not None:
