@@ -102,18 +102,32 @@ class _Graph:
 
 
 class Target(_Graph):
-    def __init__(self, session, spec: GraphSpec, ple: PLETable | None):
+    def __init__(self, session, spec: GraphSpec, ple: PLETable | None, pow2_prefill: bool = False):
         super().__init__(session, spec)
         self.ple = ple
+        # WebGPU compiles shaders for every new input length: prefill in power-of-two chunks keeps the set
+        # of lengths small (1, 2, 4, ... plus the verify lengths 1..k+1).
+        self.pow2_prefill = pow2_prefill
 
     def forward(self, cache: KVCache, ids: list[int] | np.ndarray, logits_to_keep: int = 1):
         """Run ids at positions cache.length.. ; returns (logits [N,V], hidden [N,H]) for the last N."""
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        past, s = cache.length, ids.shape[1]
-        if past + s > cache.max_context:
+        s = ids.shape[1]
+        if cache.length + s > cache.max_context:
             raise EdgegenError(
-                f"context full: {past + s} positions exceed the bundle's max context {cache.max_context}"
+                f"context full: {cache.length + s} positions exceed the bundle's max context {cache.max_context}"
             )
+        if self.pow2_prefill and logits_to_keep == 1 and s & (s - 1):
+            start = 0
+            for bit in reversed(range(s.bit_length())):
+                if s & (1 << bit):
+                    out = self._forward(cache, ids[:, start:start + (1 << bit)], 1)
+                    start += 1 << bit
+            return out
+        return self._forward(cache, ids, logits_to_keep)
+
+    def _forward(self, cache: KVCache, ids: np.ndarray, logits_to_keep: int):
+        past, s = cache.length, ids.shape[1]
         feeds = {
             "input_ids": ids,
             "position_ids": np.arange(past, past + s, dtype=np.int64).reshape(1, -1),
@@ -188,7 +202,7 @@ class Bundle:
         def session(spec: GraphSpec):
             return open_session(self.path, spec, threads, self.ep, strict, self.placement)
 
-        self.target = Target(session(m.graphs["target"]), m.graphs["target"], ple)
+        self.target = Target(session(m.graphs["target"]), m.graphs["target"], ple, m.ep_profile == "webgpu")
         self.assistant = self.draft_round = None
         if "assistant" in m.graphs:
             self.assistant = Assistant(session(m.graphs["assistant"]), m.graphs["assistant"])
