@@ -102,12 +102,13 @@ class _Graph:
 
 
 class Target(_Graph):
-    def __init__(self, session, spec: GraphSpec, ple: PLETable | None, pow2_prefill: bool = False):
+    def __init__(self, session, spec: GraphSpec, ple: PLETable | None, max_chunk: int = 0):
         super().__init__(session, spec)
         self.ple = ple
-        # WebGPU compiles shaders for every new input length: prefill in power-of-two chunks keeps the set
-        # of lengths small (1, 2, 4, ... plus the verify lengths 1..k+1).
-        self.pow2_prefill = pow2_prefill
+        # webgpu profile: feed at most `max_chunk` tokens a call, in power-of-two chunks. Each new input
+        # length compiles shaders, so few lengths is faster; and the WebGPU EP's GroupQueryAttention gives
+        # wrong results for 32 or more new tokens in full-attention layers (plugin 0.4.0, measured).
+        self.max_chunk = max_chunk
 
     def forward(self, cache: KVCache, ids: list[int] | np.ndarray, logits_to_keep: int = 1):
         """Run ids at positions cache.length.. ; returns (logits [N,V], hidden [N,H]) for the last N."""
@@ -117,14 +118,18 @@ class Target(_Graph):
             raise EdgegenError(
                 f"context full: {cache.length + s} positions exceed the bundle's max context {cache.max_context}"
             )
-        if self.pow2_prefill and logits_to_keep == 1 and s & (s - 1):
-            start = 0
-            for bit in reversed(range(s.bit_length())):
-                if s & (1 << bit):
-                    out = self._forward(cache, ids[:, start:start + (1 << bit)], 1)
-                    start += 1 << bit
-            return out
-        return self._forward(cache, ids, logits_to_keep)
+        if not self.max_chunk or (s <= self.max_chunk and (logits_to_keep == s or not s & (s - 1))):
+            return self._forward(cache, ids, logits_to_keep)
+        logits, hidden, start = [], [], 0
+        while start < s:
+            n = min(self.max_chunk, 1 << ((s - start).bit_length() - 1))
+            wanted = min(n, logits_to_keep - (s - start - n))  # this chunk's share of the last N positions
+            lo, hi = self._forward(cache, ids[:, start:start + n], max(wanted, 1))
+            if wanted > 0:
+                logits.append(lo[-wanted:])
+                hidden.append(hi[-wanted:])
+            start += n
+        return np.concatenate(logits), np.concatenate(hidden)
 
     def _forward(self, cache: KVCache, ids: np.ndarray, logits_to_keep: int):
         past, s = cache.length, ids.shape[1]
@@ -202,7 +207,8 @@ class Bundle:
         def session(spec: GraphSpec):
             return open_session(self.path, spec, threads, self.ep, strict, self.placement)
 
-        self.target = Target(session(m.graphs["target"]), m.graphs["target"], ple, m.ep_profile == "webgpu")
+        self.target = Target(session(m.graphs["target"]), m.graphs["target"], ple,
+                             16 if "webgpu" in (self.ep, m.ep_profile) else 0)
         self.assistant = self.draft_round = None
         if "assistant" in m.graphs:
             self.assistant = Assistant(session(m.graphs["assistant"]), m.graphs["assistant"])

@@ -135,6 +135,34 @@ def test_cpu_profile_leaves_attention_on_cpu_under_openvino(ep: str, demo_bundle
         assert placed["nodes"][providers.ort_name(ep)] > 1  # compiled in several partitions
 
 
+@pytest.mark.parametrize("ep", [pytest.param(ep, marks=needs(ep)) for ep in ("webgpu", "openvino")])
+def test_logits_match_cpu_fp32(ep: str, demo_bundles) -> None:
+    """fp32 on the EP: OpenVINO's CPU device would use bf16 (logits off by ~0.04) without the f32 hint."""
+    ids = list(range(10, 170))  # longer than the demo's sliding window (128): the window mask is exercised
+    logits = {}
+    for name in ("cpu", ep):
+        bundle = Bundle(demo_bundles(ep), ep=name)
+        logits[name] = bundle.target.forward(bundle.new_cache(), ids, logits_to_keep=len(ids))[0]
+    diff = float(np.abs(logits[ep] - logits["cpu"]).max())
+    print(f"{ep}: max |logits - CPU fp32| = {diff:.2e}")
+    assert diff < 1e-3
+
+
+def test_chunked_target_calls_equal_one_call(demo_bundles) -> None:
+    """The WebGPU path feeds the target at most 16 tokens a call, in power-of-two chunks (checked on CPU)."""
+    ids = list(range(10, 67))
+    whole = Bundle(demo_bundles("cpu"))
+    chunked = Bundle(demo_bundles("cpu"))
+    chunked.target.max_chunk = 16
+    for keep in (1, 5, len(ids)):
+        a = whole.target.forward(whole.new_cache(), ids, keep)
+        cache = chunked.new_cache()
+        b = chunked.target.forward(cache, ids, keep)
+        assert cache.length == len(ids)
+        for x, y in zip(a, b, strict=True):
+            assert x.shape == y.shape and np.abs(x - y).max() < 1e-4
+
+
 def test_auto_picks_the_bundles_profile_or_says_why(demo_bundles) -> None:
     ep, why = providers.choose("auto", "cpu")
     accelerators = [e for e in providers.AUTO_ORDER if _loads(e) and providers._is_accelerator(e)]
