@@ -104,6 +104,10 @@ def distill(
                                help="Draft bursts trained per window (0 = every position)"),
     self_generated: int = typer.Option(0, "--self-generated", min=0,
                                        help="Train half of each batch on this many target-sampled sequences"),
+    self_generated_temperature: float = typer.Option(
+        1.0, "--self-generated-temperature", min=0.0, help="Sampling temperature of those sequences (0 = greedy)"),
+    init: str | None = typer.Option(None, "--init", help="Start from this assistant (HF id or directory), "
+                                    "e.g. the stock assistant when the target is a fine-tune"),
     bf16: bool = typer.Option(False, "--bf16", help="Save weights in bfloat16 (half the size)"),
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore a checkpoint in OUT and start over"),
 ) -> None:
@@ -117,18 +121,28 @@ def distill(
                           hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_layers=num_layers,
                           num_centroids=centroids, centroid_top_k=centroid_top_k, seed=seed,
                           save_dtype="bfloat16" if bf16 else "float32",
-                          self_generated=self_generated, bursts_per_window=bursts)
-    with Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()) as progress:
-        task = progress.add_task("distill", total=steps, info="")
+                          self_generated=self_generated, bursts_per_window=bursts,
+                          self_generated_temperature=self_generated_temperature, init=init)
+    # The bar starts with the first step, so option and loading errors print nothing but their line.
+    progress = Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    task = None
 
-        def report(step: int, total: int, info: dict) -> None:
-            line = f"loss {info['loss']:.3f}  ~{info['tokens_per_call']:.2f} tok/call"
-            progress.update(task, completed=step, info=line)
-            if not progress.console.is_terminal and (step % 50 == 0 or step == total):
-                progress.console.print(f"step {step}/{total}  {line}  {info['elapsed_s'] / 60:.1f} min")
+    def report(step: int, total: int, info: dict) -> None:
+        nonlocal task
+        if task is None:
+            progress.start()
+            task = progress.add_task("distill", total=total, completed=step - 1, info="")
+        line = f"loss {info['loss']:.3f}  ~{info['tokens_per_call']:.2f} tok/call"
+        progress.update(task, completed=step, info=line)
+        if not progress.console.is_terminal and (step % 50 == 0 or step == total):
+            progress.console.print(f"step {step}/{total}  {line}  {info['elapsed_s'] / 60:.1f} min")
 
+    try:
         path = run_distill(target, out, data, opts, resume=not no_resume, progress=report)
+    finally:
+        if task is not None:
+            progress.stop()
     typer.echo(f"wrote {path}")
 
 

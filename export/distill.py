@@ -49,8 +49,11 @@ class DistillOptions:
     seed: int = 0
     checkpoint_every: int = 200
     bursts_per_window: int = 0  # burst starts trained per window (0: all T-k of them)
-    self_generated: int = 0  # sequences the target samples itself (temperature 1) to train on, half of
-    #                          every batch: drafts are judged on the target's own continuations
+    self_generated: int = 0  # sequences the target generates itself to train on, half of every batch:
+    #                          drafts are judged on the target's own continuations
+    self_generated_temperature: float = 1.0  # 0: greedy continuations (what greedy speculation verifies)
+    init: str | None = None  # start from this assistant (HF id or dir) instead of a fresh one; its shape
+    #                          and token ordering win over hidden_size/num_layers/num_centroids
     save_dtype: str = "float32"  # or bfloat16 (smaller files; loads back exactly into fp32)
 
 
@@ -227,9 +230,13 @@ def _self_generated(target, ids: np.ndarray, opts: DistillOptions, seed: int) ->
         n = min(16, opts.self_generated - len(out))
         starts = rng.integers(0, len(ids) - prefix, n)
         x = torch.from_numpy(np.stack([ids[s : s + prefix] for s in starts]))
+        if opts.self_generated_temperature > 0:
+            how = dict(do_sample=True, temperature=opts.self_generated_temperature, top_k=0, top_p=1.0)
+        else:
+            how = dict(do_sample=False)
         with torch.no_grad():
-            seqs = target.generate(x, attention_mask=torch.ones_like(x), do_sample=True, temperature=1.0, top_k=0,
-                                   top_p=1.0, max_new_tokens=new, min_new_tokens=new)
+            seqs = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                                   **how)
         out.extend(seqs[:, : opts.seq_len].numpy())
     return np.stack(out)
 
@@ -238,10 +245,12 @@ def distill(target: str, out: str | Path, data: str | Path | None = None, option
             resume: bool = True, progress: Callable[[int, int, dict], None] = lambda step, total, info: None) -> Path:
     """Train an assistant for `target`; writes an HF checkpoint to `out` (loadable by transformers and
     by `edgegen export`). Checkpoints every `checkpoint_every` steps; a rerun resumes from the last one."""
-    from edgegen.export.loading import load_target
+    from edgegen.export.loading import load_assistant_for, load_target
 
     opts = options or DistillOptions()
     out = Path(out).expanduser().absolute()
+    if opts.self_generated_temperature < 0:
+        raise EdgegenError("--self-generated-temperature must be >= 0 (0 = greedy)")
     if opts.steps < 1 or opts.draft_tokens < 1 or opts.seq_len <= opts.draft_tokens + 1 or opts.batch_size < 1:
         raise EdgegenError("--steps, --draft-tokens and batch size must be >= 1, and seq_len > draft tokens + 1")
     if out.exists() and not out.is_dir():
@@ -255,9 +264,12 @@ def distill(target: str, out: str | Path, data: str | Path | None = None, option
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
-    assistant = assistant_for(target_model, opts)
+    if opts.init:
+        assistant = load_assistant_for(opts.init, target_dir)
+    else:
+        assistant = assistant_for(target_model, opts)
     text_model = _text_model(target_model)
-    if assistant.masked_embedding is not None:
+    if assistant.masked_embedding is not None and not opts.init:
         order = balanced_clusters(text_model.embed_tokens.weight.detach().numpy(), opts.num_centroids, seed=opts.seed)
         assistant.masked_embedding.token_ordering.copy_(torch.from_numpy(order))
     params = [p for p in assistant.parameters() if p.requires_grad]

@@ -201,6 +201,16 @@ def load_target(target: str) -> tuple[torch.nn.Module, Path]:
     return _from_pretrained(TARGET_TYPES[cfg["model_type"]], target_dir, "target"), target_dir
 
 
+def load_assistant_for(assistant: str, target_dir: Path) -> torch.nn.Module:
+    """An existing assistant, checked against the target in `target_dir`, loaded in fp32 (distill --init)."""
+    apply_transformers_shims()
+    _quiet_transformers()
+    assistant_dir = resolve(assistant, "assistant")
+    check_pair(read_config(target_dir, "target"), read_config(assistant_dir, "assistant"))
+    _check_weights(assistant_dir, "assistant")
+    return _from_pretrained("Gemma4AssistantForCausalLM", assistant_dir, "assistant")
+
+
 def load_pair(target: str, assistant: str, draft_tokens: int = 4) -> Pair:
     apply_transformers_shims()
     _quiet_transformers()

@@ -102,6 +102,24 @@ def test_centroid_head_ordering_is_learned_and_exports(peaked_pair, tmp_path):
     assert all(c["passed"] for c in manifest.parity["checks"].values())
 
 
+def test_init_starts_from_an_existing_assistant(peaked_pair, tmp_path):
+    """--init: the run starts from the given assistant's weights and token ordering (at lr 0 it keeps them),
+    and greedy self-generated windows (temperature 0) feed the batch."""
+    import torch
+    from transformers import Gemma4AssistantForCausalLM
+
+    from edgegen.export.compat import apply_transformers_shims
+
+    first = distill(str(peaked_pair[0]), tmp_path / "first", options=CENTROIDS)
+    opts = dataclasses.replace(CENTROIDS, steps=1, lr=0.0, init=str(first), hidden_size=32, num_centroids=0,
+                               self_generated=2, self_generated_temperature=0.0)
+    second = distill(str(peaked_pair[0]), tmp_path / "second", options=opts)
+    apply_transformers_shims()
+    a, b = (Gemma4AssistantForCausalLM.from_pretrained(p).state_dict() for p in (first, second))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # shape, ordering and weights all come from --init
+
+
 def test_interrupted_distill_resumes_from_checkpoint(peaked_pair, tmp_path):
     out = tmp_path / "resumable"
     opts = dataclasses.replace(TRAIN, steps=6, checkpoint_every=2, self_generated=0)
@@ -121,7 +139,7 @@ def test_interrupted_distill_resumes_from_checkpoint(peaked_pair, tmp_path):
     assert (out / "config.json").is_file() and not (out / "distill-checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("case", ["missing_data", "not_gemma", "finished_out"])
+@pytest.mark.parametrize("case", ["missing_data", "not_gemma", "finished_out", "init_other_target"])
 def test_cli_errors_are_one_line(case, peaked_pair, tmp_path):
     target = str(peaked_pair[0])
     args = ["--target", target, "--out", str(tmp_path / "o"), "--steps", "1"]
@@ -132,6 +150,8 @@ def test_cli_errors_are_one_line(case, peaked_pair, tmp_path):
         bad.mkdir()
         (bad / "config.json").write_text('{"model_type": "llama"}')
         args[1] = str(bad)
+    elif case == "init_other_target":  # the demo assistant reads the demo target's layers, not this one's
+        args += ["--init", str(DEMO_TARGET.parent / "assistant")]
     else:
         finished = tmp_path / "finished"
         finished.mkdir()
