@@ -26,9 +26,10 @@ import onnxruntime as ort
 from edgegen.runtime.errors import EdgegenError
 
 EPS = ("cpu", "qnn", "webgpu", "openvino")
-# `auto` tries accelerators in this order: an NPU does the most work per watt, then a GPU; OpenVINO here
-# is another CPU backend (its device is the CPU), so it comes last before ORT's own CPU EP.
-AUTO_ORDER = ("qnn", "webgpu", "openvino")
+# `auto`: a bundle exported for an EP runs there when it loads (qnn bundles: the NPU, first). Otherwise a GPU
+# before OpenVINO (another CPU backend on most machines). QNN is not tried for other bundles: its HTP runs
+# only static-shape QDQ graphs, so a dynamic bundle would fall back to the CPU node by node.
+AUTO_ORDER = ("webgpu", "openvino")
 CPU_EP = "CPUExecutionProvider"
 
 
@@ -127,16 +128,14 @@ def choose(ep: str, profile: str = "cpu") -> tuple[str, str]:
             devices(profile)
             return profile, f"the bundle was exported for {profile}"
         except EdgegenError as exc:
-            fallback = f"the bundle was exported for {profile}, which cannot load here ({exc})"
-    else:
-        fallback = "no GPU or NPU execution provider with a hardware device is available"
+            return "cpu", f"the bundle was exported for {profile}, which cannot load here ({exc})"
     for name in AUTO_ORDER:
         try:
             if _is_accelerator(name):
                 return name, f"{name} has a hardware device"
         except EdgegenError:
             continue
-    return "cpu", fallback
+    return "cpu", "no GPU or NPU execution provider with a hardware device is available"
 
 
 def add_to_session(so: ort.SessionOptions, ep: str, strict: bool = False) -> None:
