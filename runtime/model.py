@@ -54,6 +54,9 @@ def open_session(bundle: Path, spec: GraphSpec, threads: int | None, ep: str = "
         if strict and "fallback to CPU EP has been explicitly disabled" in first:
             raise EdgegenError(f"'{spec.file}' has nodes that cannot run on {ep} (strict placement); "
                                f"export the bundle with --ep {ep} or run without strict placement") from None
+        if ep != "cpu":
+            raise EdgegenError(f"cannot load '{spec.file}' on {ep} ({first}); export the bundle with --ep {ep}, "
+                               "or run it with --ep cpu") from None
         raise EdgegenError(f"cannot load '{spec.file}' from '{bundle}' ({first}); re-export the bundle") from None
 
 
