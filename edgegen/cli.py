@@ -19,20 +19,32 @@ def _root() -> None:
     """Gemma 4 speculative decoding on ONNX Runtime: export a pair, run it, measure it."""
 
 
-class ExportEP(str, Enum):
-    cpu = "cpu"
-    qnn = "qnn"
-
-
-class RunEP(str, Enum):
-    cpu = "cpu"
-    qnn = "qnn"
-
-
 class QuantKind(str, Enum):
     fp32 = "fp32"
     int8 = "int8"
     int4 = "int4"
+
+
+class ExportEP(str, Enum):
+    cpu = "cpu"
+    qnn = "qnn"
+    webgpu = "webgpu"
+    openvino = "openvino"
+
+
+class RunEP(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    qnn = "qnn"
+    webgpu = "webgpu"
+    openvino = "openvino"
+
+
+def _quiet_ort() -> None:
+    """onnxruntime's default logger prints warnings (e.g. about a software GPU adapter) to the terminal."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
 
 
 @app.command()
@@ -47,7 +59,8 @@ def export(
     max_context: int = typer.Option(4096, "--max-context", min=16, help="Longest prompt + generation the bundle holds"),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check against PyTorch"),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists"),
-    ep: ExportEP = typer.Option(ExportEP.cpu, "--ep", help="Export profile: cpu, or qnn (static shapes, QDQ, NPU)"),
+    ep: ExportEP = typer.Option(ExportEP.cpu, "--ep",
+                                help="Export profile: cpu, qnn (static shapes, QDQ, NPU), webgpu or openvino"),
     soc_model: str | None = typer.Option(None, "--soc-model",
                                          help="qnn: precompile QNN context binaries for this SoC model number"),
 ) -> None:
@@ -145,22 +158,43 @@ def bench(
     repeats: int = typer.Option(1, "--repeats", min=1, help="Run the built-in prompts this many times"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here (needs matplotlib)"),
-    ep: RunEP = typer.Option(RunEP.cpu, "--ep", help="Execution provider (qnn: the QNN HTP backend)"),
+    ep: str = typer.Option("cpu", "--ep", help="Execution provider, or several: cpu,webgpu,openvino (or auto)"),
 ) -> None:
-    """Measure plain vs speculative decoding on a bundle, side by side."""
+    """Measure plain vs speculative decoding on a bundle, side by side (per execution provider)."""
     import json
 
     from edgegen.runtime.bench import bench as run_bench
-    from edgegen.runtime.bench import plot
+    from edgegen.runtime.bench import bench_eps, plot
+    from edgegen.runtime.providers import check_name
 
     if plot_path is not None:
         _check_plot_path(plot_path)
-    result = run_bench(bundle, max_new_tokens, draft_tokens, threads, repeats=repeats, ep=ep.value)
+    eps = [check_name(e.strip()) for e in ep.split(",") if e.strip()] or ["cpu"]
+    _quiet_ort()
+    if len(eps) > 1:
+        if plot_path is not None:
+            raise EdgegenError("--plot takes one execution provider; run bench once per --ep to plot each")
+        result = bench_eps(bundle, eps, max_new_tokens=max_new_tokens, draft_tokens=draft_tokens, threads=threads,
+                           repeats=repeats)
+        if as_json:
+            typer.echo(json.dumps(result))
+            return
+        typer.echo(f"{'ep':>10} {'plain tok/s':>12} {'spec tok/s':>11} {'speedup':>8} {'acceptance':>11} "
+                   f"{'tok/call':>9} {'node share':>11}")
+        for row in result["table"]:
+            typer.echo(f"{row['ep']:>10} {row['plain_tokens_per_second']:>12.1f} "
+                       f"{_fmt(row['speculative_tokens_per_second'], '.1f'):>11} {_fmt(row['speedup'], '.2f'):>8} "
+                       f"{_fmt(row['acceptance'], '.3f'):>11} {_fmt(row['tokens_per_target_call'], '.2f'):>9} "
+                       f"{_fmt(row['min_node_share'], '.3f'):>11}")
+        return
+    result = run_bench(bundle, max_new_tokens, draft_tokens, threads, repeats=repeats, ep=eps[0])
     if plot_path is not None:
         plot(result, str(plot_path))
     if as_json:
         typer.echo(json.dumps(result))
         return
+    shares = ", ".join(f"{f} {p['share']:.3f}" for f, p in result["placement"].items())
+    typer.echo(f"ep {result['ep']} ({result['ep_reason']}); node share on it: {shares}")
     for name, m in result["modes"].items():
         typer.echo(
             f"{name:>12}: {m['tokens_per_second']:8.1f} tok/s  first token {m['time_to_first_token_ms']:.0f} ms  "
@@ -188,6 +222,10 @@ def _check_plot_path(path: Path) -> None:
         raise EdgegenError(f"--plot '{path}': cannot write to '{parent}'; choose a writable place")
     if importlib.util.find_spec("matplotlib") is None:
         raise EdgegenError("--plot needs matplotlib; pip install matplotlib")
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _read_prompt(prompt: str | None, file: Path | None, chat: bool) -> str | None:
@@ -224,7 +262,7 @@ def run(
     threads: int | None = typer.Option(None, "--threads", min=1, help="Threads per session"),
     stats: bool = typer.Option(False, "--stats", help="Print generation statistics to stderr"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token_ids, stats"),
-    ep: RunEP = typer.Option(RunEP.cpu, "--ep", help="Execution provider (qnn: the QNN HTP backend)"),
+    ep: RunEP = typer.Option(RunEP.cpu, "--ep", help="Execution provider; auto picks the best one available"),
 ) -> None:
     """Generate text with a bundle: speculative decoding with its assistant, streamed to the terminal."""
     import json
@@ -238,7 +276,11 @@ def run(
         from edgegen.demo import demo_bundle
 
         bundle = demo_bundle()
+    if ep is not RunEP.cpu:
+        _quiet_ort()
     gen = Generator(bundle, threads=threads, ep=ep.value)
+    if ep is RunEP.auto or stats:
+        typer.echo(f"[ep {gen.bundle.ep}: {gen.bundle.ep_reason}]", err=True)
     options = dict(max_new_tokens=max_new_tokens, sampling=sampling, use_assistant=not no_assistant,
                    draft_tokens=draft_tokens)
     if chat:
@@ -246,7 +288,7 @@ def run(
         return
     if as_json:
         result = gen.generate(text, stop_strings=tuple(stop), **options)
-        typer.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
+        typer.echo(json.dumps({"text": result.text, "token_ids": result.token_ids, "ep": gen.bundle.ep,
                                "stop_reason": result.stop_reason, "stats": result.stats.as_dict()}))
         return
     _stream_out(gen.stream(text, stop_strings=tuple(stop), **options), stats)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgegen.export.graphs import build_assistant_graph, build_target_graph
+from edgegen.export.graphs import PROFILES, build_assistant_graph, build_target_graph, writes_kv
 from edgegen.export.onnx_graph import SHARED_FILE, Graph, WeightFile
 from edgegen.export.quantize import Quant, pack, quantize_blocks
 from edgegen.runtime.errors import EdgegenError
@@ -33,7 +33,6 @@ from edgegen.runtime.manifest import (
 )
 
 STAGES = ("load", "graphs", "write", "verify", "publish")
-EXPORT_EPS = ("cpu", "qnn")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "generation_config.json")
 _DTYPE_NAMES = {1: "float32", 7: "int64", 6: "int32"}
@@ -48,7 +47,7 @@ class ExportOptions:
     verify: bool = True
     force: bool = False
     draft_tokens: int | None = None  # steps of the fused draft_round graph [default: the assistant's own]
-    ep: str = "cpu"  # export profile: cpu | qnn (static shapes, standard ops, QDQ; export/qnn.py)
+    ep: str = "cpu"  # execution-provider profile of the graphs: cpu, qnn, webgpu, openvino (graphs.PROFILES)
     soc_model: str | None = None  # qnn: precompile EP context binaries for this Qualcomm SoC model number
 
     def draft_tokens_resolved(self, pair) -> int:
@@ -126,10 +125,10 @@ def _graph_spec(g: Graph, file: str, aliases: dict[str, str], quant: Quant) -> G
                      {"kind": quant.kind, "block_size": quant.block_size if quant.bits else 0})
 
 
-def _aliases(layers, steps: int | None = None) -> dict[str, str]:
+def _aliases(layers, profile, steps: int | None = None) -> dict[str, str]:
     out = {}
     for suffix in [""] if steps is None else [f".s{i}" for i in range(steps)]:
-        for layer in layers:
+        for layer in filter(lambda la: writes_kv(la, profile), layers):
             out[f"present_key.{layer.index}{suffix}"] = f"past_key.{layer.store}"
             out[f"present_value.{layer.index}{suffix}"] = f"past_value.{layer.store}"
     return out
@@ -200,13 +199,14 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     _remove_stale_partials(out)
     if opts.max_context < 16:
         raise EdgegenError(f"--max-context {opts.max_context} is too small; use at least 16")
-    if opts.ep not in EXPORT_EPS:
-        raise EdgegenError(f"--ep {opts.ep} is not an export profile; use one of {', '.join(EXPORT_EPS)}")
+    if opts.ep not in ("cpu", "qnn", "webgpu", "openvino"):
+        raise EdgegenError(f"--ep {opts.ep} is unknown; use cpu, qnn, webgpu or openvino")
     if opts.soc_model and opts.ep != "qnn":
         raise EdgegenError("--soc-model precompiles QNN context binaries; use it with --ep qnn")
     if opts.ep == "qnn" and (opts.quant != "fp32" or opts.assistant_quant):
         raise EdgegenError("--ep qnn quantizes to QDQ itself (uint16 activations, int8 weights); "
                            "drop --quant / --assistant-quant")
+    profile = PROFILES.get(opts.ep)  # None for qnn: its static graphs are built by export/qnn.py
     tquant = Quant(opts.quant, opts.block_size)
     aquant = Quant(opts.assistant_quant_resolved(), opts.block_size)
 
@@ -232,11 +232,13 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
         if pair.target.lm_head.weight.data_ptr() != pair.text_model.embed_tokens.weight.data_ptr():
             untied = pair.target.lm_head.weight.detach().float().numpy()
         shared = WeightFile(tmp / SHARED_FILE)
-        tgraph, plan, ple_table = build_target_graph(pair.text_model, cfg, tquant, tmp, shared, untied)
-        agraph, alayers = build_assistant_graph(pair.assistant, pair.text_model, plan, aquant, tquant, tmp, shared)
+        tgraph, plan, ple_table = build_target_graph(pair.text_model, cfg, tquant, tmp, shared, untied, profile,
+                                                     max_context)
+        agraph, alayers = build_assistant_graph(pair.assistant, pair.text_model, plan, aquant, tquant, tmp, shared,
+                                                profile=profile, max_context=max_context)
         steps = opts.draft_tokens or int(pair.assistant.generation_config.num_assistant_tokens)
         rgraph, _ = build_assistant_graph(pair.assistant, pair.text_model, plan, aquant, tquant, tmp, shared,
-                                          steps=steps, data=agraph.data)
+                                          steps=steps, data=agraph.data, profile=profile, max_context=max_context)
 
         stage("write")
         for g in (tgraph, agraph, rgraph):
@@ -256,13 +258,15 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
             generation=_generation_defaults(pair, steps),
             source={"target": str(target), "assistant": str(assistant)},
             edgegen_version=_version(),
+            ep_profile=opts.ep,
         )
         _check_tokenizer(tmp, cfg.vocab_size)
         # Graph IO specs are re-read from the written models (what the runtime will really see).
         import onnx
 
-        for name, aliases, q in (("target", _aliases(plan.layers), tquant), ("assistant", _aliases(alayers), aquant),
-                                 ("draft_round", _aliases(alayers, steps), aquant)):
+        for name, aliases, q in (("target", _aliases(plan.layers, profile), tquant),
+                                 ("assistant", _aliases(alayers, profile), aquant),
+                                 ("draft_round", _aliases(alayers, profile, steps), aquant)):
             model = onnx.load(str(tmp / f"{name}.onnx"), load_external_data=False)
             manifest.graphs[name] = _graph_spec(_GraphIO(model.graph), f"{name}.onnx", aliases, q)
         _record_files(tmp, manifest)  # before verification, which loads the bundle the way the runtime will

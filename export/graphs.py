@@ -26,6 +26,41 @@ F32, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
 KINDS = ("sliding_attention", "full_attention")
 
 
+@dataclass(frozen=True)
+class Profile:
+    """What one execution provider needs from the graphs (ARCHITECTURE: "Execution-provider profiles").
+    The math is the same in every profile; only the ops that express it change."""
+
+    name: str = "cpu"
+    # RoPE cos/sin gathered from [max_context, d/2] tables by position id: no int64->float Cast and no
+    # Sin/Cos, which WebGPU runs on the CPU.
+    rope_tables: bool = False
+    # The logits slice starts at an input (-N) instead of int64 arithmetic on N (int64 math is CPU-only on
+    # WebGPU and ORT moves small shape computations to the CPU anyway).
+    logits_start_input: bool = False
+    # Token ids computed on the device (centroid head, draft tokens) stay int32 or float until an ArgMax:
+    # WebGPU has no int64 Reshape or Concat.
+    device_ids: bool = False
+    # RMSNormalization (opset 23) as ReduceMean/Sqrt/Div: OpenVINO has no kernel for it.
+    standard_norm: bool = False
+    # Attention from standard ops instead of com.microsoft GroupQueryAttention (OpenVINO has none): new K/V
+    # rows are scattered into the buffer (present bound to the same memory as past), then masked softmax
+    # attention over the first total_sequence_length rows. Only non-shared target layers write K/V.
+    standard_attention: bool = False
+
+
+PROFILES = {
+    "cpu": Profile(),
+    "webgpu": Profile("webgpu", rope_tables=True, logits_start_input=True, device_ids=True),
+    "openvino": Profile("openvino", standard_norm=True, standard_attention=True),
+}
+
+
+def writes_kv(layer: LayerPlan, profile: Profile) -> bool:
+    """Whether the layer has present K/V outputs (aliases of its store buffer)."""
+    return not (profile.standard_attention and layer.shared)
+
+
 def _np(t) -> np.ndarray:
     return t.detach().to("cpu").float().numpy()
 
@@ -71,7 +106,12 @@ def plan_target(cfg) -> TargetPlan:
 
 
 def rms_norm(g: Graph, x: str, weight: np.ndarray, name: str, eps: float) -> str:
-    return g.op("RMSNormalization", x, g.weight(name, weight.astype(np.float32)), axis=-1, epsilon=eps)
+    w = g.weight(name, weight.astype(np.float32))
+    if g.profile.standard_norm:
+        ms = g.op("ReduceMean", g.op("Mul", x, x), g.const([-1]), keepdims=1)
+        rms = g.op("Sqrt", g.op("Add", ms, g.const(np.float32(eps), np.float32)))
+        return g.op("Mul", g.op("Div", x, rms), w)
+    return g.op("RMSNormalization", x, w, axis=-1, epsilon=eps)
 
 
 def _rms_noscale(g: Graph, x: str, eps: float) -> str:
@@ -80,9 +120,17 @@ def _rms_noscale(g: Graph, x: str, eps: float) -> str:
     return g.op("Mul", x, inv)
 
 
-def rope_tables(g: Graph, pos_f: str, inv_freq: np.ndarray, tag: str) -> tuple[str, str]:
-    """cos/sin [1, S, 1, head_dim] for float positions [1, S, 1]; HF's cat(freqs, freqs) layout."""
-    freqs = g.op("Mul", pos_f, g.weight(f"inv_freq.{tag}", inv_freq.astype(np.float32)))
+def rope_tables(g: Graph, pos: str, inv_freq: np.ndarray, tag: str, max_context: int) -> tuple[str, str]:
+    """cos/sin [1, S, 1, head_dim] for int64 positions [1, S]; HF's cat(freqs, freqs) layout."""
+    inv_freq = inv_freq.astype(np.float32)
+    if g.profile.rope_tables:
+        # Same float32 product as HF (positions x inv_freq), evaluated once per position at export.
+        freqs = np.arange(max_context, dtype=np.float32)[:, None] * inv_freq[None, :]
+        cos, sin = (g.op("Gather", g.weight(f"rope_{f.__name__}.{tag}", f(freqs).astype(np.float32)), pos, axis=0)
+                    for f in (np.cos, np.sin))
+        return tuple(g.op("Unsqueeze", g.op("Concat", t, t, axis=-1), g.const([2])) for t in (cos, sin))
+    pos_f = g.op("Unsqueeze", g.op("Cast", pos, to=F32), g.const([-1]))
+    freqs = g.op("Mul", pos_f, g.weight(f"inv_freq.{tag}", inv_freq))
     emb = g.op("Concat", freqs, freqs, axis=-1)
     emb = g.op("Unsqueeze", emb, g.const([2]))
     return g.op("Cos", emb), g.op("Sin", emb)
@@ -124,15 +172,58 @@ def attention_block(g, lin, x, attn, layer: LayerPlan, num_heads: int, window: i
         v = _rms_noscale(g, v, eps)
         kv_source[layer.index] = (g.op("Reshape", k, g.const([1, -1, layer.kv_heads * d])),
                                   g.op("Reshape", v, g.const([1, -1, layer.kv_heads * d])))
-    k_new, v_new = kv_source[layer.store]
     past_k, past_v, _, _ = kv_names(layer.store)
     _, _, pres_k, pres_v = kv_names(layer.index, step)
+    if g.profile.standard_attention:
+        if not layer.shared:  # write the S new rows in place; shared layers and the drafter read the result
+            kv_source[layer.index] = tuple(_scatter_rows(g, buf, new, out, layer)
+                                           for buf, new, out in ((past_k, k, pres_k), (past_v, v, pres_v)))
+        out = _standard_attention(g, q, *kv_source[layer.store], layer, num_heads, window, kv_source["mask_positions"])
+        return lin(out, f"{prefix}.o_proj", _np(attn.o_proj.weight))
+    k_new, v_new = kv_source[layer.store]
     q = g.op("Reshape", q, g.const([1, -1, num_heads * d]))
     out = g.op("GroupQueryAttention", q, k_new, v_new, past_k, past_v, "seqlens_k", "total_sequence_length",
                domain="com.microsoft", out=[f"attn.{layer.index}{step}", pres_k, pres_v], num_heads=num_heads,
                kv_num_heads=layer.kv_heads, scale=1.0,
                local_window_size=window if layer.kind == "sliding_attention" else -1)[0]
     return lin(out, f"{prefix}.o_proj", _np(attn.o_proj.weight))
+
+
+def _scatter_rows(g: Graph, buffer: str, new: str, out: str, layer: LayerPlan) -> str:
+    """buffer [1, kv, max_ctx, d] with rows position_ids replaced by new [1, S, kv, d]; output `out`."""
+    rows = g.op("Transpose", new, perm=[0, 2, 1, 3])  # [1, kv, S, d]
+    index = g.op("Expand", g.op("Reshape", "position_ids", g.const([1, 1, -1, 1])), g.op("Shape", rows))
+    return g.op("ScatterElements", buffer, index, rows, axis=2, out=out)
+
+
+def _standard_attention(g: Graph, q: str, keys: str, values: str, layer: LayerPlan, num_heads: int, window: int,
+                        query_positions: str) -> str:
+    """GroupQueryAttention's result from standard ops. q [1, S, H, d]; keys/values are whole buffers
+    [1, kv, max_ctx, d], of which the first total_sequence_length rows are valid. Query i sits at
+    query_positions[i]: it sees keys j <= that position (sliding layers: the last `window` of them).
+    Query head h reads K/V head h // (H / kv), scale 1 (Gemma 4 normalizes q and k instead)."""
+    d, kv = layer.head_dim, layer.kv_heads
+    group = num_heads // kv
+    total = g.op("Reshape", g.op("Cast", "total_sequence_length", to=I64), g.const([1]))
+    # [1, kv, 1, T, d]: the group axis broadcasts against the query heads that share each K/V head.
+    keys, values = (g.op("Unsqueeze", g.op("Slice", t, g.const([0]), total, g.const([2])), g.const([2]))
+                    for t in (keys, values))
+    q = g.op("Transpose", g.op("Reshape", q, g.const([1, -1, kv, group, d])), perm=[0, 2, 3, 1, 4])  # [1,kv,g,S,d]
+    scores = g.op("MatMul", q, g.op("Transpose", keys, perm=[0, 1, 2, 4, 3]))  # [1, kv, group, S, T]
+    mask = _attention_mask(g, query_positions, total, window if layer.kind == "sliding_attention" else 0)
+    probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
+    out = g.op("Transpose", g.op("MatMul", probs, values), perm=[0, 3, 1, 2, 4])  # [1, S, kv, group, d]
+    return g.op("Reshape", out, g.const([1, -1, num_heads * d]))
+
+
+def _attention_mask(g: Graph, query_positions: str, total: str, window: int) -> str:
+    """Additive mask [1, 1, 1, S, T]: 0 where key j may be seen from query position p, else -inf."""
+    p = g.op("Reshape", query_positions, g.const([1, 1, 1, -1, 1]))
+    j = g.op("Reshape", g.op("Range", g.const(0), g.op("Squeeze", total), g.const(1)), g.const([1, 1, 1, 1, -1]))
+    seen = g.op("LessOrEqual", j, p)
+    if window:
+        seen = g.op("And", seen, g.op("Greater", j, g.op("Sub", p, g.const(window))))
+    return g.op("Where", seen, g.const(np.float32(0), np.float32), g.const(np.float32(-np.inf), np.float32))
 
 
 def decoder_layer(g, lin, x, layer_mod, layer: LayerPlan, num_heads, window, rope, eps, prefix, kv_source,
@@ -189,15 +280,21 @@ def _vi(name, shape):
 
 
 def build_target_graph(text_model, cfg, quant: Quant, out_dir, shared: WeightFile,
-                       untied_lm_head: np.ndarray | None = None) -> tuple[Graph, TargetPlan, np.ndarray | None]:
-    """Returns the graph, its plan, and the host-side PLE table (token component, scale folded in)."""
+                       untied_lm_head: np.ndarray | None = None, profile: Profile = PROFILES["cpu"],
+                       max_context: int = 0) -> tuple[Graph, TargetPlan, np.ndarray | None]:
+    """Returns the graph, its plan, and the host-side PLE table (token component, scale folded in).
+    max_context: positions the RoPE tables cover (profiles with rope_tables)."""
     plan = plan_target(cfg)
-    g = Graph("target", out_dir, shared)
+    g = Graph("target", out_dir, shared, profile=profile)
     lin = Linears(g, quant)
     eps = cfg.rms_norm_eps
     ids = g.input("input_ids", I64, [1, "S"])
     pos = g.input("position_ids", I64, [1, "S"])
-    keep = g.input("logits_to_keep", I64, [])
+    if profile.logits_start_input:
+        start = g.input("logits_start", I64, [1])
+    else:
+        keep = g.input("logits_to_keep", I64, [])
+        start = g.op("Neg", g.op("Unsqueeze", keep, g.const([0])))
     if plan.ple_dim:
         g.input("per_layer_inputs", F32, [1, "S", cfg.num_hidden_layers, plan.ple_dim])
     _common_inputs(g)
@@ -205,9 +302,8 @@ def build_target_graph(text_model, cfg, quant: Quant, out_dir, shared: WeightFil
 
     table = TiedTable(g, quant, "embed_tokens", _np(text_model.embed_tokens.weight), shared=True)
     x = table.rows(ids, text_model.embed_tokens.scalar_embed_scale)
-    pos_f = g.op("Unsqueeze", g.op("Cast", pos, to=F32), g.const([-1]))
-    rope = {kind: rope_tables(g, pos_f, _np(getattr(text_model.rotary_emb, f"{kind}_inv_freq")), f"target.{kind}")
-            for kind in KINDS}
+    rope = {kind: rope_tables(g, pos, _np(getattr(text_model.rotary_emb, f"{kind}_inv_freq")), f"target.{kind}",
+                              max_context) for kind in KINDS}
 
     per_layer = None
     ple_table = None
@@ -221,18 +317,18 @@ def build_target_graph(text_model, cfg, quant: Quant, out_dir, shared: WeightFil
         emb = text_model.embed_tokens_per_layer
         ple_table = (_np(emb.weight) * np.float32(emb.scalar_embed_scale)).astype(np.float32)
 
-    kv_source: dict = {}
+    kv_source: dict = {"mask_positions": "position_ids"}
     for layer, mod in zip(plan.layers, text_model.layers, strict=True):
         pli = None
         if per_layer is not None:
             pli = g.op("Gather", per_layer, g.const(layer.index), axis=2)
         x = decoder_layer(g, lin, x, mod, layer, plan.num_heads, plan.window, rope, eps, f"layers.{layer.index}",
                           kv_source, pli)
-        _kv_outputs(g, layer)
+        if writes_kv(layer, profile):
+            _kv_outputs(g, layer)
 
     x = rms_norm(g, x, _np(text_model.norm.weight), "norm", eps)
     # Only the last `logits_to_keep` positions need logits and hidden states (prefill: 1, verify: k+1).
-    start = g.op("Neg", g.op("Unsqueeze", keep, g.const([0])))
     x = g.op("Slice", x, start, g.const([2**62]), g.const([1]))
     g.output(x, "last_hidden", F32, [1, "N", plan.hidden])
     logits = table.logits(x) if untied_lm_head is None else lin(x, "lm_head", untied_lm_head)
@@ -268,7 +364,8 @@ def centroid_logits(g: Graph, lin: Linears, table: TiedTable, h: str, masked, vo
     per_cluster = vocab // masked.num_centroids
     scores = lin(h, "masked_embedding.centroids", _np(masked.centroids.weight))
     _, clusters = g.op("TopK", scores, g.const([top_k]), axis=-1, largest=1, sorted=1, out=2)
-    ordering = masked.token_ordering.detach().cpu().numpy().astype(np.int64).reshape(masked.num_centroids, per_cluster)
+    id_type = np.int32 if g.profile.device_ids else np.int64
+    ordering = masked.token_ordering.detach().cpu().numpy().astype(id_type).reshape(masked.num_centroids, per_cluster)
     tokens = g.op("Reshape", g.op("Gather", g.weight("masked_embedding.token_ordering", ordering), clusters, axis=0),
                   g.const([1, top_k * per_cluster]))
     rows = table.rows(g.op("Reshape", tokens, g.const([-1])))  # [top_k*per_cluster, hidden]
@@ -281,7 +378,8 @@ def centroid_logits(g: Graph, lin: Linears, table: TiedTable, h: str, masked, vo
 
 def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan, quant: Quant,
                           target_quant: Quant, out_dir, shared: WeightFile, steps: int | None = None,
-                          data: WeightFile | None = None) -> tuple[Graph, list[LayerPlan]]:
+                          data: WeightFile | None = None, profile: Profile = PROFILES["cpu"],
+                          max_context: int = 0) -> tuple[Graph, list[LayerPlan]]:
     """Draft steps at a constant position over the target's store-layer buffers.
 
     steps=None: the one-step graph `assistant`. steps=k: `draft_round`, k steps unrolled in one call,
@@ -291,7 +389,7 @@ def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan,
     """
     cfg = assistant.config.get_text_config()
     layers = assistant_plan(assistant, target_plan)
-    g = Graph("assistant" if steps is None else "draft_round", out_dir, shared, data=data)
+    g = Graph("assistant" if steps is None else "draft_round", out_dir, shared, data=data, profile=profile)
     lin = Linears(g, quant)
     eps, vocab = cfg.rms_norm_eps, cfg.vocab_size
     tok = g.input("token", I64, [1, 1])
@@ -309,9 +407,8 @@ def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan,
     target_table = TiedTable(g, target_quant, "embed_tokens", _np(target_text_model.embed_tokens.weight),
                              shared=True)
     own = TiedTable(g, quant, "lm_head", _np(assistant.lm_head.weight))
-    pos_f = g.op("Unsqueeze", g.op("Cast", pos, to=F32), g.const([-1]))
     rotary = assistant.model.rotary_emb
-    rope = {kind: rope_tables(g, pos_f, _np(getattr(rotary, f"{kind}_inv_freq")), f"assistant.{kind}")
+    rope = {kind: rope_tables(g, pos, _np(getattr(rotary, f"{kind}_inv_freq")), f"assistant.{kind}", max_context)
             for kind in set(cfg.layer_types)}
     # The K/V row of the last processed position, rewritten unchanged so GQA attends in place.
     kv_source = {}
@@ -319,7 +416,12 @@ def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan,
         tl = next(t for t in target_plan.layers if t.index == store)
         pk, pv, _, _ = kv_names(store)
         width = tl.kv_heads * tl.head_dim
-        kv_source[store] = (_row_at(g, pk, "seqlens_k", width), _row_at(g, pv, "seqlens_k", width))
+        if profile.standard_attention:  # attend to the buffers as they are: no row rewritten
+            kv_source[store] = (pk, pv)
+        else:
+            kv_source[store] = (_row_at(g, pk, "seqlens_k", width), _row_at(g, pv, "seqlens_k", width))
+    if profile.standard_attention:  # the drafter's query sits where GQA puts it: the last processed position P-1
+        kv_source["mask_positions"] = g.op("Reshape", g.op("Cast", "seqlens_k", to=I64), g.const([1, 1]))
 
     tokens, all_logits = [], []
     for i in range(steps or 1):
@@ -329,7 +431,8 @@ def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan,
         for layer, mod in zip(layers, assistant.model.layers, strict=True):
             x = decoder_layer(g, lin, x, mod, layer, cfg.num_attention_heads, cfg.sliding_window, rope, eps,
                               f"layers.{layer.index}", kv_source, None, suffix)
-            _kv_outputs(g, layer, suffix)
+            if writes_kv(layer, profile):
+                _kv_outputs(g, layer, suffix)
         h = rms_norm(g, x, _np(assistant.model.norm.weight), "norm", eps)
         hidden = lin(h, "post_projection", _np(assistant.post_projection.weight))
         if assistant.masked_embedding is not None:
@@ -344,9 +447,12 @@ def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan,
         noise = g.op("Gather", gumbel, g.const([i]), axis=0)  # [1, V]
         scored = g.op("Add", g.op("Mul", g.op("Reshape", logits, g.const([1, vocab])), inv_t), noise)
         tok = g.op("ArgMax", scored, axis=-1, keepdims=1)  # [1, 1]
-        tokens.append(tok)
+        tokens.append(g.op("Unsqueeze", scored, g.const([0])) if profile.device_ids else tok)
         all_logits.append(g.op("Reshape", logits, g.const([1, vocab])))
     if steps is not None:
-        g.output(g.op("Concat", *tokens, axis=1), "tokens", I64, [1, steps])
+        if profile.device_ids:  # the same argmaxes over the stacked scores [1, k, V]: no int64 Concat
+            g.output(g.op("ArgMax", g.op("Concat", *tokens, axis=1), axis=-1, keepdims=0), "tokens", I64, [1, steps])
+        else:
+            g.output(g.op("Concat", *tokens, axis=1), "tokens", I64, [1, steps])
         g.output(g.op("Concat", *all_logits, axis=0), "logits", F32, [steps, vocab])
     return g, layers

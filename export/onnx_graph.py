@@ -54,8 +54,10 @@ class WeightFile:
 
 
 class Graph:
-    def __init__(self, name: str, out_dir: Path, shared: WeightFile, data: WeightFile | None = None):
+    def __init__(self, name: str, out_dir: Path, shared: WeightFile, data: WeightFile | None = None,
+                 profile=None):
         self.name = name
+        self.profile = profile  # the execution-provider profile the graph is built for (graphs.Profile)
         # `data`: another graph's weight file, for a graph that reuses its weights (same names, same bytes).
         self.data = data or WeightFile(Path(out_dir) / f"{name}.weights")
         self.file = self.data.path.name

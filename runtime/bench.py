@@ -1,7 +1,9 @@
 """`edgegen bench`: plain vs speculative decoding on one bundle, measured side by side in one run.
 
 Reports tokens/s, time to first token, prefill tokens/s, acceptance by draft position, tokens per target
-call, peak RSS and the split of decode time between target, drafter and host code.
+call, peak RSS and the split of decode time between target, drafter and host code. `bench_eps` runs the
+same measurement on several execution providers, one after the other, and adds a per-EP table (with the
+share of graph nodes each EP got).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgegen.runtime.generate import Generator, Stats
+from edgegen.runtime.model import Bundle
 
 BENCH_PROMPTS = (
     "def parse_args(argv=None):\n    \"\"\"Parse the command line.\"\"\"\n",
@@ -39,6 +42,7 @@ class ModeResult:
         draft = sum(s.draft_s for s in self.stats)
         host = max(self.decode_s - target - draft, 0.0)
         hist = np.sum([_pad(s.accepted_hist, 17) for s in self.stats], axis=0)
+        total_drafted = sum(s.drafted for s in self.stats)
         return {
             "mode": self.name,
             "tokens": self.tokens,
@@ -46,6 +50,7 @@ class ModeResult:
             "time_to_first_token_ms": round(1000 * float(np.median(self.ttft_s)), 2),
             "prefill_tokens_per_second": round(float(np.median(self.prefill_tps)), 1),
             "tokens_per_target_call": round((self.tokens - len(self.stats)) / calls, 4) if calls else 0,
+            "acceptance": round(sum(s.accepted for s in self.stats) / total_drafted, 4) if total_drafted else None,
             "acceptance_by_position": [round(float(a / d), 4) for a, d in zip(accepted, drafted, strict=True) if d],
             "accepted_length_histogram": [int(x) for x in np.trim_zeros(hist, "b")],
             "time_split": {"target": round(target / self.decode_s, 4) if self.decode_s else 0,
@@ -82,15 +87,17 @@ def run_mode(gen: Generator, name: str, prompts: list[list[int]], max_new_tokens
 
 def bench(bundle_path, max_new_tokens: int = 128, draft_tokens: int | str = "auto", threads: int | None = None,
           prompts: list[str] | None = None, repeats: int = 1, ep: str = "cpu") -> dict:
-    gen = Generator(bundle_path, threads=threads, draft_tokens=draft_tokens, ep=ep)
+    bundle = Bundle(bundle_path, threads=threads, ep=ep, report_placement=True)
+    gen = Generator(bundle, draft_tokens=draft_tokens)
     tok = gen.tokenizer
     ids = [tok.encode(p) for p in (prompts or BENCH_PROMPTS)] * repeats
     run_mode(gen, "warmup", ids[:1], 8, True, draft_tokens)  # first runs pay one-time allocation costs
     modes = {"plain": run_mode(gen, "plain", ids, max_new_tokens, False, 0)}
     if gen.bundle.assistant is not None:
         modes["speculative"] = run_mode(gen, "speculative", ids, max_new_tokens, True, draft_tokens)
-    result = {"bundle": str(bundle_path), "ep": ep, "max_new_tokens": max_new_tokens, "prompts": len(ids),
-              "draft_tokens": draft_tokens,
+    result = {"bundle": str(bundle_path), "max_new_tokens": max_new_tokens, "prompts": len(ids),
+              "draft_tokens": draft_tokens, "ep": bundle.ep, "ep_reason": bundle.ep_reason,
+              "ep_profile": bundle.manifest.ep_profile, "placement": bundle.placement_report(),
               "modes": {k: v.as_dict() for k, v in modes.items()},
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if "speculative" in result["modes"]:
@@ -98,6 +105,24 @@ def bench(bundle_path, max_new_tokens: int = 128, draft_tokens: int | str = "aut
         spec = result["modes"]["speculative"]["tokens_per_second"]
         result["speedup"] = round(spec / plain, 3) if plain else None
     return result
+
+
+def bench_eps(bundle_path, eps: list[str], **options) -> dict:
+    """`bench` on each EP in turn; "table" has one row per EP: tokens/s, acceptance, node share."""
+    runs = {}
+    for ep in eps:
+        r = bench(bundle_path, ep=ep, **options)
+        runs[r["ep"] if ep == "auto" else ep] = r
+    table = []
+    for name, r in runs.items():
+        plain, spec = r["modes"]["plain"], r["modes"].get("speculative", {})
+        shares = [p["share"] for p in r["placement"].values()]
+        table.append({"ep": name, "plain_tokens_per_second": plain["tokens_per_second"],
+                      "speculative_tokens_per_second": spec.get("tokens_per_second"),
+                      "speedup": r.get("speedup"), "acceptance": spec.get("acceptance"),
+                      "tokens_per_target_call": spec.get("tokens_per_target_call"),
+                      "min_node_share": min(shares) if shares else None})
+    return {"bundle": str(bundle_path), "eps": runs, "table": table}
 
 
 def plot(result: dict, path: str) -> None:

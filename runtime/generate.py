@@ -104,6 +104,8 @@ class Generator:
 
     def __init__(self, bundle: str | Path | Bundle, threads: int | None = None,
                  draft_tokens: int | str | None = "auto", ep: str = "cpu"):
+        """ep: the execution provider (cpu, qnn, webgpu, openvino, auto) when `bundle` is a path; a Bundle
+        object keeps the EP it was loaded with."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle, threads=threads, ep=ep)
         m = self.bundle.manifest
         self.eos_ids = set(m.generation.get("eos_token_ids") or [])

@@ -4,6 +4,7 @@ This module is the single place that names every tensor the runtime feeds or rea
 
 target graph (prefill, verify and decode; S new tokens, the cache holds `past` positions):
   in   input_ids [1,S] int64 · position_ids [1,S] int64 = past..past+S-1 · logits_to_keep [] int64 (N)
+       (webgpu profile: logits_start [1] int64 = -N instead)
        per_layer_inputs [1,S,L,P] float32 = rows of the PLE table for input_ids (if model.ple)
        seqlens_k [1] int32 = past+S-1 · total_sequence_length [] int32 = past+S
        past_key.{i} / past_value.{i} [1,kv_heads,max_context,head_dim] float32 for every KV buffer i
@@ -101,7 +102,7 @@ class Manifest:
     parity: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     edgegen_version: str = ""
-    ep_profile: str = "cpu"  # cpu | qnn (| webgpu | openvino): which export profile built the graphs
+    ep_profile: str = "cpu"  # the execution provider the graphs were exported for (cpu, qnn, webgpu, openvino)
     static: dict = field(default_factory=dict)  # static-shape profiles: RoPE frequencies, mask value, EP binaries
 
     def to_json(self) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgegen.runtime import integrity
+from edgegen.runtime import integrity, providers
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.kv import KVCache
 from edgegen.runtime.manifest import GraphSpec, Manifest, PLESpec, load_manifest
@@ -31,15 +31,33 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
-def open_session(bundle: Path, spec: GraphSpec, threads: int | None, providers: list | None = None):
+def open_session(bundle: Path, spec: GraphSpec, threads: int | None, ep: str = "cpu", strict: bool = False,
+                 placements: dict | None = None):
+    """A session for one graph on `ep` (see providers.py). strict: fail if any node would fall back to the
+    CPU EP. placements: if given, receives the graph's node placement under its file name."""
     path = bundle / spec.file
     if not path.is_file():
         raise EdgegenError(f"bundle file '{spec.file}' is missing from '{bundle}'; re-export the bundle")
+    so = session_options(threads)
+    providers.add_to_session(so, ep, strict)  # EP errors are the user's to fix: raised before the try
+
     try:
-        providers = providers or ["CPUExecutionProvider"]
-        return ort.InferenceSession(str(path), session_options(threads), providers=providers)
+        session = ort.InferenceSession(str(path), so)
+        if placements is not None:
+            report = session_options(threads)
+            providers.add_to_session(report, ep, strict)
+            placements[spec.file] = providers.placement(lambda o: ort.InferenceSession(str(path), o), report)
+        return session
+    except EdgegenError:
+        raise
     except Exception as exc:  # onnxruntime raises several types for a damaged model
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        if strict and "fallback to CPU EP has been explicitly disabled" in first:
+            raise EdgegenError(f"'{spec.file}' has nodes that cannot run on {ep} (strict placement); "
+                               f"export the bundle with --ep {ep} or run without strict placement") from None
+        if ep != "cpu":
+            raise EdgegenError(f"cannot load '{spec.file}' on {ep} ({first}); export the bundle with --ep {ep}, "
+                               "or run it with --ep cpu") from None
         raise EdgegenError(f"cannot load '{spec.file}' from '{bundle}' ({first}); re-export the bundle") from None
 
 
@@ -102,25 +120,47 @@ class _Graph:
 
 
 class Target(_Graph):
-    def __init__(self, session, spec: GraphSpec, ple: PLETable | None):
+    def __init__(self, session, spec: GraphSpec, ple: PLETable | None, max_chunk: int = 0):
         super().__init__(session, spec)
         self.ple = ple
+        # webgpu profile: feed at most `max_chunk` tokens a call, in power-of-two chunks. Each new input
+        # length compiles shaders, so few lengths is faster; and the WebGPU EP's GroupQueryAttention gives
+        # wrong results for 32 or more new tokens in full-attention layers (plugin 0.4.0, measured).
+        self.max_chunk = max_chunk
 
     def forward(self, cache: KVCache, ids: list[int] | np.ndarray, logits_to_keep: int = 1):
         """Run ids at positions cache.length.. ; returns (logits [N,V], hidden [N,H]) for the last N."""
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        past, s = cache.length, ids.shape[1]
-        if past + s > cache.max_context:
+        s = ids.shape[1]
+        if cache.length + s > cache.max_context:
             raise EdgegenError(
-                f"context full: {past + s} positions exceed the bundle's max context {cache.max_context}"
+                f"context full: {cache.length + s} positions exceed the bundle's max context {cache.max_context}"
             )
+        if not self.max_chunk or (s <= self.max_chunk and (logits_to_keep == s or not s & (s - 1))):
+            return self._forward(cache, ids, logits_to_keep)
+        logits, hidden, start = [], [], 0
+        while start < s:
+            n = min(self.max_chunk, 1 << ((s - start).bit_length() - 1))
+            wanted = min(n, logits_to_keep - (s - start - n))  # this chunk's share of the last N positions
+            lo, hi = self._forward(cache, ids[:, start:start + n], max(wanted, 1))
+            if wanted > 0:
+                logits.append(lo[-wanted:])
+                hidden.append(hi[-wanted:])
+            start += n
+        return np.concatenate(logits), np.concatenate(hidden)
+
+    def _forward(self, cache: KVCache, ids: np.ndarray, logits_to_keep: int):
+        past, s = cache.length, ids.shape[1]
         feeds = {
             "input_ids": ids,
             "position_ids": np.arange(past, past + s, dtype=np.int64).reshape(1, -1),
-            "logits_to_keep": np.array(logits_to_keep, dtype=np.int64),
             "seqlens_k": np.array([past + s - 1], dtype=np.int32),
             "total_sequence_length": np.array(past + s, dtype=np.int32),
         }
+        if "logits_start" in self.input_names:  # the webgpu profile takes the slice start, -N
+            feeds["logits_start"] = np.array([-logits_to_keep], dtype=np.int64)
+        else:
+            feeds["logits_to_keep"] = np.array(logits_to_keep, dtype=np.int64)
         if self.ple is not None:
             feeds["per_layer_inputs"] = self.ple(ids)
         out = self.run(feeds, cache)
@@ -170,33 +210,47 @@ class Bundle:
     """Everything loaded from a bundle directory. Sessions are safe to share across threads; a KVCache
     (one per conversation) is not."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, providers: list | None = None,
-                 ep: str = "cpu", hashes: str = "cached"):
-        """`hashes`: check files' sha256 "cached" (once per file change, see integrity.py), "always" or
-        "never" (sizes only). Paths are always checked before any file is opened."""
+    def __init__(self, path: str | Path, threads: int | None = None, ep: str = "cpu", strict: bool = False,
+                 report_placement: bool = False, hashes: str = "cached"):
+        """ep: cpu, qnn, webgpu, openvino or auto (the bundle's own profile if its EP loads here, else an
+        accelerator, else cpu; `ep_reason` says why). strict: every node must run on the EP.
+        report_placement: fill `placement` (graph file -> Placement) from onnxruntime's placement log.
+        hashes: check files' sha256 "cached" (once per file change, see integrity.py), "always" or "never"
+        (sizes only). Paths are always checked before any file is opened."""
         self.path = Path(path)
         self.manifest: Manifest = load_manifest(self.path)
         m = self.manifest
         integrity.check_bundle(self.path, m, hashes)
-        ple = PLETable(self.path, m.model.ple) if m.model.ple else None
-        self.ep = ep
         if ep == "qnn" and m.ep_profile != "qnn":
             raise EdgegenError(f"bundle '{self.path}' was exported for {m.ep_profile}; export it with --ep qnn "
                                "to run on the QNN HTP")
+        self.ep, self.ep_reason = providers.choose(ep, m.ep_profile)
+        self.placement: dict[str, providers.Placement] | None = {} if report_placement else None
+        ple = PLETable(self.path, m.model.ple) if m.model.ple else None
         if m.ep_profile == "qnn":  # static shapes, host-side K/V (runtime/static.py)
             from edgegen.runtime.static import open_static
 
-            self.target, self.assistant = open_static(self.path, m, threads, ep, ple)
+            self.target, self.assistant = open_static(self.path, m, threads, self.ep, ple, strict)
             self.draft_round = None
             return
-        self.target = Target(open_session(self.path, m.graphs["target"], threads, providers), m.graphs["target"], ple)
+
+        def session(spec: GraphSpec):
+            return open_session(self.path, spec, threads, self.ep, strict, self.placement)
+
+        self.target = Target(session(m.graphs["target"]), m.graphs["target"], ple,
+                             16 if "webgpu" in (self.ep, m.ep_profile) else 0)
         self.assistant = self.draft_round = None
         if "assistant" in m.graphs:
-            spec = m.graphs["assistant"]
-            self.assistant = Assistant(open_session(self.path, spec, threads, providers), spec)
+            self.assistant = Assistant(session(m.graphs["assistant"]), m.graphs["assistant"])
         if "draft_round" in m.graphs:
-            spec = m.graphs["draft_round"]
-            self.draft_round = DraftRound(open_session(self.path, spec, threads, providers), spec)
+            self.draft_round = DraftRound(session(m.graphs["draft_round"]), m.graphs["draft_round"])
+
+    def placement_report(self) -> dict:
+        """{graph file: {"nodes": {ORT EP: count}, "share": share on this bundle's EP, "cpu_ops": {...}}}."""
+        if self.placement is None:
+            return {}
+        name = providers.ort_name(self.ep)
+        return {f: p.as_dict(name) for f, p in self.placement.items()}
 
     def new_cache(self, max_context: int | None = None) -> KVCache:
         if self.manifest.ep_profile == "qnn":

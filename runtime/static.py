@@ -225,22 +225,9 @@ class StaticAssistant(_StaticGraph):
 
 def qnn_devices() -> list:
     """The QNN EP's devices, registering the plugin library (onnxruntime-qnn) on first use."""
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN_EP]
-    if devices:
-        return devices
-    try:
-        import onnxruntime_qnn
-    except ImportError:
-        raise EdgegenError("the QNN execution provider is not installed; pip install 'edgegen[ep]' "
-                           "(onnxruntime-qnn)") from None
-    try:
-        ort.register_execution_provider_library(QNN_EP, onnxruntime_qnn.get_library_path())
-    except Exception as exc:
-        raise EdgegenError(f"cannot load the QNN execution provider ({str(exc).splitlines()[0][:160]})") from None
-    devices = [d for d in ort.get_ep_devices() if d.ep_name == QNN_EP]
-    if not devices:
-        raise EdgegenError("the QNN execution provider loaded but offers no device")
-    return devices
+    from edgegen.runtime import providers
+
+    return providers.devices("qnn")
 
 
 def static_session(path: Path, ep: str, threads: int | None, strict: bool = False,

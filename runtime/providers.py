@@ -1,0 +1,220 @@
+"""Execution providers: which one runs a bundle's graphs, and how it is attached to a session.
+
+`cpu` is built into onnxruntime. `webgpu`, `openvino` and `qnn` are plugin EPs shipped as their own wheels
+(`pip install 'edgegen[ep]'`): each is registered once per process with
+`register_execution_provider_library` and attached per session with `add_provider_for_devices`. The old
+`providers=[...]` way would silently run everything on the CPU.
+
+`placement()` reads onnxruntime's own node-placement log (written while a session is created) and says
+how many nodes each EP got; `strict=True` makes session creation fail instead when any node would fall
+back to the CPU (`session.disable_cpu_ep_fallback`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnxruntime as ort
+
+from edgegen.runtime.errors import EdgegenError
+
+EPS = ("cpu", "qnn", "webgpu", "openvino")
+# `auto`: a bundle exported for an EP runs there when it loads (qnn bundles: the NPU, first). Otherwise a GPU
+# before OpenVINO (another CPU backend on most machines). QNN is not tried for other bundles: its HTP runs
+# only static-shape QDQ graphs, so a dynamic bundle would fall back to the CPU node by node.
+AUTO_ORDER = ("webgpu", "openvino")
+CPU_EP = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class Plugin:
+    module: str  # the Python package that ships the library and knows its path and EP name
+    pip: str
+    options: dict = field(default_factory=dict)  # provider options for add_provider_for_devices
+
+
+PLUGINS = {
+    "webgpu": Plugin("onnxruntime_ep_webgpu", "onnxruntime-ep-webgpu"),
+    # OpenVINO's CPU device computes in bf16 by default on CPUs that have it (demo logits off by ~0.04):
+    # f32 keeps them within ~1e-5 of ORT's CPU EP. Only `load_config` reaches the device; a bare
+    # INFERENCE_PRECISION_HINT or precision=FP32 provider option is accepted and has no effect (measured).
+    "openvino": Plugin("onnxruntime_ep_openvino", "onnxruntime-ep-openvino",
+                       {"device_type": "CPU", "load_config": json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "f32"}})}),
+    "qnn": Plugin("onnxruntime_qnn", "onnxruntime-qnn", {"backend_type": "htp"}),
+}
+
+_lock = threading.Lock()
+_registered: dict[str, str] = {}  # edgegen EP name -> ORT EP name
+
+
+def check_name(ep: str, allow_auto: bool = True) -> str:
+    names = EPS + (("auto",) if allow_auto else ())
+    if ep not in names:
+        raise EdgegenError(f"execution provider '{ep}' is unknown; use one of {', '.join(names)}")
+    return ep
+
+
+def _register(ep: str) -> str:
+    """Register a plugin EP library (once per process); returns its ORT name."""
+    with _lock:
+        if ep in _registered:
+            return _registered[ep]
+        plugin = PLUGINS[ep]
+        try:
+            module = importlib.import_module(plugin.module)
+        except ImportError:
+            raise EdgegenError(f"the {ep} execution provider is not installed; "
+                               f"pip install {plugin.pip} (or pip install 'edgegen[ep]')") from None
+        if ep == "webgpu":
+            # Without a GPU the plugin offers no device unless a software adapter (lavapipe) is allowed.
+            os.environ.setdefault("ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER", "1")
+        ort_name = module.get_ep_name()
+        try:
+            ort.register_execution_provider_library(ort_name, module.get_library_path())
+        except Exception as exc:
+            if "already registered" not in str(exc):
+                raise EdgegenError(f"cannot load the {ep} execution provider ({_first_line(exc)}); "
+                                   f"reinstall {plugin.pip} for onnxruntime {ort.__version__}") from None
+        _registered[ep] = ort_name
+        return ort_name
+
+
+def devices(ep: str) -> list:
+    """The ORT EP devices of `ep` (registering its plugin first); raises EdgegenError if there are none."""
+    check_name(ep, allow_auto=False)
+    ort_name = CPU_EP if ep == "cpu" else _register(ep)
+    found = [d for d in ort.get_ep_devices() if d.ep_name == ort_name]
+    if not found:
+        hint = {"webgpu": "no Vulkan adapter was found; install a Vulkan driver (Debian 12: "
+                          "sudo bash scripts/setup-ep.sh installs Mesa >= 25 lavapipe)",
+                "qnn": "no QNN device was found; check the onnxruntime-qnn install",
+                "openvino": "OpenVINO found no device; check the onnxruntime-ep-openvino install"}
+        raise EdgegenError(f"the {ep} execution provider loaded but {hint.get(ep, 'has no device')}")
+    return found[:1]  # one device per EP: the first (WebGPU and QNN accept exactly one)
+
+
+def available() -> dict[str, str | None]:
+    """Each EP -> None if it can be used here, else the reason it cannot."""
+    out: dict[str, str | None] = {}
+    for ep in EPS:
+        try:
+            devices(ep)
+            out[ep] = None
+        except EdgegenError as exc:
+            out[ep] = str(exc)
+    return out
+
+
+def _is_accelerator(ep: str) -> bool:
+    """A GPU or NPU device. Emulated ones (the QNN HTP simulator, a software Vulkan adapter) and
+    OpenVINO's CPU device report the CPU, and run slower than ORT's CPU EP."""
+    return any(d.device.type != ort.OrtHardwareDeviceType.CPU for d in devices(ep))
+
+
+def choose(ep: str, profile: str = "cpu") -> tuple[str, str]:
+    """Resolve `auto` for a bundle exported with `profile`; returns (ep, why)."""
+    check_name(ep)
+    if ep != "auto":
+        return ep, "requested"
+    if profile != "cpu":
+        try:
+            devices(profile)
+            return profile, f"the bundle was exported for {profile}"
+        except EdgegenError as exc:
+            return "cpu", f"the bundle was exported for {profile}, which cannot load here ({exc})"
+    for name in AUTO_ORDER:
+        try:
+            if _is_accelerator(name):
+                return name, f"{name} has a hardware device"
+        except EdgegenError:
+            continue
+    return "cpu", "no GPU or NPU execution provider with a hardware device is available"
+
+
+def add_to_session(so: ort.SessionOptions, ep: str, strict: bool = False) -> None:
+    """Attach `ep` to session options. strict: fail session creation if any node would run on the CPU EP."""
+    if ep == "cpu":
+        return
+    so.add_provider_for_devices(devices(ep), dict(PLUGINS[ep].options))
+    if strict:
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+
+
+# -- node placement --------------------------------------------------------------------------------------
+
+_PLACED = re.compile(r"(?:Node\(s\)|All nodes) placed on \[(\w+)\]\. Number of nodes: (\d+)")
+_NODE = re.compile(r"VerifyEachNodeIsAssignedToAnEp\]\s{3}(\S+) \((.*)\)\s*$")
+
+
+@dataclass
+class Placement:
+    """Nodes per EP after partitioning, from onnxruntime's own placement log. A compiling EP (OpenVINO)
+    shows each fused partition as one node."""
+
+    nodes: dict[str, int]
+    cpu_ops: dict[str, int]  # op type -> count, for nodes left on the CPU EP
+
+    def share(self, ort_name: str) -> float:
+        total = sum(self.nodes.values())
+        return self.nodes.get(ort_name, 0) / total if total else 0.0
+
+    def as_dict(self, ort_name: str) -> dict:
+        return {"nodes": dict(self.nodes), "share": round(self.share(ort_name), 4), "cpu_ops": dict(self.cpu_ops)}
+
+
+def ort_name(ep: str) -> str:
+    return CPU_EP if ep == "cpu" else _register(ep)
+
+
+def parse_placement(log: str) -> Placement:
+    nodes: dict[str, int] = {}
+    cpu_ops: dict[str, int] = {}
+    current = None
+    for line in log.splitlines():
+        m = _PLACED.search(line)
+        if m:
+            current = m.group(1)
+            nodes[current] = nodes.get(current, 0) + int(m.group(2))
+            continue
+        n = _NODE.search(line)
+        if n and current == CPU_EP:
+            cpu_ops[n.group(1)] = cpu_ops.get(n.group(1), 0) + 1
+        elif "VerifyEachNodeIsAssignedToAnEp" not in line:
+            current = None
+    return Placement(nodes, cpu_ops)
+
+
+_capture_lock = threading.Lock()
+
+
+def placement(create: Callable[[ort.SessionOptions], ort.InferenceSession], so: ort.SessionOptions) -> Placement:
+    """Create a throwaway session with verbose logging while capturing the process's stderr (onnxruntime
+    logs from C++ to file descriptor 2) and read its placement log. The session is not kept: a session's
+    log level is fixed at creation, and plugin EPs would log every run verbosely."""
+    so.log_severity_level = 0
+    with _capture_lock, tempfile.TemporaryFile(mode="w+b") as log:
+        saved = os.dup(2)
+        try:
+            os.dup2(log.fileno(), 2)
+            create(so)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        text = log.read().decode("utf-8", "replace")
+    found = parse_placement(text)
+    if not found.nodes:
+        raise EdgegenError("onnxruntime wrote no node placement log; cannot report placement")
+    return found
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
