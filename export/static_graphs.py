@@ -27,6 +27,7 @@ from edgegen.export.graphs import (
     F32,
     I64,
     KINDS,
+    PROFILES,
     LayerPlan,
     TargetPlan,
     _np,
@@ -119,7 +120,7 @@ def build_static_target(text_model, cfg, out_dir, max_context: int, rows: int,
                         untied_lm_head: np.ndarray | None = None) -> tuple[Graph, TargetPlan, np.ndarray | None]:
     """fp32 static target graph with `rows` query rows; returns graph, plan, host PLE table."""
     plan = plan_target(cfg)
-    g = Graph("target", out_dir, WeightFile(out_dir / "unused_shared.weights"))
+    g = Graph("target", out_dir, WeightFile(out_dir / "unused_shared.weights"), profile=PROFILES["cpu"])
     lin = Linears(g, Quant("fp32"))
     eps, keys = cfg.rms_norm_eps, max_context + rows
     ids = g.input("input_ids", I64, [1, rows])
@@ -173,7 +174,7 @@ def build_static_assistant(assistant, target_text_model, target_plan: TargetPlan
     """fp32 one-step assistant graph: one query row over the store layers' buffers."""
     cfg = assistant.config.get_text_config()
     layers = assistant_plan(assistant, target_plan)
-    g = Graph("assistant", out_dir, WeightFile(out_dir / "unused_shared.weights"))
+    g = Graph("assistant", out_dir, WeightFile(out_dir / "unused_shared.weights"), profile=PROFILES["cpu"])
     lin = Linears(g, Quant("fp32"))
     eps, vocab = cfg.rms_norm_eps, cfg.vocab_size
     tok = g.input("token", I64, [1, 1])
