@@ -32,6 +32,11 @@ class ExportEP(str, Enum):
     openvino = "openvino"
 
 
+class Compute(str, Enum):
+    exact = "exact"
+    int8 = "int8"
+
+
 class RunEP(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -61,6 +66,9 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists"),
     ep: ExportEP = typer.Option(ExportEP.cpu, "--ep",
                                 help="Export profile: cpu, qnn (static shapes, QDQ, NPU), webgpu or openvino"),
+    compute: Compute = typer.Option(Compute.exact, "--compute",
+                                    help="Quantized matmuls: exact (matches PyTorch), or int8 activations "
+                                         "(faster int4/int8 on CPU, verified by top-1 agreement)"),
     soc_model: str | None = typer.Option(None, "--soc-model",
                                          help="qnn: precompile QNN context binaries for this SoC model number"),
 ) -> None:
@@ -73,7 +81,8 @@ def export(
 
     check_out_dir(out.expanduser().absolute(), force, (target, assistant))
     opts = ExportOptions(quant.value, assistant_quant.value if assistant_quant else None, block_size, max_context,
-                         not no_verify, force, ep=ep.value, soc_model=soc_model)
+                         not no_verify, force, ep=ep.value, soc_model=soc_model,
+                         compute=compute.value)
     with Progress(TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), transient=False) as progress:
         task = progress.add_task("start", total=len(STAGES))

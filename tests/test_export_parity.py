@@ -288,3 +288,34 @@ def test_steps_update_kv_buffers_in_place(bundle_dir) -> None:
     before = {name: value.numpy().copy() for name, value in cache.values.items()}
     bundle.assistant.step(cache, ids[cache.length], hidden[-1])
     assert all(np.array_equal(cache.values[name].numpy(), old) for name, old in before.items())
+
+
+def test_int8_compute_bundle_is_judged_by_top1_and_speculation_stays_exact(tmp_path: Path) -> None:
+    """`--compute int8` (MatMulNBits accuracy_level 4): every quantized matmul computes with int8
+    activations; the export passes on top-1 agreement with the same-rounding reference and reports the
+    logit differences; greedy speculation still equals plain decoding of the same bundle."""
+    demo = Path(__file__).resolve().parent.parent / "models" / "demo"
+    manifest = export_bundle(str(demo / "target"), str(demo / "assistant"), tmp_path / "b",
+                             ExportOptions(quant="int4", max_context=256, compute="int8"))
+    parity = manifest.parity
+    assert set(parity["checks"]) == {"target_top1", "draft_round_equals_steps"}
+    assert all(c["passed"] for c in parity["checks"].values())
+    assert parity["int8_compute"]["target_logits"]["value"] > 0  # reported, not hidden
+    for name in ("target", "assistant", "draft_round"):
+        nodes = [n for n in onnx.load(str(tmp_path / "b" / f"{name}.onnx"), load_external_data=False).graph.node
+                 if n.op_type == "MatMulNBits"]
+        assert nodes and all(a.i == 4 for n in nodes for a in n.attribute if a.name == "accuracy_level")
+    bundle = Bundle(tmp_path / "b")
+    prompt = Generator(bundle).tokenizer.encode("def parse_args(argv=None):\n")
+    outputs = [Generator(bundle).generate(prompt, max_new_tokens=24, use_assistant=a, draft_tokens=4).token_ids
+               for a in (True, False)]
+    assert outputs[0] == outputs[1]
+
+
+def test_int8_compute_needs_quantized_weights(tmp_path: Path) -> None:
+    from edgegen.runtime.errors import EdgegenError
+
+    demo = Path(__file__).resolve().parent.parent / "models" / "demo"
+    with pytest.raises(EdgegenError, match="--compute int8"):
+        export_bundle(str(demo / "target"), str(demo / "assistant"), tmp_path / "b", ExportOptions(compute="int8"))
+    assert not (tmp_path / "b").exists()
