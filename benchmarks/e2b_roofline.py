@@ -1,6 +1,6 @@
 """Decode cost on the E2B-shaped slice against the machine's memory roofline, and what it predicts.
 
-    python benchmarks/e2b_roofline.py [--quant int4] [--threads 2] [--contexts 64,2048]
+    python benchmarks/e2b_roofline.py [--quant int4] [--compute exact|int8] [--threads 2] [--contexts 64,2048]
 
 The slice (`e2b-slice` preset: E2B's hidden 1536, 1 KV head, head dims 256/512, per-layer embeddings 256,
 double-wide MLP, vocabulary 32k, 10 layers of which 5 KV-shared, random weights, 651M parameters) is built
@@ -30,7 +30,19 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from context_scaling import ensure_bundle  # noqa: E402
+from context_scaling import REPO, ensure_bundle  # noqa: E402
+
+
+def ensure_int8_compute_bundle(preset: str, quant: str, max_context: int) -> Path:
+    """The same pair exported with `--compute int8` (MatMulNBits with int8 activations), cached."""
+    from edgegen.export.bundle import ExportOptions, export_bundle
+
+    pair = ensure_bundle(preset, quant, max_context).parent / f"pair-{preset}"
+    bundle = REPO / "build" / "bench" / f"bundle-{preset}-{quant}-int8compute-{max_context}"
+    if not (bundle / "manifest.json").is_file():
+        export_bundle(str(pair / "target"), str(pair / "assistant"), bundle,
+                      ExportOptions(quant=quant, max_context=max_context, verify=False, force=True, compute="int8"))
+    return bundle
 
 
 def bandwidth_gbs(threads: int, mbytes: int = 256, repeats: int = 30) -> float:
@@ -127,6 +139,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="e2b-slice")
     ap.add_argument("--quant", default="int4", choices=["fp32", "int8", "int4"])
+    ap.add_argument("--compute", default="exact", choices=["exact", "int8"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--contexts", default="64,2048")
     ap.add_argument("--draft-tokens", type=int, default=4)
@@ -138,10 +151,15 @@ def main() -> None:
 
     from edgegen.runtime.model import Bundle
 
-    path = ensure_bundle(args.preset, args.quant, max(4096, max(contexts) + 64))
+    max_context = max(4096, max(contexts) + 64)
+    if args.compute == "int8":
+        path = ensure_int8_compute_bundle(args.preset, args.quant, max_context)
+    else:
+        path = ensure_bundle(args.preset, args.quant, max_context)
     bundle = Bundle(path, threads=args.threads)
     bw = bandwidth_gbs(args.threads)
-    print(f"{args.preset} {args.quant}, {args.threads} threads; memory bandwidth (fp32 GEMV, 256 MB): {bw:.1f} GB/s")
+    print(f"{args.preset} {args.quant} ({args.compute} compute), {args.threads} threads; "
+          f"memory bandwidth (fp32 GEMV, 256 MB): {bw:.1f} GB/s")
     rng = np.random.default_rng(0)
     rows = []
     for ctx in contexts:
