@@ -255,12 +255,9 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
             f.close()
         ple = _write_ple(tmp, ple_table, cfg.num_hidden_layers, tquant) if ple_table is not None else None
         del tgraph, agraph, rgraph, ple_table
-        buffers = [KVBuffer(f"past_key.{layer.index}", layer.index, layer.kind, layer.kv_heads, layer.head_dim)
-                   for layer in plan.layers if not layer.shared]
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
-            model=ModelSpec(cfg.vocab_size, cfg.hidden_size, list(cfg.layer_types), cfg.sliding_window, max_context,
-                            dict(plan.store_layers), buffers, cfg.final_logit_softcapping, ple),
+            model=model_spec(cfg, plan, max_context, ple),
             graphs={},
             tokenizer=_copy_tokenizer(pair, tmp),
             generation=_generation_defaults(pair, steps),
@@ -303,6 +300,14 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def model_spec(cfg, plan, max_context: int, ple) -> ModelSpec:
+    """The manifest's model section: one K/V buffer pair per store (non-shared) layer of the target plan."""
+    buffers = [KVBuffer(f"past_key.{layer.index}", layer.index, layer.kind, layer.kv_heads, layer.head_dim)
+               for layer in plan.layers if not layer.shared]
+    return ModelSpec(cfg.vocab_size, cfg.hidden_size, list(cfg.layer_types), cfg.sliding_window, max_context,
+                     dict(plan.store_layers), buffers, cfg.final_logit_softcapping, ple)
 
 
 def _record_files(tmp: Path, manifest: Manifest) -> None:

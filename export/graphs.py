@@ -159,16 +159,25 @@ def kv_names(i: int, step: str = "") -> tuple[str, str, str, str]:
     return f"past_key.{i}", f"past_value.{i}", f"present_key.{i}{step}", f"present_value.{i}{step}"
 
 
+def project_qkv(g, lin, x, attn, layer: LayerPlan, num_heads: int, cos, sin, eps, prefix):
+    """Per-head q, k (normed, RoPE applied) and raw v [1, S, heads, d] of one layer; k and v are None for a
+    KV-shared layer. v's scale-free norm is the caller's: its op choice depends on the EP."""
+    d = layer.head_dim
+    q = heads(g, lin(x, f"{prefix}.q_proj", _np(attn.q_proj.weight)), num_heads, d)
+    q = apply_rope(g, rms_norm(g, q, _np(attn.q_norm.weight), f"{prefix}.q_norm", eps), cos, sin)
+    if layer.shared:
+        return q, None, None
+    k = heads(g, lin(x, f"{prefix}.k_proj", _np(attn.k_proj.weight)), layer.kv_heads, d)
+    k = apply_rope(g, rms_norm(g, k, _np(attn.k_norm.weight), f"{prefix}.k_norm", eps), cos, sin)
+    return q, k, heads(g, lin(x, f"{prefix}.v_proj", _np(attn.v_proj.weight)), layer.kv_heads, d)
+
+
 def attention_block(g, lin, x, attn, layer: LayerPlan, num_heads: int, window: int, cos, sin, eps, prefix,
                     kv_source: dict, step: str = "") -> str:
     """Self-attention of one decoder layer. `kv_source[store]` holds the store layer's new (k, v)."""
     d = layer.head_dim
-    q = heads(g, lin(x, f"{prefix}.q_proj", _np(attn.q_proj.weight)), num_heads, d)
-    q = apply_rope(g, rms_norm(g, q, _np(attn.q_norm.weight), f"{prefix}.q_norm", eps), cos, sin)
+    q, k, v = project_qkv(g, lin, x, attn, layer, num_heads, cos, sin, eps, prefix)
     if not layer.shared:
-        k = heads(g, lin(x, f"{prefix}.k_proj", _np(attn.k_proj.weight)), layer.kv_heads, d)
-        k = apply_rope(g, rms_norm(g, k, _np(attn.k_norm.weight), f"{prefix}.k_norm", eps), cos, sin)
-        v = heads(g, lin(x, f"{prefix}.v_proj", _np(attn.v_proj.weight)), layer.kv_heads, d)
         v = _rms_noscale(g, v, eps)
         kv_source[layer.index] = (g.op("Reshape", k, g.const([1, -1, layer.kv_heads * d])),
                                   g.op("Reshape", v, g.const([1, -1, layer.kv_heads * d])))

@@ -21,7 +21,7 @@ import numpy as np
 
 from edgegen.export.static_graphs import MASK_VALUE, build_static_assistant, build_static_target, inv_freqs
 from edgegen.runtime.errors import EdgegenError
-from edgegen.runtime.manifest import SCHEMA_VERSION, KVBuffer, Manifest, ModelSpec, PLESpec
+from edgegen.runtime.manifest import SCHEMA_VERSION, Manifest, PLESpec
 
 CALIBRATION_PROMPTS = (
     "The quick brown fox jumps over the lazy dog. Speculative decoding lets a small drafter propose "
@@ -98,14 +98,17 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
         np.save(tmp / "ple.npy", ple_table)
         ple = PLESpec("ple.npy", cfg.num_hidden_layers, ple_table.shape[1] // cfg.num_hidden_layers)
         del ple_table
-    buffers = [KVBuffer(f"past_key.{layer.index}", layer.index, layer.kind, layer.kv_heads, layer.head_dim)
-               for layer in plan.layers if not layer.shared]
-    from edgegen.export.bundle import _copy_tokenizer, _generation_defaults, _graph_spec_from_file, _record_files
+    from edgegen.export.bundle import (
+        _copy_tokenizer,
+        _generation_defaults,
+        _graph_spec_from_file,
+        _record_files,
+        model_spec,
+    )
 
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
-        model=ModelSpec(cfg.vocab_size, cfg.hidden_size, list(cfg.layer_types), cfg.sliding_window, max_context,
-                        dict(plan.store_layers), buffers, cfg.final_logit_softcapping, ple),
+        model=model_spec(cfg, plan, max_context, ple),
         graphs={},
         tokenizer=_copy_tokenizer(pair, tmp),
         generation=_generation_defaults(pair, rows - 1),

@@ -31,12 +31,11 @@ from edgegen.export.graphs import (
     LayerPlan,
     TargetPlan,
     _np,
-    apply_rope,
     assistant_plan,
     centroid_logits,
     decoder_layer,
-    heads,
     plan_target,
+    project_qkv,
     rms_norm,
 )
 from edgegen.export.onnx_graph import Graph, WeightFile
@@ -73,12 +72,8 @@ class StaticAttention:
     def __call__(self, g, lin, x, attn, layer: LayerPlan, num_heads, window, cos, sin, eps, prefix, kv_source,
                  step="") -> str:
         d, s = layer.head_dim, self.rows
-        q = heads(g, lin(x, f"{prefix}.q_proj", _np(attn.q_proj.weight)), num_heads, d)
-        q = apply_rope(g, rms_norm(g, q, _np(attn.q_norm.weight), f"{prefix}.q_norm", eps), cos, sin)
+        q, k, v = project_qkv(g, lin, x, attn, layer, num_heads, cos, sin, eps, prefix)
         if not layer.shared:
-            k = heads(g, lin(x, f"{prefix}.k_proj", _np(attn.k_proj.weight)), layer.kv_heads, d)
-            k = apply_rope(g, rms_norm(g, k, _np(attn.k_norm.weight), f"{prefix}.k_norm", eps), cos, sin)
-            v = heads(g, lin(x, f"{prefix}.v_proj", _np(attn.v_proj.weight)), layer.kv_heads, d)
             v = g.op("RMSNormalization", v, g.weight(f"ones.{d}", np.ones(d, np.float32)), axis=-1, epsilon=eps)
             k_new = g.op("Transpose", k, perm=[0, 2, 1, 3], out=f"new_key.{layer.index}")
             v_new = g.op("Transpose", v, perm=[0, 2, 1, 3], out=f"new_value.{layer.index}")

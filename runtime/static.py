@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgegen.runtime.errors import EdgegenError
+from edgegen.runtime.kv import KVCache
 from edgegen.runtime.manifest import GraphSpec, KVBuffer, Manifest
 
 QNN_EP = "QNNExecutionProvider"
@@ -47,8 +48,9 @@ def encodings(manifest: Manifest, graph: str) -> dict[str, Encoding]:
             for k, v in manifest.static.get("quantized_io", {}).get(graph, {}).items()}
 
 
-class StaticCache:
+class StaticCache(KVCache):
     """K/V buffers in host memory, one pair per store (non-shared) target layer; `length` rows are valid.
+    Rollback (`trim`, `reset`) is KVCache's: only the length changes.
 
     A buffer with an encoding is kept quantized, in the encoding both graphs take it in (the export gives
     them one), so a call feeds it as it is and a step quantizes only the rows it writes."""
@@ -85,14 +87,6 @@ class StaticCache:
             return value
         as_float = value if have is None else dequantize(value, have)
         return as_float if enc is None else quantize(as_float, enc)
-
-    def trim(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot trim a cache of {self.length} positions to {length}")
-        self.length = length
-
-    def reset(self) -> None:
-        self.length = 0
 
     @property
     def nbytes(self) -> int:
