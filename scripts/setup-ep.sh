@@ -41,6 +41,6 @@ else
 fi
 
 if [ $# -ge 1 ]; then
-    "$1/bin/pip" install -q -c "$here/constraints/cpu.txt" -e "$here[ep]"
+    "$1/bin/pip" install -q -c "$here/constraints/ci.txt" -e "$here[ep]"
     echo "EP plugins installed in $1"
 fi
