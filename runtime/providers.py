@@ -100,8 +100,9 @@ def devices(ep: str) -> list:
         hint = {"webgpu": "no Vulkan adapter was found; install a Vulkan driver (Debian 12: "
                           "sudo bash scripts/setup-ep.sh installs Mesa >= 25 lavapipe)",
                 "qnn": "no QNN device was found; check the onnxruntime-qnn install",
-                "openvino": _not_intel() or "OpenVINO found no device; check the onnxruntime-ep-openvino install"}
-        raise EdgegenError(f"the {ep} execution provider loaded but {hint.get(ep, 'has no device')}")
+                "openvino": "OpenVINO found no device; check the onnxruntime-ep-openvino install"}
+        why = (_not_intel() if ep == "openvino" else None) or hint.get(ep, "has no device")
+        raise EdgegenError(f"the {ep} execution provider loaded but {why}")
     return found[:1]  # one device per EP: the first (WebGPU and QNN accept exactly one)
 
 
