@@ -5,6 +5,10 @@
 `register_execution_provider_library` and attached per session with `add_provider_for_devices`. The old
 `providers=[...]` way would silently run everything on the CPU.
 
+OpenVINO's plugin offers a device only for hardware whose PCI vendor id is Intel's (0x8086): on an AMD or
+other non-Intel CPU without an Intel GPU or NPU it lists none, though OpenVINO itself runs on such CPUs.
+`available()` and `devices()` then say so in one line naming the CPU (`cpu_model()`), and `auto` skips it.
+
 `placement()` reads onnxruntime's own node-placement log (written while a session is created) and says
 how many nodes each EP got; `strict=True` makes session creation fail instead when any node would fall
 back to the CPU (`session.disable_cpu_ep_fallback`).
@@ -15,6 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import platform
 import re
 import tempfile
 import threading
@@ -96,8 +101,50 @@ def devices(ep: str) -> list:
                           "sudo bash scripts/setup-ep.sh installs Mesa >= 25 lavapipe)",
                 "qnn": "no QNN device was found; check the onnxruntime-qnn install",
                 "openvino": "OpenVINO found no device; check the onnxruntime-ep-openvino install"}
-        raise EdgegenError(f"the {ep} execution provider loaded but {hint.get(ep, 'has no device')}")
+        why = (_not_intel() if ep == "openvino" else None) or hint.get(ep, "has no device")
+        raise EdgegenError(f"the {ep} execution provider loaded but {why}")
     return found[:1]  # one device per EP: the first (WebGPU and QNN accept exactly one)
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, str]:
+    """This machine's CPU as (vendor, model), e.g. ("AuthenticAMD", "AMD EPYC"); "" where unknown.
+    Linux has /proc/cpuinfo; elsewhere platform.processor() (Windows: "AMD64 Family 25 ..., AuthenticAMD")."""
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if not sep and fields:
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if fields.get("vendor_id") or fields.get("model name"):
+        return fields.get("vendor_id", ""), fields.get("model name", "")
+    text = platform.processor()
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in text), ""), text
+
+
+def _not_intel() -> str | None:
+    """Why OpenVINO's plugin lists no device here when the CPU is known not to be Intel's (it matches
+    devices by Intel's PCI vendor id); None on an Intel or unknown CPU, where no device means a bad install."""
+    vendor, model = cpu_model()
+    if not vendor or vendor == "GenuineIntel":
+        return None
+    return (f"lists devices only on Intel CPUs, GPUs and NPUs; this CPU is {vendor} ({model or platform.machine()}) "
+            "and no Intel GPU or NPU was found; use --ep cpu")
+
+
+def unsupported_hardware(ep: str) -> str | None:
+    """The reason `ep` has no device when this machine's hardware is why (OpenVINO without any Intel device),
+    else None: it has a device, or it should have one and a missing one is a broken install."""
+    if ep != "openvino" or _not_intel() is None:
+        return None
+    try:
+        devices(ep)
+    except EdgegenError as exc:
+        return str(exc) if _not_intel() in str(exc) else None
+    return None
 
 
 def available() -> dict[str, str | None]:

@@ -5,7 +5,9 @@ output equals the same EP's plain decoding; plain tokens equal CPU fp32 (or the 
 near-tie, reported with its logit margin); acceptance is printed and recorded. WebGPU runs with
 `session.disable_cpu_ep_fallback=1` (strict placement) and its placement report must show >= 95% of nodes on
 WebGPU; OpenVINO's profile (standard-op attention and norms) must compile whole, strict as well.
-A plugin EP's tests skip only when its package is not installed (CI installs them: .ci/run).
+A plugin EP's tests skip only when its package is not installed (CI installs them: .ci/run), or when the
+hardware is why it has no device (OpenVINO's plugin lists only Intel devices; the skip names the CPU).
+Installed with a device expected and none listed is a broken install: the tests run and fail on it.
 """
 
 from __future__ import annotations
@@ -30,12 +32,18 @@ DRAFT = 4  # fixed draft length: acceptance is measured on every round
 MAX_CONTEXT = 256
 
 
+_HARDWARE: dict[str, str | None] = {}  # ep -> providers.unsupported_hardware(ep), asked once per session
+
+
 def needs(ep: str):
     if ep == "cpu":
         return []
-    module = providers.PLUGINS[ep].module
-    missing = importlib.util.find_spec(module) is None
-    return [pytest.mark.skipif(missing, reason=f"{providers.PLUGINS[ep].pip} is not installed (pip install -e .[ep])")]
+    plugin = providers.PLUGINS[ep]
+    if importlib.util.find_spec(plugin.module) is None:
+        return [pytest.mark.skip(reason=f"{plugin.pip} is not installed (pip install -e .[ep])")]
+    if ep not in _HARDWARE:
+        _HARDWARE[ep] = providers.unsupported_hardware(ep)
+    return [pytest.mark.skip(reason=_HARDWARE[ep])] if _HARDWARE[ep] else []
 
 
 EPS = [pytest.param(ep, marks=needs(ep)) for ep in ("cpu", "webgpu", "openvino")]
@@ -187,6 +195,43 @@ def test_missing_plugin_is_one_line_naming_the_package(monkeypatch) -> None:
     with pytest.raises(EdgegenError, match="pip install onnxruntime-ep-webgpu") as err:
         providers.devices("webgpu")
     assert "\n" not in str(err.value)
+
+
+def test_cpu_model_reads_the_first_processor(tmp_path) -> None:
+    info = tmp_path / "cpuinfo"
+    block = "processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel name\t: AMD EPYC {n}\n\n"
+    info.write_text(block.format(n=0) + block.format(n=1))
+    assert providers.cpu_model(str(info)) == ("AuthenticAMD", "AMD EPYC 0")
+    vendor, model = providers.cpu_model(str(tmp_path / "absent"))  # not Linux: platform.processor()
+    assert isinstance(vendor, str) and isinstance(model, str)
+
+
+@pytest.mark.parametrize("cpu, hardware", [(("AuthenticAMD", "AMD EPYC"), True), (("GenuineIntel", "Xeon"), False),
+                                           (("", ""), False)])
+def test_openvino_without_a_device_names_the_cpu_or_the_install(cpu, hardware, monkeypatch) -> None:
+    """No OpenVINO device on a non-Intel CPU is the hardware (one line naming the CPU, `auto` passes it by);
+    on an Intel CPU, or an unknown one, it is a broken install. Needs no plugin: the registration is faked."""
+    monkeypatch.setitem(providers._registered, "openvino", "OpenVINOExecutionProvider")
+    cpu_only = [d for d in providers.ort.get_ep_devices() if d.ep_name == providers.CPU_EP]
+    monkeypatch.setattr(providers.ort, "get_ep_devices", lambda: cpu_only)
+    monkeypatch.setattr(providers, "cpu_model", lambda: cpu)
+    expected = "only on Intel CPUs, GPUs and NPUs; this CPU is AuthenticAMD \\(AMD EPYC\\)" if hardware \
+        else "OpenVINO found no device; check the onnxruntime-ep-openvino install"
+    with pytest.raises(EdgegenError, match=expected) as err:
+        providers.devices("openvino")
+    assert "\n" not in str(err.value)
+    assert providers.unsupported_hardware("openvino") == (str(err.value) if hardware else None)
+    ep, why = providers.choose("auto", "openvino")
+    assert ep == "cpu" and str(err.value) in why
+    assert providers.choose("auto", "cpu")[0] != "openvino"
+
+
+@pytest.mark.skipif(not providers.unsupported_hardware("openvino"), reason="OpenVINO lists a device here")
+def test_cli_openvino_without_a_device_is_one_line(demo_bundles) -> None:
+    proc = subprocess.run([sys.executable, "-m", "edgegen", "bench", str(demo_bundles("cpu")), "--ep", "openvino"],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {providers.unsupported_hardware('openvino')}"]
 
 
 @pytest.mark.parametrize("ep", [pytest.param("webgpu", marks=needs("webgpu"))])
