@@ -23,6 +23,9 @@ class FixedDraft:
     def update(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
         pass
 
+    def explain(self) -> dict:
+        return {"mode": "fixed" if self.k else "off", "k": self.k}
+
 
 @dataclass
 class AutoDraft:
@@ -87,6 +90,25 @@ class AutoDraft:
             return 1 if k == 0 else 0
         return k
 
+    def explain(self) -> dict:
+        """What `auto` decided and the measurements behind it: a plain step's cost against the best
+        drafting round's (draft + verify) per expected token."""
+        out: dict = {"mode": "auto", "k": 0, "expected_tokens": None, "plain_step_ms": None, "round": None}
+        if not self.draft_s or 0 not in self.verify_s:
+            out["why"] = "not measured yet (the first rounds measure a drafting round and a plain step)"
+            out["k"] = self.k_max if not self.draft_s else 0
+            return out
+        best = self.best(self.k_max)
+        k = best or max(range(1, self.k_max + 1), key=lambda j: self.expected_tokens(j) /
+                        (self._draft_cost(j) + self._verify_cost(j)))
+        draft_ms, verify_ms = 1e3 * self._draft_cost(k), 1e3 * self._verify_cost(k)
+        expected = self.expected_tokens(k)
+        plain_ms = 1e3 * self._verify_cost(0)
+        out.update(k=best, expected_tokens=round(expected, 3), plain_step_ms=round(plain_ms, 3),
+                   round={"k": k, "draft_ms": round(draft_ms, 3), "verify_ms": round(verify_ms, 3),
+                          "ms_per_token": round((draft_ms + verify_ms) / expected, 3)})
+        return out
+
     def update(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
         self.verify_s.setdefault(k, deque(maxlen=self.window)).append(verify_s)
         if k:
@@ -96,3 +118,21 @@ class AutoDraft:
         d = self.decay
         for i in range(min(k, accepted + 1)):  # positions that were actually judged this round
             self.accept[i] = d * self.accept[i] + (1 - d) * (1.0 if i < accepted else 0.0)
+
+
+def describe(drafting: dict) -> str:
+    """One sentence for a stats line: the draft-length decision and, for `auto`, the costs behind it."""
+    mode = drafting.get("mode")
+    if mode == "off":
+        return "drafting off (plain decoding)"
+    if mode == "fixed":
+        return f"fixed {drafting['k']} drafts per round"
+    if drafting.get("round") is None:
+        return f"auto: {drafting.get('why', 'not measured yet')}"
+    r, plain = drafting["round"], drafting["plain_step_ms"]
+    costs = (f"a {r['k']}-draft round costs {r['draft_ms']:.2f} ms drafting + {r['verify_ms']:.2f} ms verify "
+             f"for {drafting['expected_tokens']:.2f} expected tokens ({r['ms_per_token']:.2f} ms/token), "
+             f"a plain step {plain:.2f} ms/token")
+    if drafting["k"] == 0:
+        return f"auto turned drafting off: {costs} (it probes again now and then)"
+    return f"auto drafts {drafting['k']} per round: {costs}"

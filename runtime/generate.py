@@ -50,6 +50,7 @@ class Stats:
     elapsed_s: float = 0.0
     target_s: float = 0.0
     draft_s: float = 0.0
+    drafting: dict = field(default_factory=dict)  # the draft-length policy's decision and what it measured
 
     @property
     def tokens_per_target_call(self) -> float:
@@ -185,7 +186,7 @@ class Generator:
         if len(prompt_ids) >= cap:
             raise EdgegenError(f"the prompt has {len(prompt_ids)} tokens; this bundle holds {cap} (prompt + output)")
         rng = np.random.default_rng(s.seed)
-        stats = Stats(prompt_tokens=len(prompt_ids))
+        stats = Stats(prompt_tokens=len(prompt_ids), drafting=policy.explain())
         target, assistant = self.bundle.target, self.bundle.assistant
         t0 = time.perf_counter()
 
@@ -230,6 +231,7 @@ class Generator:
                 m, nxt = accept_sampled(drafts, qs, logits, s, rng)
             stats.record_round(k, m)
             policy.update(k, m, tv - td, verify_s)
+            stats.drafting = policy.explain()
             self.cache.trim(base + m + 1)
             self.processed.extend([pending, *drafts[:m]])
             h = hidden[m]
