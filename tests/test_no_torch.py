@@ -1,4 +1,5 @@
-"""The runtime never imports torch or transformers (ARCHITECTURE: what lets an app embed it).
+"""The runtime never imports torch or transformers (docs/architecture.md, "Layout": what lets an
+app embed it).
 
 Each check runs in a fresh interpreter whose first act is to install an import blocker for torch,
 transformers and optimum; any attempt to import them is recorded and fails. The blocked process must still
