@@ -8,7 +8,6 @@ share of graph nodes each EP got).
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from edgegen.runtime.generate import Generator, Stats
 from edgegen.runtime.model import Bundle
+from edgegen.runtime.osinfo import peak_rss_mb
 
 BENCH_PROMPTS = (
     "def parse_args(argv=None):\n    \"\"\"Parse the command line.\"\"\"\n",
@@ -105,44 +105,6 @@ def bench(bundle_path, max_new_tokens: int = 128, draft_tokens: int | str = "aut
         spec = result["modes"]["speculative"]["tokens_per_second"]
         result["speedup"] = round(spec / plain, 3) if plain else None
     return result
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak resident memory in MB (MiB), or None where it cannot be read."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return _peak_working_set_mb()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # macOS: bytes; Linux, BSD: KiB
-
-
-def _peak_working_set_mb() -> float | None:
-    """Windows: PeakWorkingSetSize from GetProcessMemoryInfo (psapi), through ctypes."""
-    try:
-        import ctypes
-        from ctypes import wintypes
-
-        class Counters(ctypes.Structure):  # PROCESS_MEMORY_COUNTERS
-            _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD),
-                        ("PeakWorkingSetSize", ctypes.c_size_t), ("WorkingSetSize", ctypes.c_size_t),
-                        ("QuotaPeakPagedPoolUsage", ctypes.c_size_t), ("QuotaPagedPoolUsage", ctypes.c_size_t),
-                        ("QuotaPeakNonPagedPoolUsage", ctypes.c_size_t),
-                        ("QuotaNonPagedPoolUsage", ctypes.c_size_t), ("PagefileUsage", ctypes.c_size_t),
-                        ("PeakPagefileUsage", ctypes.c_size_t)]
-
-        counters = Counters()
-        counters.cb = ctypes.sizeof(Counters)
-        current = ctypes.windll.kernel32.GetCurrentProcess
-        current.restype = wintypes.HANDLE  # a pseudo-handle (-1): it must not be truncated to a C int
-        process = current()
-        get_info = ctypes.windll.psapi.GetProcessMemoryInfo
-        get_info.argtypes = [wintypes.HANDLE, ctypes.POINTER(Counters), wintypes.DWORD]
-        if not get_info(process, ctypes.byref(counters), counters.cb):
-            return None
-        return round(counters.PeakWorkingSetSize / 2**20, 1)
-    except (ImportError, AttributeError, OSError, ValueError, TypeError):  # not Windows, or no psapi
-        return None
 
 
 def bench_eps(bundle_path, eps: list[str], **options) -> dict:

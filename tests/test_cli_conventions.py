@@ -155,17 +155,63 @@ def test_bench_json_without_a_bundle_uses_the_demo(demo_env) -> None:
     assert set(result["modes"]) == {"plain", "speculative"}
     for mode in result["modes"].values():
         assert mode["tokens"] > 0 and mode["tokens_per_second"] > 0
-    assert result["peak_rss_mb"] > 10  # onnxruntime alone is more than that
+    assert result["peak_rss_mb"] > 10  # onnxruntime and numpy alone are more than that
 
 
-def test_peak_rss_without_the_resource_module(monkeypatch) -> None:
-    """Where `resource` is missing (Windows), the Windows call is tried; off Windows that gives None."""
-    from edgegen.runtime import bench
+# -- no POSIX-only code without a fallback ------------------------------------------------------------------
 
-    assert bench.peak_rss_mb() > 10
+
+def test_os_facts_on_this_machine(tmp_path: Path) -> None:
+    from edgegen.runtime import osinfo
+
+    assert osinfo.peak_rss_mb() > 10  # onnxruntime and numpy alone are more than that
+    assert osinfo.physical_memory() > 2**30
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    assert osinfo.change_time_ns(f, f.stat()) == f.stat().st_ctime_ns
+
+
+def test_os_facts_degrade_to_none_where_the_os_call_is_missing(monkeypatch, tmp_path: Path) -> None:
+    """The Windows branch run here finds no Win32 API: every fact is None, nothing raises. Where `resource`
+    is missing on POSIX, peak RSS is None too."""
+    from edgegen.runtime import osinfo
+
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    monkeypatch.setattr(osinfo, "WINDOWS", True)
+    if sys.platform != "win32":
+        assert osinfo.peak_rss_mb() is None and osinfo.physical_memory() is None
+        assert osinfo.change_time_ns(f, f.stat()) is None
+    monkeypatch.setattr(osinfo, "WINDOWS", False)
     monkeypatch.setitem(sys.modules, "resource", None)  # import resource -> ImportError
-    peak = bench.peak_rss_mb()
-    assert peak is None if sys.platform != "win32" else peak > 10
+    assert osinfo.peak_rss_mb() is None
+
+
+def test_integrity_without_a_change_time_hashes_every_load(monkeypatch, tmp_path: Path, bundle_dir) -> None:
+    """Without a trustworthy change time (st_ctime on Windows is the creation time), no file is
+    remembered as verified: every load hashes, and a damaged file is still caught."""
+    from edgegen.runtime import integrity, osinfo
+    from edgegen.runtime.manifest import load_manifest
+
+    bundle = bundle_dir("e2b-like")
+    m = load_manifest(bundle)
+    monkeypatch.setenv("EDGEGEN_CACHE", str(tmp_path / "cache"))
+    hashed = []
+
+    def counting(path, chunk=1 << 20):
+        hashed.append(path.name)
+        return real(path, chunk)
+
+    real = integrity.sha256_file
+    monkeypatch.setattr(integrity, "sha256_file", counting)
+    integrity.check_bundle(bundle, m)
+    integrity.check_bundle(bundle, m)
+    assert len(hashed) == len(m.files)  # normal: the second load hashes nothing
+    monkeypatch.setattr(osinfo, "change_time_ns", lambda path, st: None)
+    hashed.clear()
+    integrity.check_bundle(bundle, m)
+    integrity.check_bundle(bundle, m)
+    assert len(hashed) == 2 * len(m.files)
 
 
 def test_public_names_and_load(bundle_dir) -> None:
