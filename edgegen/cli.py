@@ -168,15 +168,16 @@ def distill(
 def bench(
     bundle: Path | None = typer.Argument(None, help="Bundle directory [default: the bundled demo pair]"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=2, help="Tokens generated per prompt"),
-    draft_tokens: str = typer.Option("auto", "--draft-tokens",
+    draft_tokens: str = typer.Option("auto", "--draft-tokens", metavar="<auto|int>",
                                      help="Tokens drafted per round: 'auto' (chosen online) or a count"),
     threads: int | None = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Run the built-in prompts this many times"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here (needs matplotlib) "
                                           "[default: no plot]"),
-    ep: str = typer.Option("cpu", "--ep", help="Execution provider (cpu, qnn, webgpu, openvino, auto), or several "
-                                             "separated by commas: cpu,webgpu"),
+    ep: str = typer.Option("cpu", "--ep", metavar="<ep[,ep...]>",
+                           help="Execution provider (cpu, qnn, webgpu, openvino, auto), or several separated by "
+                                "commas: cpu,webgpu"),
 ) -> None:
     """Measure plain vs speculative decoding on a bundle, side by side (per execution provider)."""
     import json
@@ -293,7 +294,7 @@ def run(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)"),
     seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling "
                                     "[default: a fresh random seed]"),
-    draft_tokens: str = typer.Option("auto", "--draft-tokens",
+    draft_tokens: str = typer.Option("auto", "--draft-tokens", metavar="<auto|int>",
                                      help="Tokens drafted per round: 'auto' (chosen online) or a count"),
     no_assistant: bool = typer.Option(False, "--no-assistant", help="Plain decoding with the target alone"),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)"),
