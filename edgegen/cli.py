@@ -10,8 +10,13 @@ import typer
 
 from edgegen.runtime.errors import EdgegenError
 
+# Plain help (rich_markup_mode=None): typer's rich panels read "[default: ...]" in help texts as markup and
+# drop it, and print a "<bool>" value column for flags that take no value. click's own formatter does neither.
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, context_settings={"max_content_width": 120},
                   help="Gemma 4 speculative decoding on ONNX Runtime: export a pair, run it, measure it.")
+
+THREADS_HELP = "Threads per session [default: onnxruntime's choice, one per physical core]"
 
 
 @app.callback()
@@ -70,7 +75,8 @@ def export(
                                     help="Quantized matmuls: exact (matches PyTorch), or int8 activations "
                                          "(faster int4/int8 on CPU, verified by top-1 agreement)"),
     soc_model: str | None = typer.Option(None, "--soc-model",
-                                         help="qnn: precompile QNN context binaries for this SoC model number"),
+                                         help="qnn: precompile QNN context binaries for this SoC model number "
+                                              "[default: none; the QNN EP compiles the graphs at load]"),
 ) -> None:
     """Export a target + assistant pair to a verified ONNX bundle."""
     if block_size & (block_size - 1):
@@ -105,21 +111,21 @@ def distill(
     steps: int = typer.Option(2000, "--steps", min=1, help="Optimizer steps"),
     draft_tokens: int = typer.Option(4, "--draft-tokens", min=1, max=16, help="Draft steps unrolled in training"),
     seq_len: int = typer.Option(256, "--seq-len", min=16, help="Training window (tokens)"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
-    lr: float = typer.Option(2e-3, "--lr", min=0.0),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Training windows per optimizer step"),
+    lr: float = typer.Option(2e-3, "--lr", min=0.0, help="Peak learning rate (AdamW; warmup, then cosine decay)"),
     hidden_size: int = typer.Option(256, "--hidden-size", min=16, help="Assistant width"),
     num_layers: int = typer.Option(4, "--layers", min=1, help="Assistant layers (the last is full attention)"),
     centroids: int = typer.Option(0, "--centroids", min=0, help="Centroid-head clusters (0 = plain lm_head)"),
     centroid_top_k: int = typer.Option(8, "--centroid-top-k", min=1, help="Clusters scored per draft step"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialization, data order and sampling"),
     bursts: int = typer.Option(0, "--bursts-per-window", min=0,
                                help="Draft bursts trained per window (0 = every position)"),
     self_generated: int = typer.Option(0, "--self-generated", min=0,
                                        help="Train half of each batch on this many target-sampled sequences"),
     self_generated_temperature: float = typer.Option(
         1.0, "--self-generated-temperature", min=0.0, help="Sampling temperature of those sequences (0 = greedy)"),
-    init: str | None = typer.Option(None, "--init", help="Start from this assistant (HF id or directory), "
-                                    "e.g. the stock assistant when the target is a fine-tune"),
+    init: str | None = typer.Option(None, "--init", help="Start from this assistant (HF id or directory), e.g. the "
+                                    "stock assistant when the target is a fine-tune [default: random initialization]"),
     bf16: bool = typer.Option(False, "--bf16", help="Save weights in bfloat16 (half the size)"),
     no_resume: bool = typer.Option(False, "--no-resume", help="Ignore a checkpoint in OUT and start over"),
 ) -> None:
@@ -160,25 +166,32 @@ def distill(
 
 @app.command()
 def bench(
-    bundle: Path = typer.Argument(..., help="Bundle directory"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=2),
-    draft_tokens: str = typer.Option("auto", "--draft-tokens", "-k", help="'auto' or a fixed count"),
-    threads: int | None = typer.Option(None, "--threads", min=1),
+    bundle: Path | None = typer.Argument(None, help="Bundle directory [default: the bundled demo pair]"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=2, help="Tokens generated per prompt"),
+    draft_tokens: str = typer.Option("auto", "--draft-tokens", metavar="<auto|int>",
+                                     help="Tokens drafted per round: 'auto' (chosen online) or a count"),
+    threads: int | None = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Run the built-in prompts this many times"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
-    plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here (needs matplotlib)"),
-    ep: str = typer.Option("cpu", "--ep", help="Execution provider, or several: cpu,webgpu,openvino (or auto)"),
+    plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here (needs matplotlib) "
+                                          "[default: no plot]"),
+    ep: str = typer.Option("cpu", "--ep", metavar="<ep[,ep...]>",
+                           help="Execution provider (cpu, qnn, webgpu, openvino, auto), or several separated by "
+                                "commas: cpu,webgpu"),
 ) -> None:
     """Measure plain vs speculative decoding on a bundle, side by side (per execution provider)."""
     import json
 
     from edgegen.runtime.bench import bench as run_bench
     from edgegen.runtime.bench import bench_eps, plot
-    from edgegen.runtime.providers import check_name
 
     if plot_path is not None:
         _check_plot_path(plot_path)
-    eps = [check_name(e.strip()) for e in ep.split(",") if e.strip()] or ["cpu"]
+    eps = _bench_eps(ep)
+    if bundle is None:
+        from edgegen.demo import demo_bundle
+
+        bundle = demo_bundle()
     _quiet_ort()
     if len(eps) > 1:
         if plot_path is not None:
@@ -214,7 +227,23 @@ def bench(
         if m["acceptance_by_position"]:
             typer.echo(f"{'':>14}acceptance by position {m['acceptance_by_position']}")
     if result.get("speedup") is not None:
-        typer.echo(f"speedup x{result['speedup']}  peak RSS {result['peak_rss_mb']} MB")
+        rss = result["peak_rss_mb"]
+        typer.echo(f"speedup x{result['speedup']}  peak RSS {'n/a' if rss is None else f'{rss} MB'}")
+
+
+def _bench_eps(ep: str) -> list[str]:
+    """`--ep cpu,webgpu` -> ["cpu", "webgpu"]; each name must be known (checked before any bundle work)."""
+    from edgegen.runtime.providers import EPS
+
+    known = f"use one of {', '.join((*EPS, 'auto'))}, or several separated by commas (e.g. cpu,webgpu)"
+    names = [e.strip() for e in ep.split(",")]
+    where = f"--ep '{ep}': " if "," in ep else ""
+    for name in names:
+        if not name:
+            raise EdgegenError(f"{where}an execution provider name is empty; {known}")
+        if name not in (*EPS, "auto"):
+            raise EdgegenError(f"{where}execution provider '{name}' is unknown; {known}")
+    return names
 
 
 def _check_plot_path(path: Path) -> None:
@@ -260,15 +289,16 @@ def run(
     file: Path | None = typer.Option(None, "--file", "-f", help="Read the prompt from a UTF-8 file"),
     chat: bool = typer.Option(False, "--chat", help="Multi-turn chat on stdin (KV of earlier turns is reused)"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens to generate"),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy"),
+    temperature: float = typer.Option(0.0, "--temperature", "--temp", help="Sampling temperature (0 = greedy)"),
     top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 = off)"),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)"),
-    seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling"),
-    draft_tokens: str = typer.Option("auto", "--draft-tokens", "-k",
+    seed: int | None = typer.Option(None, "--seed", help="Seed for reproducible sampling "
+                                    "[default: a fresh random seed]"),
+    draft_tokens: str = typer.Option("auto", "--draft-tokens", metavar="<auto|int>",
                                      help="Tokens drafted per round: 'auto' (chosen online) or a count"),
     no_assistant: bool = typer.Option(False, "--no-assistant", help="Plain decoding with the target alone"),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)"),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="Threads per session"),
+    threads: int | None = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
     stats: bool = typer.Option(False, "--stats", help="Print generation statistics to stderr"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token_ids, stats"),
     ep: RunEP = typer.Option(RunEP.cpu, "--ep", help="Execution provider; auto picks the best one available"),

@@ -1,6 +1,6 @@
 """`edgegen distill`: train a Gemma 4 assistant (MTP drafter) for a given target from plain text.
 
-The drafter is trained on exactly what it sees at run time (ARCHITECTURE "One round"): for a draft
+The drafter is trained on exactly what it sees at run time (docs/architecture.md, "One round"): for a draft
 burst starting at position t it gets the target's embedding of token x_t (times sqrt(H)) and the target's
 post-norm hidden state at t-1, sits at the constant position t and cross-attends to the target's store
 layers' K/V for positions < t (sliding layers: the last `window` of them). Steps 2..k are unrolled: each

@@ -28,7 +28,8 @@ KINDS = ("sliding_attention", "full_attention")
 
 @dataclass(frozen=True)
 class Profile:
-    """What one execution provider needs from the graphs (ARCHITECTURE: "Execution-provider profiles").
+    """What one execution provider needs from the graphs (docs/architecture.md,
+    "Execution-provider profiles").
     The math is the same in every profile; only the ops that express it change."""
 
     name: str = "cpu"

@@ -1,11 +1,12 @@
 """Random-weight Gemma 4 target + assistant pairs for tests and benchmarks.
 
-Every preset keeps the structural features of the published pair it is named after
-(../shared/reference/gemma4_pairs.json): per-layer embeddings, KV-shared layers fed by one store layer of
-each kind, sliding + full layers with different head dims, proportional RoPE with partial rotary on full
-layers, final logit softcapping, the double-wide MLP (E2B) and the assistant's centroid head with a
-non-trivial token ordering. Sizes shrink; nothing else does. Pairs are written with `save_pretrained`
-(safetensors) plus a tokenizer and generation config, so tests go through the real loading path.
+Every preset keeps the structural features of the published pair it is named after (its config.json
+files; docs/architecture.md, "The pair in brief"): per-layer embeddings, KV-shared layers fed by one
+store layer of each kind, sliding + full layers with different head dims, proportional RoPE with partial
+rotary on full layers, final logit softcapping, the double-wide MLP (E2B) and the assistant's centroid
+head with a non-trivial token ordering. Sizes shrink; nothing else does. Pairs are written with
+`save_pretrained` (safetensors) plus a tokenizer and generation config, so tests go through the real
+loading path.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ share of graph nodes each EP got).
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ import numpy as np
 
 from edgegen.runtime.generate import Generator, Stats
 from edgegen.runtime.model import Bundle
+from edgegen.runtime.osinfo import peak_rss_mb
 
 BENCH_PROMPTS = (
     "def parse_args(argv=None):\n    \"\"\"Parse the command line.\"\"\"\n",
@@ -99,7 +99,7 @@ def bench(bundle_path, max_new_tokens: int = 128, draft_tokens: int | str = "aut
               "draft_tokens": draft_tokens, "ep": bundle.ep, "ep_reason": bundle.ep_reason,
               "ep_profile": bundle.manifest.ep_profile, "placement": bundle.placement_report(),
               "modes": {k: v.as_dict() for k, v in modes.items()},
-              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+              "peak_rss_mb": peak_rss_mb()}
     if "speculative" in result["modes"]:
         plain = result["modes"]["plain"]["tokens_per_second"]
         spec = result["modes"]["speculative"]["tokens_per_second"]

@@ -1,6 +1,6 @@
 """The draft/verify loop and the Python API built on it.
 
-One round (see ARCHITECTURE "One round"): the cache holds P processed positions and `pending` (the
+One round (docs/architecture.md, "One round"): the cache holds P processed positions and `pending` (the
 last accepted token) is not yet in it.
   draft   k assistant steps at the constant position P, from (pending, hidden of position P-1)
   verify  the target runs [pending, d1..dk] at P..P+k

@@ -6,8 +6,10 @@
    has no `onnx` package), without touching their weights.
 2. Integrity. Every file the manifest lists has the size (always checked) and the sha256 recorded at
    export. Hashing streams 1 MiB at a time; a file whose hash matched is remembered in the user cache by
-   (device, inode, size, mtime, ctime), so a multi-GB bundle is hashed once, not on every load. Writing
-   to a file changes its ctime, which a user cannot set back, so a later change is always re-hashed.
+   (device, inode, size, mtime, change time), so a multi-GB bundle is hashed once, not on every load.
+   Writing to a file moves its change time (POSIX ctime, Windows ChangeTime), which a user cannot set
+   back, so a later change is always re-hashed. Where the change time cannot be read, nothing is
+   remembered and every load hashes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from edgegen.runtime import osinfo
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.manifest import Manifest
 
@@ -174,8 +177,11 @@ def _cache_file() -> Path:
     return Path(root) / "verified.json"
 
 
-def _identity(st: os.stat_result) -> str:
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+def _identity(path: Path, st: os.stat_result) -> str | None:
+    changed = osinfo.change_time_ns(path, st)
+    if changed is None:
+        return None
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{changed}"
 
 
 def _load_verified() -> dict[str, str]:
@@ -214,14 +220,15 @@ def check_files(bundle: Path, files: dict[str, dict], hashes: str = "cached") ->
                                f"{info['bytes']}; the file is damaged or truncated, re-copy or re-export the bundle")
         if hashes == "never":
             continue
-        key = str(path.resolve())
-        if verified.get(key) == f"{_identity(st)}:{info['sha256']}":
+        key, identity = str(path.resolve()), _identity(path, st)
+        if identity is not None and verified.get(key) == f"{identity}:{info['sha256']}":
             continue
         if sha256_file(path) != info["sha256"]:
             raise EdgegenError(f"bundle file '{name}' in '{bundle}' does not match its sha256 in the manifest; "
                                "the file is damaged or was changed, re-copy or re-export the bundle")
-        verified[key] = f"{_identity(st)}:{info['sha256']}"
-        changed = True
+        if identity is not None:
+            verified[key] = f"{identity}:{info['sha256']}"
+            changed = True
     if changed and hashes == "cached":
         _save_verified(verified)
 

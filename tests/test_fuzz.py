@@ -58,15 +58,17 @@ def option(name: str, values: st.SearchStrategy) -> st.SearchStrategy:
 
 
 RUN_OPTIONS = [option("-n", st.integers(-3, 24).map(str) | numbers), option("--temperature", numbers),
+               option("--temp", numbers), option("-t", st.sampled_from(["1", "0", "x"])),
                option("--top-k", numbers), option("--top-p", numbers), option("--seed", numbers),
-               option("-k", st.sampled_from(["auto", "0", "1", "4", "-1", "x", "99", ""])),
+               option("--draft-tokens", st.sampled_from(["auto", "0", "1", "4", "-1", "x", "99", ""])),
                option("--stop", weird_text), option("--threads", st.sampled_from(["1", "2", "0", "-1", "x"])),
                st.just(["--json"]), st.just(["--no-assistant"]), st.just(["--stats"]), st.just(["--chat"]),
                option("-p", weird_text), option("--bogus", text)]
 BENCH_OPTIONS = [option("-n", st.sampled_from(["2", "3", "1", "0", "x"])),
-                 option("-k", st.sampled_from(["auto", "2", "x"])),
+                 option("--draft-tokens", st.sampled_from(["auto", "2", "x"])),
                  option("--repeats", st.sampled_from(["1", "0", "-2", "x"])),
-                 option("--threads", st.sampled_from(["1", "0"])), st.just(["--json"])]
+                 option("--threads", st.sampled_from(["1", "0"])), option("-t", st.sampled_from(["1", "-1"])),
+                 option("--ep", st.sampled_from(["cpu", "nope", "", "cpu,", "cpu,nope"])), st.just(["--json"])]
 EXPORT_OPTIONS = [option("--quant", st.sampled_from(["fp32", "int8", "int4", "int3", ""])),
                   option("--assistant-quant", st.sampled_from(["int8", "fp16", ""])), option("--block-size", numbers),
                   option("--max-context", numbers), st.just(["--no-verify"]), st.just(["--force"])]

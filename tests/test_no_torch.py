@@ -1,4 +1,5 @@
-"""The runtime never imports torch or transformers (ARCHITECTURE: what lets an app embed it).
+"""The runtime never imports torch or transformers (docs/architecture.md, "Layout": what lets an
+app embed it).
 
 Each check runs in a fresh interpreter whose first act is to install an import blocker for torch,
 transformers and optimum; any attempt to import them is recorded and fails. The blocked process must still
@@ -97,3 +98,26 @@ sys.exit(code)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stderr.strip().splitlines()[-1]) == {"attempts": [], "loaded": []}
     assert 1 <= len(json.loads(proc.stdout)["token_ids"]) <= 3
+
+
+def test_public_api_load_without_torch(bundle: Path) -> None:
+    """`import edgegen` and `edgegen.load(path)` (the README's way in) stay on the runtime's imports."""
+    code = f"""
+import json
+import edgegen
+names = [n for n in ("Generator", "Sampling", "Bundle", "EdgegenError") if getattr(edgegen, n, None)]
+gen = edgegen.load({str(bundle)!r}, threads=1)
+result = gen.generate({PROMPT!r}, max_new_tokens=5, sampling=edgegen.Sampling(temperature=1.0, seed=3))
+try:
+    edgegen.load({str(bundle)!r}, ep="nope")
+    bad = None
+except edgegen.EdgegenError as exc:
+    bad = str(exc)
+print(json.dumps({{"names": names, "ids": result.token_ids, "bad": bad, **report()}}))
+"""
+    proc = run_blocked(code)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["attempts"] == [] and out["loaded"] == []
+    assert out["names"] == ["Generator", "Sampling", "Bundle", "EdgegenError"]
+    assert 1 <= len(out["ids"]) <= 5 and "unknown" in out["bad"]

@@ -124,8 +124,8 @@ def test_inf_or_nan_mid_stream_stops_before_the_bad_token(good: Path, monkeypatc
 @pytest.mark.parametrize("which", ["target", "assistant"])
 def test_cli_reports_nan_in_one_line_and_prints_no_token(which: str, nan_target: Path, nan_assistant: Path) -> None:
     bundle = nan_target if which == "target" else nan_assistant
-    proc = subprocess.run([sys.executable, "-m", "edgegen", "run", str(bundle), "-p", "hello", "-k", "4", "--json"],
-                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-m", "edgegen", "run", str(bundle), "-p", "hello", "--draft-tokens", "4",
+                           "--json"], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2
     assert proc.stdout == ""  # --json prints only a finished result
     lines = proc.stderr.splitlines()

@@ -1,0 +1,123 @@
+"""What the operating system knows about this process and its files, on POSIX and on Windows.
+
+Three facts the runtime needs and the standard library only gives on POSIX: peak resident memory
+(`resource`), physical memory (`os.sysconf`), and a file's change time (`st_ctime` is the creation time on
+Windows, not the time of the last change). On Windows they come from the Win32 API through ctypes; when
+an answer cannot be had, the functions return None and callers fall back to the safe choice.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+WINDOWS = os.name == "nt"
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MiB, or None where it cannot be read."""
+    if WINDOWS:
+        return _windows_peak_working_set_mb()
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # macOS: bytes; Linux, BSD: KiB
+
+
+def physical_memory() -> int | None:
+    """Installed physical memory in bytes, or None."""
+    if WINDOWS:
+        return _windows_physical_memory()
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def change_time_ns(path: Path, st: os.stat_result) -> int | None:
+    """When the file's content or metadata last changed (a time users cannot set back), or None.
+
+    POSIX: st_ctime. Windows: the ChangeTime of FILE_BASIC_INFO (st_ctime there is the creation time)."""
+    if WINDOWS:
+        return _windows_change_time(path)
+    return st.st_ctime_ns
+
+
+# -- Win32 through ctypes: each returns None when the call is unavailable or fails -----------------------
+
+_WIN_ERRORS = (ImportError, AttributeError, OSError, ValueError, TypeError)
+
+
+def _windows_peak_working_set_mb() -> float | None:
+    try:
+        import ctypes
+        from ctypes import wintypes
+
+        class ProcessMemoryCounters(ctypes.Structure):  # PROCESS_MEMORY_COUNTERS
+            _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD),
+                        ("PeakWorkingSetSize", ctypes.c_size_t), ("WorkingSetSize", ctypes.c_size_t),
+                        ("QuotaPeakPagedPoolUsage", ctypes.c_size_t), ("QuotaPagedPoolUsage", ctypes.c_size_t),
+                        ("QuotaPeakNonPagedPoolUsage", ctypes.c_size_t),
+                        ("QuotaNonPagedPoolUsage", ctypes.c_size_t), ("PagefileUsage", ctypes.c_size_t),
+                        ("PeakPagefileUsage", ctypes.c_size_t)]
+
+        current = ctypes.windll.kernel32.GetCurrentProcess
+        current.restype = wintypes.HANDLE  # a pseudo-handle (-1): it must not be truncated to a C int
+        get_info = ctypes.windll.psapi.GetProcessMemoryInfo
+        get_info.argtypes = [wintypes.HANDLE, ctypes.POINTER(ProcessMemoryCounters), wintypes.DWORD]
+        get_info.restype = wintypes.BOOL
+        counters = ProcessMemoryCounters()
+        counters.cb = ctypes.sizeof(counters)
+        if not get_info(current(), ctypes.byref(counters), counters.cb):
+            return None
+        return round(counters.PeakWorkingSetSize / 2**20, 1)
+    except _WIN_ERRORS:
+        return None
+
+
+def _windows_physical_memory() -> int | None:
+    try:
+        import ctypes
+        from ctypes import wintypes
+
+        class MemoryStatusEx(ctypes.Structure):  # MEMORYSTATUSEX
+            _fields_ = [("dwLength", wintypes.DWORD), ("dwMemoryLoad", wintypes.DWORD),
+                        ("ullTotalPhys", ctypes.c_uint64), ("ullAvailPhys", ctypes.c_uint64),
+                        ("ullTotalPageFile", ctypes.c_uint64), ("ullAvailPageFile", ctypes.c_uint64),
+                        ("ullTotalVirtual", ctypes.c_uint64), ("ullAvailVirtual", ctypes.c_uint64),
+                        ("ullAvailExtendedVirtual", ctypes.c_uint64)]
+
+        status = MemoryStatusEx()
+        status.dwLength = ctypes.sizeof(status)
+        if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+            return None
+        return int(status.ullTotalPhys)
+    except _WIN_ERRORS:
+        return None
+
+
+def _windows_change_time(path: Path) -> int | None:
+    try:
+        import ctypes
+        import msvcrt
+        from ctypes import wintypes
+
+        class FileBasicInfo(ctypes.Structure):  # FILE_BASIC_INFO; times in 100 ns units since 1601
+            _fields_ = [("CreationTime", ctypes.c_int64), ("LastAccessTime", ctypes.c_int64),
+                        ("LastWriteTime", ctypes.c_int64), ("ChangeTime", ctypes.c_int64),
+                        ("FileAttributes", wintypes.DWORD)]
+
+        get_info = ctypes.windll.kernel32.GetFileInformationByHandleEx
+        get_info.argtypes = [wintypes.HANDLE, ctypes.c_int, ctypes.c_void_p, wintypes.DWORD]
+        get_info.restype = wintypes.BOOL
+        info = FileBasicInfo()
+        with open(path, "rb") as fh:
+            handle = msvcrt.get_osfhandle(fh.fileno())
+            if not get_info(handle, 0, ctypes.byref(info), ctypes.sizeof(info)):  # 0: FileBasicInfo
+                return None
+        return int(info.ChangeTime) * 100
+    except _WIN_ERRORS:
+        return None
