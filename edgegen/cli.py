@@ -204,11 +204,16 @@ def bench(
         typer.echo(f"{'ep':>10} {'plain tok/s':>12} {'spec tok/s':>11} {'speedup':>8} {'acceptance':>11} "
                    f"{'tok/call':>9} {'node share':>11}")
         for row in result["table"]:
+            if "unavailable" in row:
+                typer.echo(f"{row['ep']:>10} unavailable: {row['unavailable']}")
+                continue
             typer.echo(f"{row['ep']:>10} {row['plain_tokens_per_second']:>12.1f} "
                        f"{_fmt(row['speculative_tokens_per_second'], '.1f'):>11} {_fmt(row['speedup'], '.2f'):>8} "
                        f"{_fmt(row['acceptance'], '.3f'):>11} {_fmt(row['tokens_per_target_call'], '.2f'):>9} "
                        f"{_fmt(row['min_node_share'], '.3f'):>11}")
         return
+    from edgegen.runtime.adaptive import describe
+
     result = run_bench(bundle, max_new_tokens, draft_tokens, threads, repeats=repeats, ep=eps[0])
     if plot_path is not None:
         plot(result, str(plot_path))
@@ -226,6 +231,8 @@ def bench(
         )
         if m["acceptance_by_position"]:
             typer.echo(f"{'':>14}acceptance by position {m['acceptance_by_position']}")
+        if name == "speculative" and m["drafting"]:
+            typer.echo(f"{'':>14}{describe(m['drafting'])}")
     if result.get("speedup") is not None:
         rss = result["peak_rss_mb"]
         typer.echo(f"speedup x{result['speedup']}  peak RSS {'n/a' if rss is None else f'{rss} MB'}")

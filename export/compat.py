@@ -1,4 +1,4 @@
-"""Workarounds for transformers behaviour that breaks Gemma 4 assistants (docs/architecture.md, "Traps").
+"""Workarounds for transformers behaviour that breaks Gemma 4 assistants (docs/architecture.md, "Known traps").
 
 1. In transformers 5.23, `Gemma4TextConfig.kv_sharing_modes` raises when *every* layer is KV-shared, which
    is exactly what an assistant is: it owns no K/V and reads the target's store layers. No assistant can be

@@ -53,6 +53,7 @@ class ModeResult:
             "acceptance": round(sum(s.accepted for s in self.stats) / total_drafted, 4) if total_drafted else None,
             "acceptance_by_position": [round(float(a / d), 4) for a, d in zip(accepted, drafted, strict=True) if d],
             "accepted_length_histogram": [int(x) for x in np.trim_zeros(hist, "b")],
+            "drafting": self.stats[-1].drafting if self.stats else {},  # the policy's state after the last prompt
             "time_split": {"target": round(target / self.decode_s, 4) if self.decode_s else 0,
                            "drafter": round(draft / self.decode_s, 4) if self.decode_s else 0,
                            "host": round(host / self.decode_s, 4) if self.decode_s else 0},
@@ -108,9 +109,19 @@ def bench(bundle_path, max_new_tokens: int = 128, draft_tokens: int | str = "aut
 
 
 def bench_eps(bundle_path, eps: list[str], **options) -> dict:
-    """`bench` on each EP in turn; "table" has one row per EP: tokens/s, acceptance, node share."""
-    runs = {}
+    """`bench` on each EP in turn; "table" has one row per EP: tokens/s, acceptance, node share. An EP that
+    cannot run on this machine (not installed, no device) gets a row with the reason instead of numbers."""
+    from edgegen.runtime.errors import EdgegenError
+    from edgegen.runtime.providers import check_name, devices
+
+    runs, unavailable = {}, {}
     for ep in eps:
+        if check_name(ep) not in ("auto", "cpu"):
+            try:
+                devices(ep)
+            except EdgegenError as exc:
+                unavailable[ep] = str(exc)
+                continue
         r = bench(bundle_path, ep=ep, **options)
         runs[r["ep"] if ep == "auto" else ep] = r
     table = []
@@ -122,6 +133,9 @@ def bench_eps(bundle_path, eps: list[str], **options) -> dict:
                       "speedup": r.get("speedup"), "acceptance": spec.get("acceptance"),
                       "tokens_per_target_call": spec.get("tokens_per_target_call"),
                       "min_node_share": min(shares) if shares else None})
+    if not runs:
+        raise EdgegenError("; ".join(unavailable.values()))
+    table += [{"ep": name, "unavailable": why} for name, why in unavailable.items()]
     return {"bundle": str(bundle_path), "eps": runs, "table": table}
 
 
