@@ -158,6 +158,21 @@ def test_bench_json_without_a_bundle_uses_the_demo(demo_env) -> None:
     assert result["peak_rss_mb"] > 10  # onnxruntime and numpy alone are more than that
 
 
+def test_run_stats_explain_the_drafting_decision(demo_env) -> None:
+    """The README's first command without --draft-tokens: `auto` decides, and the stats say what and why."""
+    proc = edgegen_cli("run", "--prompt", "def read_config(path):", "--stats", "-n", "48", env=demo_env)
+    assert proc.returncode == 0, proc.stderr
+    stats = [line for line in proc.stderr.splitlines() if line.startswith("[")]
+    assert "tokens/target call" in stats[-2]
+    decision = re.fullmatch(r"\[auto (turned drafting off|drafts \d+ per round): a \d+-draft round costs [\d.]+ ms "
+                            r"drafting \+ [\d.]+ ms verify for [\d.]+ expected tokens \([\d.]+ ms/token\), a plain "
+                            r"step [\d.]+ ms/token.*\]", stats[-1])
+    assert decision, stats[-1]
+    fixed = edgegen_cli("run", "--prompt", "def read_config(path):", "--stats", "-n", "16", "--draft-tokens", "4",
+                        env=demo_env)
+    assert fixed.returncode == 0 and "[fixed 4 drafts per round]" in fixed.stderr.splitlines(), fixed.stderr
+
+
 # -- no POSIX-only code without a fallback ------------------------------------------------------------------
 
 
