@@ -2,8 +2,9 @@
 
 Each token is decoded incrementally (tokenizers' `DecodeStream`: it looks at a few tokens around the new
 one, never the whole output), so streaming costs the same per token at any length. Text is released as
-soon as it is whole: a character split over byte-fallback tokens comes out with its last byte. The
-concatenated pieces equal a full decode of the same ids (`TextTokenizer.decode`), which the tests check.
+soon as it is whole: a character spelled in byte-fallback tokens comes out with the token after its last
+byte. The concatenated pieces equal a full decode of the same ids (`TextTokenizer.decode`), which the
+tests check, also for invalid UTF-8.
 
 Gemma 4 writes its reasoning in a channel before the answer: `<|channel>thought\\n ... <channel|>`. Text
 inside the channel is thinking (its first line, the channel's name, is dropped); everything else is the
@@ -16,28 +17,65 @@ from edgegen.runtime.tokenizer import CHANNEL_CLOSE, CHANNEL_OPEN, TextTokenizer
 
 
 class _Segment:
-    """A run of text tokens decoded together; `finish` releases what the stream still holds (e.g. bytes of
-    an unfinished character, shown as U+FFFD the way a full decode shows them)."""
+    """A run of text tokens decoded together; `finish` releases what is still held (e.g. the bytes of an
+    unfinished character, shown as U+FFFD the way a full decode shows them).
+
+    Byte-fallback tokens (`<0xF0>`, ...) are decoded as a unit when their run ends: a full decode turns the
+    whole run into U+FFFDs if any of it is not UTF-8, so a character can only be released once the run is
+    known to be valid (one token later). The text between runs goes through a `DecodeStream`.
+    """
 
     def __init__(self, tok: TextTokenizer):
-        from tokenizers.decoders import DecodeStream
-
         self._tok = tok
-        self._stream = DecodeStream(skip_special_tokens=False)
-        self.ids: list[int] = []
-        self.text = ""
+        self._run: list[int] = []  # byte-fallback tokens not yet decoded
+        self._stream = None  # DecodeStream over the current part (the tokens since the last run)
+        self._part: list[int] = []
+        self._part_text = ""
+        self._lost = False  # the stream refused a token: this part is decoded in full from then on
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        piece = self._stream.step(self._tok.backend, token) or ""
-        self.text += piece
-        return piece
+        if token in self._tok.byte_ids:
+            out = "" if self._run else self._end_part()  # what the stream holds comes before the run
+            self._run.append(token)
+            return out
+        return self._end_run() + self._step(token)
 
     def finish(self) -> str:
-        full = self._tok.decode(self.ids)
-        rest = full[len(self.text):] if full.startswith(self.text) else ""
-        self.text += rest
+        return self._end_part() + self._end_run()
+
+    def _step(self, token: int) -> str:
+        if self._stream is None:
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(skip_special_tokens=False)
+        self._part.append(token)
+        piece = ""
+        if not self._lost:
+            try:
+                piece = self._stream.step(self._tok.backend, token) or ""
+            except Exception:  # tokenizers refuses a prefix that changed under it; never seen with Gemma 4
+                self._lost = True
+        if self._lost:
+            piece = self._rest_of_part()
+        self._part_text += piece
+        return piece
+
+    def _rest_of_part(self) -> str:
+        full = self._tok.decode(self._part)
+        return full[len(self._part_text):] if full.startswith(self._part_text) else ""
+
+    def _end_part(self) -> str:
+        if self._stream is None:
+            return ""
+        rest = self._rest_of_part()
+        self._stream, self._part, self._part_text, self._lost = None, [], "", False
         return rest
+
+    def _end_run(self) -> str:
+        if not self._run:
+            return ""
+        text, self._run = self._tok.decode(self._run), []
+        return text
 
 
 class TextStream:

@@ -51,6 +51,8 @@ class TextTokenizer:
         special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         shown = {self._tok.token_to_id(t) for t in TOOL_SYNTAX} - {None}
         self.hidden_ids = frozenset(special - shown)  # special tokens the decoded text leaves out
+        # Byte-fallback tokens (SentencePiece-style vocabularies such as Gemma's; byte-level BPE has none).
+        self.byte_ids = frozenset({self._tok.token_to_id(f"<0x{b:02X}>") for b in range(256)} - {None})
 
     @property
     def backend(self):
