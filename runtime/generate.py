@@ -330,8 +330,14 @@ class Generator:
             reason = "eos" if ids[-1] in self.eos_ids else (
                 "max_new_tokens" if len(ids) >= max_new_tokens else "context")
             return Result("", ids, events[-1].stats, reason)
-        return _collect(self.stream(prompt, max_new_tokens, sampling, use_assistant, draft_tokens, stop_strings),
-                        self)
+        return self.collect(self.stream(prompt, max_new_tokens, sampling, use_assistant, draft_tokens, stop_strings))
+
+    def collect(self, events: Iterator[Event]) -> Result:
+        """The Result of a `stream` or `chat`, consumed to its end."""
+        events = list(events)
+        ids = [e.token_id for e in events if e.token_id >= 0]
+        return Result("".join(e.text for e in events), ids, events[-1].stats, self.last_stop_reason,
+                      "".join(e.thinking for e in events))
 
     # -- chat ----------------------------------------------------------------------------------------
     def chat(self, user_message: str, max_new_tokens: int = 256, sampling: Sampling | None = None,
@@ -372,13 +378,6 @@ class Generator:
         self.cache.reset()
         self.processed.clear()
         self.messages.clear()
-
-
-def _collect(events: Iterator[Event], gen: Generator) -> Result:
-    events = list(events)
-    ids = [e.token_id for e in events if e.token_id >= 0]
-    return Result("".join(e.text for e in events), ids, events[-1].stats, gen.last_stop_reason,
-                  "".join(e.thinking for e in events))
 
 
 def _has_tokenizer(gen: Generator) -> bool:

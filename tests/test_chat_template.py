@@ -284,3 +284,30 @@ def test_generation_stops_at_end_of_turn(monkeypatch, turn_end_bundle: Path, use
     assert calls[0] == 3  # no target call after the one that chose <turn|>
     if not use_assistant:
         assert result.token_ids == [*natural[:2], END_OF_TURN]
+
+
+# -- the CLI: --system and --think make the prompt a chat turn ----------------------------------------------
+
+
+def run_cli(*args: str) -> dict:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "edgegen", "run", *args, "--json"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_cli_system_and_think(bundle_dir) -> None:
+    path = bundle_dir("e2b-like", True)
+    tok = Generator(path).tokenizer
+    raw = run_cli(str(path), "-p", "hello there", "-n", "3", "--no-assistant")
+    assert raw["stats"]["prompt_tokens"] == len(tok.encode("hello there"))
+    turn = run_cli(str(path), "-p", "hello there", "--system", "Be brief.", "-n", "3", "--no-assistant")
+    prompt = tok.render_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}])
+    assert turn["stats"]["prompt_tokens"] == len(tok.encode(prompt, add_special_tokens=False))
+    thinking = run_cli(str(path), "-p", "hello there", "--think", "-n", "3", "--no-assistant")
+    prompt = tok.render_chat([{"role": "user", "content": "hello there"}], enable_thinking=True)
+    assert thinking["stats"]["prompt_tokens"] == len(tok.encode(prompt, add_special_tokens=False))
+    assert thinking["thinking"] == ""  # the test model has no thinking channel
