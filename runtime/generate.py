@@ -125,6 +125,7 @@ class Generator:
         self.cache = self.bundle.new_cache()
         self.processed: list[int] = []  # token ids whose K/V are in the cache, in order
         self.messages: list[dict] = []
+        self.last_stop_reason: str | None = None  # of the last text stream that ran to its end
         self._guard = threading.Lock()
         self._owner: int | None = None  # the thread generating now (it may nest streams; others may not)
         self._depth = 0
