@@ -309,8 +309,15 @@ def run(
     stats: bool = typer.Option(False, "--stats", help="Print generation statistics to stderr"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token_ids, stats"),
     ep: RunEP = typer.Option(RunEP.cpu, "--ep", help="Execution provider; auto picks the best one available"),
+    system: str | None = typer.Option(None, "--system",
+                                      help="System instruction; makes the prompt a chat turn (the bundle's template)"),
+    think: bool = typer.Option(False, "--think", help="Let the model reason before answering (makes the prompt a "
+                               "chat turn); its thinking goes to stderr, dimmed"),
 ) -> None:
-    """Generate text with a bundle: speculative decoding with its assistant, streamed to the terminal."""
+    """Generate text with a bundle: speculative decoding with its assistant, streamed to the terminal.
+
+    A prompt is continued as raw text, unless --system or --think make it one chat turn. The answer goes to
+    stdout; with --think the model's thinking goes to stderr (and to "thinking" in --json)."""
     import json
 
     from edgegen.runtime.generate import Generator
@@ -329,21 +336,32 @@ def run(
         typer.echo(f"[ep {gen.bundle.ep}: {gen.bundle.ep_reason}]", err=True)
     options = dict(max_new_tokens=max_new_tokens, sampling=sampling, use_assistant=not no_assistant,
                    draft_tokens=draft_tokens)
+    turn = dict(system=system, enable_thinking=think)
     if chat:
-        _chat_loop(gen, options, stats)
+        _chat_loop(gen, {**options, **turn}, stats, think)
         return
+    if system is not None or think:
+        events = gen.chat(text, stop_strings=tuple(stop), **options, **turn)
+    else:
+        events = gen.stream(text, stop_strings=tuple(stop), **options)
     if as_json:
-        result = gen.generate(text, stop_strings=tuple(stop), **options)
-        typer.echo(json.dumps({"text": result.text, "token_ids": result.token_ids, "ep": gen.bundle.ep,
-                               "stop_reason": result.stop_reason, "stats": result.stats.as_dict()}))
+        result = gen.collect(events)
+        typer.echo(json.dumps({"text": result.text, "thinking": result.thinking, "token_ids": result.token_ids,
+                               "ep": gen.bundle.ep, "stop_reason": result.stop_reason,
+                               "stats": result.stats.as_dict()}))
         return
-    _stream_out(gen.stream(text, stop_strings=tuple(stop), **options), stats)
+    _stream_out(events, stats, think)
 
 
-def _stream_out(events, stats: bool) -> None:
-    """Write each event's text as it arrives; statistics to stderr at the end if asked."""
+def _stream_out(events, stats: bool, think: bool = False) -> None:
+    """Write each event's answer text as it arrives (thinking to stderr, dimmed on a terminal, if asked);
+    statistics to stderr at the end if asked."""
     last = None
+    dim, plain = ("\x1b[2m", "\x1b[0m") if sys.stderr.isatty() else ("", "")
     for event in events:
+        if think and event.thinking:
+            sys.stderr.write(f"{dim}{event.thinking}{plain}")
+            sys.stderr.flush()
         sys.stdout.write(event.text)
         sys.stdout.flush()
         last = event
@@ -365,7 +383,7 @@ def _print_stats(st) -> None:
     )
 
 
-def _chat_loop(gen, options: dict, stats: bool) -> None:
+def _chat_loop(gen, options: dict, stats: bool, think: bool = False) -> None:
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -376,7 +394,7 @@ def _chat_loop(gen, options: dict, stats: bool) -> None:
             break
         if not line.strip():
             continue
-        _stream_out(gen.chat(line.strip(), **options), stats)
+        _stream_out(gen.chat(line.strip(), **options), stats, think)
 
 
 def main() -> None:

@@ -8,6 +8,12 @@ last accepted token) is not yet in it.
   commit  trim the cache to P+m+1; everything past it is overwritten later, never copied
 Plain decoding is the same round with k = 0. `stream` yields one event per emitted token; `generate`
 and `chat` are built from it.
+
+Text: `generate` and `stream` continue a raw prompt; `chat` renders the conversation with the bundle's chat
+template (system turn, tool declarations, `enable_thinking`). Generation stops at the bundle's EOS ids (the
+target's generation config: for Gemma 4 `<eos>` and the end of turn `<turn|>`) or a stop string. Events and
+results keep the model's thinking (its `<|channel>thought ... <channel|>` text) apart from the answer:
+`thinking` and `text`. Stop strings apply to the answer.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from edgegen.runtime.adaptive import AutoDraft, FixedDraft
+from edgegen.runtime.detokenize import TextStream
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.model import Bundle
 from edgegen.runtime.sampling import (
@@ -86,17 +93,19 @@ class Stats:
 
 @dataclass
 class Event:
-    token_id: int
-    text: str  # the text this token added (may be empty while a multi-byte character or stop string is open)
+    token_id: int  # -1: no new token, text held back until the end (an unfinished character, a stop prefix)
+    text: str  # the answer text this token added (may be empty while a character or stop string is open)
     stats: Stats
+    thinking: str = ""  # the thinking text this token added
 
 
 @dataclass
 class Result:
-    text: str
+    text: str  # the answer
     token_ids: list[int]
     stats: Stats
     stop_reason: str  # eos | stop_string | max_new_tokens | context
+    thinking: str = ""
 
 
 class Generator:
@@ -117,6 +126,7 @@ class Generator:
         self.cache = self.bundle.new_cache()
         self.processed: list[int] = []  # token ids whose K/V are in the cache, in order
         self.messages: list[dict] = []
+        self.last_stop_reason: str | None = None  # of the last text stream that ran to its end
         self._guard = threading.Lock()
         self._owner: int | None = None  # the thread generating now (it may nest streams; others may not)
         self._depth = 0
@@ -276,68 +286,92 @@ class Generator:
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
                use_assistant: bool = True, draft_tokens: int | str | None = None,
                stop_strings: tuple[str, ...] = ()) -> Iterator[Event]:
-        """Like `stream_ids`, with text: each event carries the text its token added."""
+        """Like `stream_ids`, with text: each event carries the answer and thinking text its token added."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         return self._with_text(self.stream_ids(ids, max_new_tokens, sampling, use_assistant, draft_tokens),
-                               stop_strings)
+                               stop_strings, max_new_tokens)
 
-    def _with_text(self, events: Iterator[Event], stop_strings: tuple[str, ...]) -> Iterator[Event]:
-        tok = self.tokenizer
+    def _with_text(self, events: Iterator[Event], stop_strings: tuple[str, ...],
+                   max_new_tokens: int) -> Iterator[Event]:
+        text_stream = TextStream(self.tokenizer)
         stop_strings = tuple(x for x in stop_strings if x)  # an empty stop string would match everywhere
-        ids: list[int] = []
-        shown = ""
-        hold = max((len(x) for x in stop_strings), default=1) - 1
-        self.last_stop_reason = "max_new_tokens"
+        longest = max((len(x) for x in stop_strings), default=0)
+        answer, shown = "", 0  # the answer so far; how much of it was yielded
+        last_id, count = None, 0
         for ev in events:
-            ids.append(ev.token_id)
-            text = tok.decode(ids)
-            if ev.token_id in self.eos_ids:
-                self.last_stop_reason = "eos"
-            hit = [text.find(x) for x in stop_strings if x and x in text]
-            if hit:
-                cut = min(hit)
-                yield Event(ev.token_id, text[len(shown):cut] if cut > len(shown) else "", ev.stats)
-                self.last_stop_reason = "stop_string"
-                events.close()
-                return
-            # Hold back a possible stop-string prefix and incomplete UTF-8 (decoded as U+FFFD).
-            safe = len(text) - hold if stop_strings else len(text)
-            while safe > len(shown) and text[safe - 1] == "\ufffd":
-                safe -= 1
-            delta = text[len(shown):safe] if safe > len(shown) else ""
-            shown += delta
-            yield Event(ev.token_id, delta, ev.stats)
-        final = tok.decode(ids)
-        if len(final) > len(shown) and self.last_stop_reason != "stop_string":
-            yield Event(-1, final[len(shown):], ev.stats)  # flush held-back text (no new token)
+            last_id, count = ev.token_id, count + 1
+            thinking, piece = text_stream.push(ev.token_id)
+            answer += piece
+            if stop_strings and piece:
+                start = max(len(answer) - len(piece) - longest + 1, 0)  # only where a new match can be
+                hits = [i for i in (answer.find(x, start) for x in stop_strings) if i >= 0]
+                if hits:
+                    cut = max(min(hits), shown)
+                    yield Event(ev.token_id, answer[shown:cut], ev.stats, thinking)
+                    self.last_stop_reason = "stop_string"
+                    events.close()
+                    return
+            safe = max(len(answer) - longest + 1, shown) if stop_strings else len(answer)  # a stop's prefix waits
+            yield Event(ev.token_id, answer[shown:safe], ev.stats, thinking)
+            shown = safe
+        thinking, piece = text_stream.finish()
+        answer += piece
+        if thinking or len(answer) > shown:
+            yield Event(-1, answer[shown:], ev.stats, thinking)  # held-back text (no new token)
+        self.last_stop_reason = ("eos" if last_id in self.eos_ids else
+                                 "max_new_tokens" if count >= max_new_tokens else "context")
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
                  use_assistant: bool = True, draft_tokens: int | str | None = None,
                  stop_strings: tuple[str, ...] = ()) -> Result:
-        """Blocking generation, built from `stream`."""
-        if isinstance(prompt, list) and not stop_strings:
+        """Blocking generation, built from `stream`. Token-id prompts work without a tokenizer (empty text)."""
+        if isinstance(prompt, list) and not _has_tokenizer(self):
+            if stop_strings:
+                raise EdgegenError("stop strings need the bundle's tokenizer, and this bundle has none")
             events = list(self.stream_ids(prompt, max_new_tokens, sampling, use_assistant, draft_tokens))
             ids = [e.token_id for e in events]
-            stats = events[-1].stats
-            text = self.tokenizer.decode(ids) if _has_tokenizer(self) else ""
             reason = "eos" if ids[-1] in self.eos_ids else (
                 "max_new_tokens" if len(ids) >= max_new_tokens else "context")
-            return Result(text, ids, stats, reason)
-        events = list(self.stream(prompt, max_new_tokens, sampling, use_assistant, draft_tokens, stop_strings))
+            return Result("", ids, events[-1].stats, reason)
+        return self.collect(self.stream(prompt, max_new_tokens, sampling, use_assistant, draft_tokens, stop_strings))
+
+    def collect(self, events: Iterator[Event]) -> Result:
+        """The Result of a `stream` or `chat`, consumed to its end."""
+        events = list(events)
         ids = [e.token_id for e in events if e.token_id >= 0]
-        return Result("".join(e.text for e in events), ids, events[-1].stats, self.last_stop_reason)
+        return Result("".join(e.text for e in events), ids, events[-1].stats, self.last_stop_reason,
+                      "".join(e.thinking for e in events))
 
     # -- chat ----------------------------------------------------------------------------------------
     def chat(self, user_message: str, max_new_tokens: int = 256, sampling: Sampling | None = None,
-             use_assistant: bool = True, draft_tokens: int | str | None = None) -> Iterator[Event]:
-        """One conversation turn, streamed. Earlier turns' K/V are reused, not prefilled again."""
+             use_assistant: bool = True, draft_tokens: int | str | None = None, stop_strings: tuple[str, ...] = (),
+             *, system: str | None = None, enable_thinking: bool = False,
+             tools: list[dict] | None = None) -> Iterator[Event]:
+        """One conversation turn, streamed. Earlier turns' K/V are reused, not prefilled again.
+
+        system: the conversation's system instruction (given again, it replaces the earlier one; None keeps
+        it). enable_thinking: ask the model to reason first (events carry it as `thinking`). tools: function
+        declarations the model may call (JSON schema dicts); a call comes back in the answer text as the
+        template's markup, e.g. `<|tool_call>call:name{...}<tool_call|>`. The conversation keeps answers
+        only: the template drops earlier turns' thinking.
+        """
+        if system is not None:
+            if self.messages and self.messages[0]["role"] in ("system", "developer"):
+                self.messages[0] = {"role": self.messages[0]["role"], "content": system}
+            else:
+                self.messages.insert(0, {"role": "system", "content": system})
         self.messages.append({"role": "user", "content": user_message})
-        text = self.tokenizer.render_chat(self.messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        try:
+            text = self.tokenizer.render_chat(self.messages, add_generation_prompt=True, tools=tools,
+                                              enable_thinking=enable_thinking)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        except EdgegenError:
+            self.messages.pop()  # a turn that never ran is not part of the conversation
+            raise
         reply = []
         try:
             for ev in self._with_text(self.stream_ids(ids, max_new_tokens, sampling, use_assistant, draft_tokens),
-                                      ()):
+                                      stop_strings, max_new_tokens):
                 reply.append(ev.text)
                 yield ev
         finally:  # also when the caller stops early: the conversation keeps what was said
