@@ -276,5 +276,5 @@ print("\\n@@" + _json.dumps(_out))
         assert out["stats"]["new_tokens"] >= 1 and out["stats"]["tokens_per_second"] > 0
         assert out["per_call"] in printed
         roles = [m["role"] for m in out["messages"]]
-        assert roles == ["user", "assistant"] and out["messages"][1]["content"].strip()
+        assert roles == ["system", "user", "assistant"] and out["messages"][-1]["content"].strip()
         assert "exporting the demo pair" not in proc.stderr  # it used the cached demo bundle
