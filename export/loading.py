@@ -52,12 +52,26 @@ def resolve(name_or_path: str, what: str) -> Path:
         local = snapshot_download(
             name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
         )
-    except Exception as exc:  # network, auth, unknown repo: all end the same way for the user
-        raise EdgegenError(
-            f"{what} '{name_or_path}' is not a local directory, and fetching it as a Hugging Face id failed "
-            f"({type(exc).__name__}); check the path, or the id and your network"
-        ) from None
+    except Exception as exc:
+        raise EdgegenError(_hub_failure(exc, name_or_path, what)) from None
     return Path(local)
+
+
+def _hub_failure(exc: Exception, repo_id: str, what: str) -> str:
+    """One line for a failed hub download: gated and private repos name the login; the rest say what failed."""
+    kind = {type(exc).__name__} | {c.__name__ for c in type(exc).__mro__}
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    if "GatedRepoError" in kind:
+        return (f"{what} '{repo_id}' is a gated model: accept its license on https://huggingface.co/{repo_id} "
+                f"with your account, then {login}")
+    if "RepositoryNotFoundError" in kind:
+        return f"{what} '{repo_id}' is not a local directory, and the Hugging Face hub has no model of that id " \
+               f"that you can see (check the id; if it is private, {login})"
+    if "LocalEntryNotFoundError" in kind or "OfflineModeIsEnabled" in kind:
+        return (f"{what} '{repo_id}' is not a local directory or in the Hugging Face cache, and the hub cannot "
+                "be reached (offline?); download it where there is network, or pass a model directory")
+    return (f"{what} '{repo_id}' is not a local directory, and fetching it as a Hugging Face id failed "
+            f"({type(exc).__name__}); check the path, or the id and your network")
 
 
 def read_config(path: Path, what: str) -> dict:

@@ -209,3 +209,32 @@ def test_check_pair_reads_a_hand_written_global_head_dim(
             check_pair(target_cfg, assistant_cfg)
     else:
         check_pair(target_cfg, assistant_cfg)
+
+
+@pytest.mark.parametrize(("error", "says"), [
+    ("GatedRepoError", ["gated", "accept its license", "huggingface.co/google/gemma-4-E2B-it", "hf auth login",
+                        "HF_TOKEN"]),
+    ("RepositoryNotFoundError", ["no model of that id", "private", "hf auth login"]),
+    ("LocalEntryNotFoundError", ["cannot be reached", "pass a model directory"]),
+    ("ConnectionError", ["ConnectionError", "network"]),
+])
+def test_hub_failures_are_one_line_naming_what_to_do(monkeypatch: pytest.MonkeyPatch, error: str,
+                                                      says: list[str]) -> None:
+    """Instances of the hub library's own error classes, raised where snapshot_download would raise them."""
+    import huggingface_hub
+    import huggingface_hub.errors as hub_errors
+
+    from edgegen.export.loading import resolve
+
+    cls = getattr(hub_errors, error, None) or ConnectionError
+
+    def fail(*args, **kwargs):
+        raise cls.__new__(cls)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(EdgegenError) as info:
+        resolve("google/gemma-4-E2B-it", "target")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("target 'google/gemma-4-E2B-it'")
+    for part in says:
+        assert part in message, message
