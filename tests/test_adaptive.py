@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from edgegen.runtime.adaptive import AutoDraft, FixedDraft, describe
 
 MS = 1e-3
@@ -28,29 +30,24 @@ def test_before_measuring_auto_says_so() -> None:
     assert describe(d).startswith("auto: not measured yet")
 
 
-def test_expensive_drafting_turns_drafting_off_and_says_what_it_measured() -> None:
+@pytest.mark.parametrize(("plain_ms", "draft_ms", "verify_ms", "accepted", "k", "opening"), [
+    (2.0, 1.0, 3.0, 0, 0, "auto turned drafting off: "),  # drafting costs more than it yields
+    (10.0, 0.5, 11.0, 4, 4, "auto drafts 4 per round: "),  # cheap drafts, all accepted
+])
+def test_the_decision_follows_the_costs_and_names_them(plain_ms: float, draft_ms: float, verify_ms: float,
+                                                       accepted: int, k: int, opening: str) -> None:
     policy = AutoDraft(4)
-    feed(policy, plain_ms=2.0, draft_ms_per_token=1.0, verify_ms=3.0, accepted=0)
+    feed(policy, plain_ms, draft_ms, verify_ms, accepted)
     d = policy.explain()
-    assert d["k"] == 0 == policy.best(4)
+    assert d["k"] == k == policy.best(4)
     text = describe(d)
-    assert text.startswith("auto turned drafting off: ")
-    k, draft, verify, expected, per_token, plain = SENTENCE.search(text).groups()
-    assert float(plain) == 2.0  # the plain step it measured
-    assert float(per_token) > float(plain)  # the reason: the best drafting round costs more per token
-    assert abs(float(per_token) - (float(draft) + float(verify)) / float(expected)) < 0.01
-
-
-def test_cheap_accepted_drafting_keeps_drafting_and_says_why() -> None:
-    policy = AutoDraft(4)
-    feed(policy, plain_ms=10.0, draft_ms_per_token=0.5, verify_ms=11.0, accepted=4)
-    d = policy.explain()
-    assert d["k"] == 4 == policy.best(4)
-    text = describe(d)
-    assert text.startswith("auto drafts 4 per round: ")
-    k, draft, verify, expected, per_token, plain = SENTENCE.search(text).groups()
-    assert (int(k), float(draft), float(verify), float(plain)) == (4, 2.0, 11.0, 10.0)
-    assert float(per_token) < float(plain)
+    assert text.startswith(opening)
+    shown_k, draft, verify, expected, per_token, plain = (float(x) for x in SENTENCE.search(text).groups())
+    assert float(plain) == plain_ms  # the plain step it measured
+    if k:  # the round it runs is the one it measured
+        assert (shown_k, draft, verify) == (k, 4 * draft_ms, verify_ms)
+    assert (per_token < plain) == (k > 0)  # the reason, in the numbers shown
+    assert abs(per_token - (draft + verify) / expected) < 0.01
 
 
 def test_fixed_and_off_policies_describe_themselves() -> None:
