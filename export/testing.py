@@ -266,3 +266,163 @@ def save_pair(
     assistant = build_assistant(preset, seed, centroid_head)
     assistant.save_pretrained(assistant_dir)
     return target_dir, assistant_dir
+
+
+# -- full-size stand-ins ------------------------------------------------------------------------------------
+# The published E2B/E4B structure (data/gemma4/pairs.json) with the real Gemma 4 tokenizer and random bf16
+# weights: costs what the real pair costs (memory, bundle size, time per token); only its text is noise.
+# Written tensor by tensor into <= 2 GB safetensors shards, so building one never holds the model in memory.
+
+REALSIZE = ("e2b", "e4b")
+_DATA = Path(__file__).parent / "data" / "gemma4"
+_SHARD_BYTES = 2 << 30
+
+
+def _published(name: str) -> dict:
+    import json
+
+    if name not in REALSIZE:
+        raise ValueError(f"unknown full-size preset {name!r}; choose one of {REALSIZE}")
+    return json.loads((_DATA / "pairs.json").read_text())["pairs"][name]
+
+
+def cache_dir() -> Path:
+    """Where full-size stand-ins are built: $EDGEGEN_CACHE/presets (default ~/.cache/edgegen/presets)."""
+    import os
+
+    return Path(os.environ.get("EDGEGEN_CACHE") or Path.home() / ".cache" / "edgegen") / "presets"
+
+
+def realsize_configs(name: str, conditional: bool = False):
+    """(target config, assistant config) of a full-size preset, as transformers config objects."""
+    from transformers import (
+        Gemma4AssistantConfig,
+        Gemma4AudioConfig,
+        Gemma4Config,
+        Gemma4TextConfig,
+        Gemma4VisionConfig,
+    )
+
+    apply_transformers_shims()
+    pub = _published(name)
+    ids = dict(pad_token_id=0, bos_token_id=2, eos_token_id=[1, 106])
+    text = Gemma4TextConfig(**pub["target_text_config"], **ids)
+    target = text
+    if conditional:
+        target = Gemma4Config(text_config=text.to_dict(), vision_config=Gemma4VisionConfig().to_dict(),
+                              audio_config=Gemma4AudioConfig().to_dict())
+    a = dict(pub["assistant_config"])
+    a_text = Gemma4TextConfig(**a.pop("text_config"), **ids).to_dict()
+    return target, Gemma4AssistantConfig(text_config=a_text, **a)
+
+
+def _tensor_specs(model_cls, config) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of what save_pretrained would write, from a model on the meta device."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    tied = {k for k in getattr(model, "_tied_weights_keys", None) or {}}
+    state = model.state_dict()
+    return [(k, tuple(v.shape), v.dtype) for k, v in state.items() if k not in tied]
+
+
+def _fill_random(name: str, shape: tuple[int, ...], rng, std: float, write) -> None:
+    """Like the HF init, in bf16: norms and layer scalars ~1, other weights N(0, std)."""
+    import numpy as np
+
+    from edgegen.export.weights import to_bfloat16
+
+    n = int(np.prod(shape, dtype=np.int64))
+    leaf = name.rsplit(".", 2)
+    ones = name.endswith("layer_scalar") or (leaf[-1] == "weight" and "norm" in leaf[-2])
+    step = 1 << 24
+    for start in range(0, n, step):
+        count = min(step, n - start)
+        if ones:
+            chunk = 1.0 + 0.05 * rng.standard_normal(count, dtype=np.float32)
+        else:
+            chunk = std * rng.standard_normal(count, dtype=np.float32)
+        write(to_bfloat16(chunk))
+
+
+def _save_random(model_cls, config, out: Path, seed: int, std: float) -> None:
+    import json
+
+    import numpy as np
+
+    from edgegen.export.weights import write_safetensors
+
+    out.mkdir(parents=True, exist_ok=True)
+    specs = _tensor_specs(model_cls, config)
+    shards, current, size = [], [], 0
+    for name, shape, dtype in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * (8 if dtype == torch.int64 else 2)
+        if current and size + nbytes > _SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, "I64" if dtype == torch.int64 else "BF16", shape))
+        size += nbytes
+    shards.append(current)
+    rng = np.random.default_rng(seed)
+    vocab = config.get_text_config().vocab_size
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+
+        shapes = {n: s for n, _, s in shard}
+
+        def fill(name, write, shapes=shapes):
+            if name.endswith("token_ordering"):  # the centroid head's clusters: a random token permutation
+                write(rng.permutation(vocab).astype(np.int64))
+            else:
+                _fill_random(name, shapes[name], rng, std, write)
+
+        write_safetensors(out / file, shard, fill)
+        for name, dtype, shape in shard:
+            weight_map[name] = file
+            total += int(np.prod(shape, dtype=np.int64)) * (8 if dtype == "I64" else 2)
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.torch_dtype = "bfloat16"
+    config.save_pretrained(out)
+
+
+def _write_tokenizer(target_dir: Path) -> None:
+    import lzma
+    import shutil
+
+    with lzma.open(_DATA / "tokenizer.json.xz") as src, (target_dir / "tokenizer.json").open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(_DATA / name, target_dir / name)
+
+
+def realsize_pair(name: str, root: str | Path | None = None, conditional: bool = False,
+                  seed: int = 0) -> tuple[Path, Path]:
+    """The full-size stand-in `name` (e2b, e4b): built on first use under `root` (default `cache_dir()`),
+    as `<root>/<name>[-mm]/target` and `/assistant`; returns both paths. `conditional`: the published
+    multimodal layout (Gemma4ForConditionalGeneration, `model.language_model.` names, vision and audio
+    towers present). E2B takes ~9.3 GB of disk (+1 GB multimodal), E4B ~16 GB."""
+    from transformers import (
+        Gemma4AssistantForCausalLM,
+        Gemma4ForCausalLM,
+        Gemma4ForConditionalGeneration,
+        GenerationConfig,
+    )
+
+    base = Path(root) if root is not None else cache_dir()
+    pair_dir = base / (name + ("-mm" if conditional else ""))
+    target_dir, assistant_dir = pair_dir / "target", pair_dir / "assistant"
+    done = pair_dir / ".complete"
+    if done.is_file():
+        return target_dir, assistant_dir
+    target_cfg, assistant_cfg = realsize_configs(name, conditional)
+    std = target_cfg.get_text_config().initializer_range
+    cls = Gemma4ForConditionalGeneration if conditional else Gemma4ForCausalLM
+    _save_random(cls, target_cfg, target_dir, seed, std)
+    GenerationConfig(bos_token_id=2, eos_token_id=[1, 106], pad_token_id=0, do_sample=False).save_pretrained(target_dir)
+    _write_tokenizer(target_dir)
+    _save_random(Gemma4AssistantForCausalLM, assistant_cfg, assistant_dir, seed + 1, std)
+    GenerationConfig(bos_token_id=2, eos_token_id=[1, 106], pad_token_id=0, num_assistant_tokens=4,
+                     do_sample=False).save_pretrained(assistant_dir)
+    done.write_text("ok\n")
+    return target_dir, assistant_dir
