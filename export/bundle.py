@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +238,7 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     tquant = Quant(opts.quant, opts.block_size, level)
     aquant = Quant(opts.assistant_quant_resolved(), opts.block_size, level)
 
+    started = time.monotonic()
     stage("load")
     pair = load_pair(target, assistant)
     cfg = pair.text_config
@@ -252,6 +254,7 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
             _check_tokenizer(tmp, cfg.vocab_size)
             manifest.edgegen_version = _version()
             manifest.source = {"target": str(target), "assistant": str(assistant)}
+            manifest.export = export_stats(started)
             stage("publish")
             _finish(tmp, out, manifest)
             return manifest
@@ -296,14 +299,9 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
 
         if opts.verify:
             stage("verify")
-            import gc
-
             from edgegen.export import verify
 
-            case = verify.references(pair, tmp, max_context, tquant, aquant)
-            del pair  # free the PyTorch models before the bundle's sessions load
-            gc.collect()
-            manifest.parity = verify.compare(tmp, case, tquant, aquant)
+            manifest.parity = verify.verify_bundle(pair, tmp, max_context, tquant, aquant)
             _write_manifest(tmp, manifest)
             failed = [f"{k} {v['value']:.3g} > {v['tolerance']:.3g}" if "tolerance" in v else
                       f"{k} {v['value']:.3g} < {v['minimum']:.3g}" if "minimum" in v else k
@@ -312,12 +310,23 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
                 raise EdgegenError(f"export failed verification against PyTorch ({'; '.join(failed)}); "
                                    "please report this model")
 
+        manifest.export = export_stats(started)
+        _write_manifest(tmp, manifest)
         stage("publish")
         _publish(tmp, out)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def export_stats(started: float) -> dict:
+    """Wall time since `started` and the process's peak resident set so far (the whole export's, verification
+    included), for the manifest and `edgegen export --stats`."""
+    import resource
+
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return {"seconds": round(time.monotonic() - started, 1), "peak_rss_mb": round(peak_kb / 1024, 1)}
 
 
 def model_spec(cfg, plan, max_context: int, ple) -> ModelSpec:

@@ -382,7 +382,7 @@ def _save_random(model_cls, config, out: Path, seed: int, std: float) -> None:
             total += int(np.prod(shape, dtype=np.int64)) * (8 if dtype == "I64" else 2)
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-    config.torch_dtype = "bfloat16"
+    config.dtype = "bfloat16"
     config.save_pretrained(out)
 
 
