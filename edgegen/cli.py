@@ -71,6 +71,7 @@ def export(
                                          "(faster int4/int8 on CPU, verified by top-1 agreement)"),
     soc_model: str | None = typer.Option(None, "--soc-model",
                                          help="qnn: precompile QNN context binaries for this SoC model number"),
+    stats: bool = typer.Option(False, "--stats", help="Print the export's wall time and peak memory (RSS)"),
 ) -> None:
     """Export a target + assistant pair to a verified ONNX bundle."""
     if block_size & (block_size - 1):
@@ -95,6 +96,8 @@ def export(
     checks = manifest.parity.get("checks", {})
     summary = ", ".join(f"{k} {'ok' if v['passed'] else 'FAILED'}" for k, v in checks.items()) or "not verified"
     typer.echo(f"wrote {out} ({summary})")
+    if stats and manifest.export:
+        typer.echo(f"export: {manifest.export['seconds']:.1f} s, peak RSS {manifest.export['peak_rss_mb']:.0f} MB")
 
 
 @app.command()
