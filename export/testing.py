@@ -426,3 +426,37 @@ def realsize_pair(name: str, root: str | Path | None = None, conditional: bool =
                      do_sample=False).save_pretrained(assistant_dir)
     done.write_text("ok\n")
     return target_dir, assistant_dir
+
+
+def _small_towers() -> dict:
+    """Vision and audio configs far smaller than the published ones, with the same tensor names."""
+    from transformers import Gemma4AudioConfig, Gemma4VisionConfig
+
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16, position_embedding_size=64)
+    audio = Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, output_proj_dims=64,
+                              subsampling_conv_channels=[8, 4])
+    return {"vision_config": vision.to_dict(), "audio_config": audio.to_dict()}
+
+
+def save_bf16_pair(out_dir: str | Path, preset: Preset | str = "e2b-like", seed: int = 0,
+                   multimodal: bool = False) -> tuple[Path, Path]:
+    """A small pair written the way published checkpoints are: bf16 safetensors, and with `multimodal` the
+    Gemma4ForConditionalGeneration layout with (small) vision and audio towers. Weights are random (no HF
+    model is instantiated), written tensor by tensor like the full-size stand-ins."""
+    from transformers import Gemma4AssistantForCausalLM, Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration
+
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    out_dir = Path(out_dir)
+    target_dir, assistant_dir = out_dir / "target", out_dir / "assistant"
+    text = target_text_config(preset)
+    if multimodal:
+        _save_random(Gemma4ForConditionalGeneration, Gemma4Config(text_config=text.to_dict(), **_small_towers()),
+                     target_dir, seed, preset.init_std)
+    else:
+        _save_random(Gemma4ForCausalLM, text, target_dir, seed, preset.init_std)
+    if preset.vocab_size not in _TOKENIZER_CACHE:
+        _TOKENIZER_CACHE[preset.vocab_size] = build_tokenizer(preset.vocab_size)
+    copy.deepcopy(_TOKENIZER_CACHE[preset.vocab_size]).save_pretrained(target_dir)
+    _save_random(Gemma4AssistantForCausalLM, assistant_config(preset), assistant_dir, seed + 1, preset.init_std)
+    return target_dir, assistant_dir
