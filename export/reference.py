@@ -12,6 +12,7 @@ ordinary whole-model forward on small presets.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -116,7 +117,7 @@ class StreamedTarget:
             block = self.lm_head[start : start + LM_HEAD_ROWS]
             if self.round is not None:
                 block = self.round(block)
-            parts.append(torch.nn.functional.linear(hidden, torch.from_numpy(block)))
+            parts.append(torch.nn.functional.linear(hidden, torch.from_numpy(block).to(hidden.dtype)))
         logits = torch.cat(parts, dim=-1)
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
@@ -126,16 +127,20 @@ class StreamedTarget:
         return logits
 
     # -- the forward ------------------------------------------------------------------------------------
-    def run(self, sequences: list[list[list[int]]], keep: list[list[int]]) -> list[list[Output]]:
+    def run(self, sequences: list[list[list[int]]], keep: list[list[int]],
+            float64: list[bool] | None = None) -> list[list[Output]]:
         """`sequences[s]`: the calls of one sequence (token ids), run in order with a KV cache (a single call
-        runs without one, like a plain forward); `keep[s][c]`: how many final logits call c returns."""
+        runs without one, like a plain forward); `keep[s][c]`: how many final logits call c returns.
+        `float64[s]`: run sequence s with float64 weights and activations (transformers' norms and RoPE still
+        compute in float32): the float32 result's own rounding error is its distance to this one."""
+        float64 = float64 or [False] * len(sequences)
         from transformers.cache_utils import DynamicCache
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
         from transformers.models.gemma4.modeling_gemma4 import KVSharingDict
 
         m, cfg = self.model, self.cfg
         calls = []  # per call: its state between layers
-        for seq in sequences:
+        for seq, wide in zip(sequences, float64, strict=True):
             cache = DynamicCache(config=cfg) if len(seq) > 1 else None
             # Masks depend on the cache's lengths before the call; layers run in layer-major order here, so a
             # second cache that only tracks lengths (zero-width K/V) stands in for the real one's state.
@@ -149,7 +154,11 @@ class StreamedTarget:
                         token_part = self._gathered(m.embed_tokens_per_layer, "embed_tokens_per_layer.weight", ids,
                                                     m.embed_tokens_per_layer.scalar_embed_scale)
                         token_part = token_part.reshape(1, len(ids), cfg.num_hidden_layers, -1)
-                        per_layer = m.project_per_layer_inputs(embeds, token_part)
+                        if wide:
+                            embeds, token_part = embeds.double(), token_part.double()
+                        per_layer = _module(m.project_per_layer_inputs, wide)(embeds, token_part)
+                    elif wide:
+                        embeds = embeds.double()
                     position_ids = (torch.arange(len(ids)) + start).unsqueeze(0)
                     mask_kwargs = dict(config=cfg, inputs_embeds=embeds, attention_mask=None, cache=lengths,
                                        position_ids=position_ids)
@@ -162,19 +171,21 @@ class StreamedTarget:
                         if not lengths.is_dummy[idx]:
                             lengths.update(zeros, zeros, idx)
                 calls.append(dict(hidden=embeds, per_layer=per_layer, position_ids=position_ids, masks=masks,
-                                  rope=rope, cache=cache, shared=KVSharingDict(None), len=len(ids)))
+                                  rope=rope, cache=cache, shared=KVSharingDict(None), wide=wide))
                 start += len(ids)
 
         for i, layer in enumerate(m.layers[: cfg.num_hidden_layers]):
             self._load(layer, f"layers.{i}")
             kind = cfg.layer_types[i]
+            wide_layer = copy.deepcopy(layer).double() if any(float64) else None
             with torch.no_grad():
                 for c in calls:
-                    c["hidden"] = layer(
+                    c["hidden"] = (wide_layer if c["wide"] else layer)(
                         c["hidden"], c["per_layer"][:, :, i, :] if c["per_layer"] is not None else None,
                         shared_kv_states=c["shared"], position_embeddings=c["rope"][kind],
                         attention_mask=c["masks"][kind], position_ids=c["position_ids"], cache=c["cache"])
             layer.to("meta")  # drop this layer's weights before the next layer's are read
+            del wide_layer
 
         outputs, it = [], iter(calls)
         for seq, seq_keep in zip(sequences, keep, strict=True):
@@ -182,9 +193,20 @@ class StreamedTarget:
             for _ids, k in zip(seq, seq_keep, strict=True):
                 c = next(it)
                 with torch.no_grad():
-                    hidden = m.norm(c["hidden"])
+                    hidden = _module(m.norm, c["wide"])(c["hidden"])
                     logits = self._logits(hidden[:, hidden.shape[1] - k :]) if k else torch.zeros(1, 0, 0)
-                outs.append(Output(logits[0].numpy(), hidden[0].numpy(),
-                                   {kind: (kv[0].numpy(), kv[1].numpy()) for kind, kv in c["shared"].items()}))
+                outs.append(Output(logits[0].float().numpy(), hidden[0].float().numpy(),
+                                   {kind: (kv[0].float().numpy(), kv[1].float().numpy())
+                                    for kind, kv in c["shared"].items()}))
             outputs.append(outs)
         return outputs
+
+
+def _module(fn, wide: bool):
+    """`fn` (a module, or a bound method of the text model) with its weights in float64 when `wide`."""
+    if not wide:
+        return fn
+    owner = getattr(fn, "__self__", None)
+    if owner is None:
+        return copy.deepcopy(fn).double()
+    return getattr(copy.deepcopy(owner).double(), fn.__name__)

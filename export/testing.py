@@ -326,7 +326,11 @@ def _tensor_specs(model_cls, config) -> list[tuple[str, tuple[int, ...], torch.d
 
 
 def _fill_random(name: str, shape: tuple[int, ...], rng, std: float, write) -> None:
-    """Like the HF init, in bf16: norms and layer scalars ~1, other weights N(0, std)."""
+    """Like the HF init, in bf16: norms and layer scalars ~1, other weights N(0, std); except q_norm and
+    k_norm, at d^-1/4. Gemma 4 scores attention as q.k with scale 1 after normalizing q and k, so with
+    unit norm weights random scores have a standard deviation of sqrt(head_dim) (16-23 at full size):
+    attention is nearly one-hot, near-ties flip on rounding noise, and fp32 summation order alone moves
+    the logits of a 35-layer model (a trained model's norms do not do that). d^-1/4 gives unit variance."""
     import numpy as np
 
     from edgegen.export.weights import to_bfloat16
@@ -334,11 +338,12 @@ def _fill_random(name: str, shape: tuple[int, ...], rng, std: float, write) -> N
     n = int(np.prod(shape, dtype=np.int64))
     leaf = name.rsplit(".", 2)
     ones = name.endswith("layer_scalar") or (leaf[-1] == "weight" and "norm" in leaf[-2])
+    centre = float(shape[-1]) ** -0.25 if leaf[-2] in ("q_norm", "k_norm") else 1.0
     step = 1 << 24
     for start in range(0, n, step):
         count = min(step, n - start)
         if ones:
-            chunk = 1.0 + 0.05 * rng.standard_normal(count, dtype=np.float32)
+            chunk = centre * (1.0 + 0.05 * rng.standard_normal(count, dtype=np.float32))
         else:
             chunk = std * rng.standard_normal(count, dtype=np.float32)
         write(to_bfloat16(chunk))
