@@ -179,9 +179,11 @@ def _maxdiff(a, b) -> float:
 
 
 def _bundle_target(bundle: Bundle, ids: list[int]) -> np.ndarray:
-    cache = bundle.new_cache()
-    got = [bundle.target.forward(cache, ids[a:b], logits_to_keep=b - a)[0] for a, b in _chunks(len(ids))]
-    return np.concatenate(got)[_compared(len(ids))]
+    """Logits of the compared positions, fed as the runtime feeds them (prefill, verify, decodes). Each call
+    returns only the rows compared: a full-vocabulary row is 1 MB at 262k tokens."""
+    cache, first = bundle.new_cache(), _compared(len(ids)).start
+    got = [bundle.target.forward(cache, ids[a:b], logits_to_keep=b - max(a, first))[0] for a, b in _chunks(len(ids))]
+    return np.concatenate(got)
 
 
 def _bundle_greedy(bundle: Bundle, ids: list[int], n: int) -> list[int]:

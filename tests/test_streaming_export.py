@@ -70,6 +70,19 @@ def test_streamed_reference_equals_the_whole_model(pair_dir, conditional: bool, 
         assert torch.equal(ref.embed(IDS[:5]), embed(torch.tensor([IDS[:5]])))
 
 
+def test_float64_reference_measures_the_fp32_error(pair_dir) -> None:
+    """The float64 pass (verification's estimate of PyTorch's own fp32 error) is transformers' model in float64:
+    close to the fp32 result, and closer to a float64 copy of the whole model than the fp32 result is."""
+    pair = load_pair(*map(str, pair_dir("e2b-like")))
+    ref = StreamedTarget(pair.weights, pair.text_config, pair.lm_head)
+    out = ref.run([[IDS], [IDS]], [[len(IDS)], [len(IDS)]], [False, True])
+    with torch.no_grad():
+        wide = pair.target.double()(input_ids=torch.tensor([IDS])).logits[0].numpy()
+    fp32_error = np.abs(out[0][0].logits - wide).max()
+    assert 0 < fp32_error < 1e-4
+    assert np.abs(out[1][0].logits - wide).max() < fp32_error
+
+
 def test_checkpoint_reads_what_torch_reads(tmp_path: Path) -> None:
     from safetensors import safe_open
 
