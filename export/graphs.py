@@ -82,7 +82,7 @@ def inv_freqs(cfg) -> dict[str, np.ndarray]:
     from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding
 
     rotary = Gemma4TextRotaryEmbedding(cfg)
-    return {kind: getattr(rotary, f"{kind}_inv_freq").float().numpy() for kind in sorted(set(cfg.layer_types))}
+    return {kind: getattr(rotary, f"{kind}_inv_freq").float().numpy() for kind in KINDS if kind in cfg.layer_types}
 
 
 @dataclass
