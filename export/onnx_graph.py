@@ -1,9 +1,9 @@
 """A small ONNX graph builder whose weights go straight to disk.
 
-Each large initializer is appended to its graph's `<name>.weights` file the moment it is created, so
-building a graph holds no second copy of the model in memory (export peak RSS stays near the size of
-the loaded PyTorch weights). Weights two graphs share (the tied embedding) are written once, to
-`shared.weights`, and both graphs reference the same bytes: no weight is stored twice in a bundle.
+Each large initializer is appended to its graph's `<name>.weights` file the moment it is created (large
+tables as row blocks), so building a graph holds one weight at a time, never the model. Weights two graphs
+share (the tied embedding) are written once, to `shared.weights`, and both graphs reference the same bytes:
+no weight is stored twice in a bundle, and a weight already written is not read from the checkpoint again.
 """
 
 from __future__ import annotations
