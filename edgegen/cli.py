@@ -77,6 +77,7 @@ def export(
     soc_model: str | None = typer.Option(None, "--soc-model",
                                          help="qnn: precompile QNN context binaries for this SoC model number "
                                               "[default: none; the QNN EP compiles the graphs at load]"),
+    stats: bool = typer.Option(False, "--stats", help="Print the export's wall time and peak memory (RSS)"),
 ) -> None:
     """Export a target + assistant pair to a verified ONNX bundle."""
     if block_size & (block_size - 1):
@@ -101,6 +102,8 @@ def export(
     checks = manifest.parity.get("checks", {})
     summary = ", ".join(f"{k} {'ok' if v['passed'] else 'FAILED'}" for k, v in checks.items()) or "not verified"
     typer.echo(f"wrote {out} ({summary})")
+    if stats and manifest.export:
+        typer.echo(f"export: {manifest.export['seconds']:.1f} s, peak RSS {manifest.export['peak_rss_mb']:.0f} MB")
 
 
 @app.command()

@@ -10,15 +10,16 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgegen.export.graphs import PROFILES, build_assistant_graph, build_target_graph, writes_kv
+from edgegen.export.graphs import PROFILES, PLETable, build_assistant_graph, build_target_graph, writes_kv
 from edgegen.export.onnx_graph import SHARED_FILE, Graph, WeightFile
-from edgegen.export.quantize import Quant, pack, quantize_blocks
+from edgegen.export.quantize import Quant, block_rows, pack, quantize_blocks, row_blocks
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.integrity import sha256_file as sha256
 from edgegen.runtime.manifest import (
@@ -135,20 +136,39 @@ def _aliases(layers, profile, steps: int | None = None) -> dict[str, str]:
     return out
 
 
-def _write_ple(tmp: Path, table: np.ndarray, num_layers: int, quant: Quant) -> PLESpec:
-    dim = table.shape[1] // num_layers
+def _npy_writer(path: Path, shape: tuple[int, ...], dtype):
+    """An open .npy file whose header is written; the caller appends the rows in order."""
+    fh = path.open("wb")
+    np.lib.format.write_array_header_1_0(
+        fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape})
+    return fh
+
+
+def _write_ple(tmp: Path, table: PLETable, num_layers: int, quant: Quant) -> PLESpec:
+    """The host PLE table (checkpoint rows times its scale), converted and quantized by row blocks straight
+    into ple.npy (+ ple_scales.npy): E2B's 262,144 x 8,960 table is never in memory whole."""
+    n, width = table.rows.shape
+    dim = width // num_layers
+    scale = np.float32(table.scale)
+    blocks = ((rows * scale).astype(np.float32) for rows in row_blocks(table.rows, block_rows(table.rows)))
     if not quant.bits:
-        np.save(tmp / "ple.npy", table.astype(np.float32))
+        with _npy_writer(tmp / "ple.npy", (n, width), np.float32) as fh:
+            for rows in blocks:
+                rows.tofile(fh)
         return PLESpec("ple.npy", num_layers, dim)
-    block = quant.block_for(table.shape[1])
-    codes, scales = quantize_blocks(table, quant.bits, block)
-    np.save(tmp / "ple.npy", pack(codes, quant.bits))
-    np.save(tmp / "ple_scales.npy", scales)
+    block = quant.block_for(width)
+    packed_width = width * quant.bits // 8
+    with _npy_writer(tmp / "ple.npy", (n, packed_width), np.uint8) as codes_fh, \
+            _npy_writer(tmp / "ple_scales.npy", (n, width // block), np.float32) as scales_fh:
+        for rows in blocks:
+            codes, scales = quantize_blocks(rows, quant.bits, block)
+            pack(codes, quant.bits).tofile(codes_fh)
+            scales.tofile(scales_fh)
     return PLESpec("ple.npy", num_layers, dim, quant.bits, block, "ple_scales.npy")
 
 
 def _generation_defaults(pair, draft_tokens: int) -> dict:
-    gc = pair.target.generation_config
+    gc = pair.generation_config
     cfg = pair.text_config
     eos = gc.eos_token_id if gc.eos_token_id is not None else cfg.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -218,6 +238,7 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     tquant = Quant(opts.quant, opts.block_size, level)
     aquant = Quant(opts.assistant_quant_resolved(), opts.block_size, level)
 
+    started = time.monotonic()
     stage("load")
     pair = load_pair(target, assistant)
     cfg = pair.text_config
@@ -233,20 +254,20 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
             _check_tokenizer(tmp, cfg.vocab_size)
             manifest.edgegen_version = _version()
             manifest.source = {"target": str(target), "assistant": str(assistant)}
+            manifest.export = export_stats(started)
             stage("publish")
             _finish(tmp, out, manifest)
             return manifest
-        untied = None
-        if pair.target.lm_head.weight.data_ptr() != pair.text_model.embed_tokens.weight.data_ptr():
-            untied = pair.target.lm_head.weight.detach().float().numpy()
+        # Weights stream from the checkpoints into the graphs' weight files, one tensor at a time.
         shared = WeightFile(tmp / SHARED_FILE)
-        tgraph, plan, ple_table = build_target_graph(pair.text_model, cfg, tquant, tmp, shared, untied, profile,
+        tgraph, plan, ple_table = build_target_graph(pair.weights, cfg, tquant, tmp, shared, pair.lm_head, profile,
                                                      max_context)
-        agraph, alayers = build_assistant_graph(pair.assistant, pair.text_model, plan, aquant, tquant, tmp, shared,
-                                                profile=profile, max_context=max_context)
+        assistant_args = (pair.assistant_weights, pair.assistant.config, pair.weights, cfg, plan, aquant, tquant, tmp,
+                          shared)
+        agraph, alayers = build_assistant_graph(*assistant_args, profile=profile, max_context=max_context)
         steps = opts.draft_tokens or int(pair.assistant.generation_config.num_assistant_tokens)
-        rgraph, _ = build_assistant_graph(pair.assistant, pair.text_model, plan, aquant, tquant, tmp, shared,
-                                          steps=steps, data=agraph.data, profile=profile, max_context=max_context)
+        rgraph, _ = build_assistant_graph(*assistant_args, steps=steps, data=agraph.data, profile=profile,
+                                          max_context=max_context)
 
         stage("write")
         for g in (tgraph, agraph, rgraph):
@@ -278,14 +299,9 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
 
         if opts.verify:
             stage("verify")
-            import gc
-
             from edgegen.export import verify
 
-            case = verify.references(pair, tmp, max_context, tquant, aquant)
-            del pair  # free the PyTorch models before the bundle's sessions load
-            gc.collect()
-            manifest.parity = verify.compare(tmp, case, tquant, aquant)
+            manifest.parity = verify.verify_bundle(pair, tmp, max_context, tquant, aquant)
             _write_manifest(tmp, manifest)
             failed = [f"{k} {v['value']:.3g} > {v['tolerance']:.3g}" if "tolerance" in v else
                       f"{k} {v['value']:.3g} < {v['minimum']:.3g}" if "minimum" in v else k
@@ -294,12 +310,23 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
                 raise EdgegenError(f"export failed verification against PyTorch ({'; '.join(failed)}); "
                                    "please report this model")
 
+        manifest.export = export_stats(started)
+        _write_manifest(tmp, manifest)
         stage("publish")
         _publish(tmp, out)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def export_stats(started: float) -> dict:
+    """Wall time since `started` and the process's peak resident set so far (the whole export's, verification
+    included), for the manifest and `edgegen export --stats`."""
+    import resource
+
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return {"seconds": round(time.monotonic() - started, 1), "peak_rss_mb": round(peak_kb / 1024, 1)}
 
 
 def model_spec(cfg, plan, max_context: int, ple) -> ModelSpec:

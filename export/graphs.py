@@ -21,6 +21,7 @@ from onnx import TensorProto
 
 from edgegen.export.onnx_graph import Graph, WeightFile
 from edgegen.export.quantize import Linears, Quant, TiedTable
+from edgegen.export.weights import Tensor, Weights
 
 F32, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
 KINDS = ("sliding_attention", "full_attention")
@@ -62,8 +63,36 @@ def writes_kv(layer: LayerPlan, profile: Profile) -> bool:
     return not (profile.standard_attention and layer.shared)
 
 
-def _np(t) -> np.ndarray:
-    return t.detach().to("cpu").float().numpy()
+@dataclass(frozen=True)
+class TextScales:
+    """The constant factors of a Gemma 4 text model, as Gemma4TextModel defines them from its config."""
+
+    embed: float  # embed_tokens: sqrt(hidden)
+    ple: float  # embed_tokens_per_layer: sqrt(ple_dim)
+    ple_projection: float  # per_layer_model_projection: 1/sqrt(hidden)
+    ple_input: float  # (projection + token component) * 1/sqrt(2)
+
+    @classmethod
+    def of(cls, cfg) -> TextScales:
+        ple = cfg.hidden_size_per_layer_input or 0
+        return cls(cfg.hidden_size**0.5, ple**0.5, cfg.hidden_size**-0.5, 2.0**-0.5)
+
+
+def inv_freqs(cfg) -> dict[str, np.ndarray]:
+    """RoPE inverse frequencies per layer kind, from transformers' own rotary module for this config."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding
+
+    rotary = Gemma4TextRotaryEmbedding(cfg)
+    return {kind: getattr(rotary, f"{kind}_inv_freq").float().numpy() for kind in KINDS if kind in cfg.layer_types}
+
+
+@dataclass
+class PLETable:
+    """The per-layer-embedding table (token component) as the host reads it: checkpoint rows times `scale`.
+    Written to the bundle by row blocks (bundle._write_ple), never held whole."""
+
+    rows: Tensor
+    scale: float
 
 
 @dataclass
@@ -148,10 +177,10 @@ def heads(g: Graph, x: str, n: int, d: int) -> str:
     return g.op("Reshape", x, g.const([1, -1, n, d]))
 
 
-def mlp(g: Graph, lin: Linears, x: str, m, prefix: str) -> str:
-    gate = lin(x, f"{prefix}.gate_proj", _np(m.gate_proj.weight))
-    up = lin(x, f"{prefix}.up_proj", _np(m.up_proj.weight))
-    return lin(g.op("Mul", g.op("Gelu", gate, approximate="tanh"), up), f"{prefix}.down_proj", _np(m.down_proj.weight))
+def mlp(g: Graph, lin: Linears, x: str, w: Weights, prefix: str) -> str:
+    gate = lin(x, f"{prefix}.gate_proj", w["gate_proj.weight"])
+    up = lin(x, f"{prefix}.up_proj", w["up_proj.weight"])
+    return lin(g.op("Mul", g.op("Gelu", gate, approximate="tanh"), up), f"{prefix}.down_proj", w["down_proj.weight"])
 
 
 def kv_names(i: int, step: str = "") -> tuple[str, str, str, str]:
@@ -160,24 +189,24 @@ def kv_names(i: int, step: str = "") -> tuple[str, str, str, str]:
     return f"past_key.{i}", f"past_value.{i}", f"present_key.{i}{step}", f"present_value.{i}{step}"
 
 
-def project_qkv(g, lin, x, attn, layer: LayerPlan, num_heads: int, cos, sin, eps, prefix):
+def project_qkv(g, lin, x, w: Weights, layer: LayerPlan, num_heads: int, cos, sin, eps, prefix):
     """Per-head q, k (normed, RoPE applied) and raw v [1, S, heads, d] of one layer; k and v are None for a
     KV-shared layer. v's scale-free norm is the caller's: its op choice depends on the EP."""
     d = layer.head_dim
-    q = heads(g, lin(x, f"{prefix}.q_proj", _np(attn.q_proj.weight)), num_heads, d)
-    q = apply_rope(g, rms_norm(g, q, _np(attn.q_norm.weight), f"{prefix}.q_norm", eps), cos, sin)
+    q = heads(g, lin(x, f"{prefix}.q_proj", w["q_proj.weight"]), num_heads, d)
+    q = apply_rope(g, rms_norm(g, q, w.array("q_norm.weight"), f"{prefix}.q_norm", eps), cos, sin)
     if layer.shared:
         return q, None, None
-    k = heads(g, lin(x, f"{prefix}.k_proj", _np(attn.k_proj.weight)), layer.kv_heads, d)
-    k = apply_rope(g, rms_norm(g, k, _np(attn.k_norm.weight), f"{prefix}.k_norm", eps), cos, sin)
-    return q, k, heads(g, lin(x, f"{prefix}.v_proj", _np(attn.v_proj.weight)), layer.kv_heads, d)
+    k = heads(g, lin(x, f"{prefix}.k_proj", w["k_proj.weight"]), layer.kv_heads, d)
+    k = apply_rope(g, rms_norm(g, k, w.array("k_norm.weight"), f"{prefix}.k_norm", eps), cos, sin)
+    return q, k, heads(g, lin(x, f"{prefix}.v_proj", w["v_proj.weight"]), layer.kv_heads, d)
 
 
-def attention_block(g, lin, x, attn, layer: LayerPlan, num_heads: int, window: int, cos, sin, eps, prefix,
+def attention_block(g, lin, x, w: Weights, layer: LayerPlan, num_heads: int, window: int, cos, sin, eps, prefix,
                     kv_source: dict, step: str = "") -> str:
     """Self-attention of one decoder layer. `kv_source[store]` holds the store layer's new (k, v)."""
     d = layer.head_dim
-    q, k, v = project_qkv(g, lin, x, attn, layer, num_heads, cos, sin, eps, prefix)
+    q, k, v = project_qkv(g, lin, x, w, layer, num_heads, cos, sin, eps, prefix)
     if not layer.shared:
         v = _rms_noscale(g, v, eps)
         kv_source[layer.index] = (g.op("Reshape", k, g.const([1, -1, layer.kv_heads * d])),
@@ -189,14 +218,14 @@ def attention_block(g, lin, x, attn, layer: LayerPlan, num_heads: int, window: i
             kv_source[layer.index] = tuple(_scatter_rows(g, buf, new, out, layer)
                                            for buf, new, out in ((past_k, k, pres_k), (past_v, v, pres_v)))
         out = _standard_attention(g, q, *kv_source[layer.store], layer, num_heads, window, kv_source["mask_positions"])
-        return lin(out, f"{prefix}.o_proj", _np(attn.o_proj.weight))
+        return lin(out, f"{prefix}.o_proj", w["o_proj.weight"])
     k_new, v_new = kv_source[layer.store]
     q = g.op("Reshape", q, g.const([1, -1, num_heads * d]))
     out = g.op("GroupQueryAttention", q, k_new, v_new, past_k, past_v, "seqlens_k", "total_sequence_length",
                domain="com.microsoft", out=[f"attn.{layer.index}{step}", pres_k, pres_v], num_heads=num_heads,
                kv_num_heads=layer.kv_heads, scale=1.0,
                local_window_size=window if layer.kind == "sliding_attention" else -1)[0]
-    return lin(out, f"{prefix}.o_proj", _np(attn.o_proj.weight))
+    return lin(out, f"{prefix}.o_proj", w["o_proj.weight"])
 
 
 def _scatter_rows(g: Graph, buffer: str, new: str, out: str, layer: LayerPlan) -> str:
@@ -236,28 +265,27 @@ def _attention_mask(g: Graph, query_positions: str, total: str, window: int) -> 
     return g.op("Where", seen, g.const(np.float32(0), np.float32), g.const(np.float32(-np.inf), np.float32))
 
 
-def decoder_layer(g, lin, x, layer_mod, layer: LayerPlan, num_heads, window, rope, eps, prefix, kv_source,
+def decoder_layer(g, lin, x, w: Weights, layer: LayerPlan, num_heads, window, rope, eps, prefix, kv_source,
                   per_layer_input: str | None, step: str = "", attention=attention_block) -> str:
     """`attention`: attention_block (GroupQueryAttention, the CPU profile) or a standard-op variant with
     the same signature (export/static_graphs.py)."""
-    h = rms_norm(g, x, _np(layer_mod.input_layernorm.weight), f"{prefix}.input_layernorm", eps)
+    h = rms_norm(g, x, w.array("input_layernorm.weight"), f"{prefix}.input_layernorm", eps)
     cos, sin = rope[layer.kind]
-    h = attention(g, lin, h, layer_mod.self_attn, layer, num_heads, window, cos, sin, eps,
+    h = attention(g, lin, h, w.sub("self_attn"), layer, num_heads, window, cos, sin, eps,
                   f"{prefix}.self_attn", kv_source, step)
-    h = rms_norm(g, h, _np(layer_mod.post_attention_layernorm.weight), f"{prefix}.post_attention_layernorm", eps)
+    h = rms_norm(g, h, w.array("post_attention_layernorm.weight"), f"{prefix}.post_attention_layernorm", eps)
     x = g.op("Add", x, h)
-    h = rms_norm(g, x, _np(layer_mod.pre_feedforward_layernorm.weight), f"{prefix}.pre_feedforward_layernorm", eps)
-    h = mlp(g, lin, h, layer_mod.mlp, f"{prefix}.mlp")
-    h = rms_norm(g, h, _np(layer_mod.post_feedforward_layernorm.weight), f"{prefix}.post_feedforward_layernorm", eps)
+    h = rms_norm(g, x, w.array("pre_feedforward_layernorm.weight"), f"{prefix}.pre_feedforward_layernorm", eps)
+    h = mlp(g, lin, h, w.sub("mlp"), f"{prefix}.mlp")
+    h = rms_norm(g, h, w.array("post_feedforward_layernorm.weight"), f"{prefix}.post_feedforward_layernorm", eps)
     x = g.op("Add", x, h)
     if per_layer_input is not None:
-        h = g.op("Gelu", lin(x, f"{prefix}.per_layer_input_gate", _np(layer_mod.per_layer_input_gate.weight)),
+        h = g.op("Gelu", lin(x, f"{prefix}.per_layer_input_gate", w["per_layer_input_gate.weight"]),
                  approximate="tanh")
-        h = lin(g.op("Mul", h, per_layer_input), f"{prefix}.per_layer_projection",
-                _np(layer_mod.per_layer_projection.weight))
-        h = rms_norm(g, h, _np(layer_mod.post_per_layer_input_norm.weight), f"{prefix}.post_per_layer_input_norm", eps)
+        h = lin(g.op("Mul", h, per_layer_input), f"{prefix}.per_layer_projection", w["per_layer_projection.weight"])
+        h = rms_norm(g, h, w.array("post_per_layer_input_norm.weight"), f"{prefix}.post_per_layer_input_norm", eps)
         x = g.op("Add", x, h)
-    return g.op("Mul", x, g.weight(f"{prefix}.layer_scalar", _np(layer_mod.layer_scalar)))
+    return g.op("Mul", x, g.weight(f"{prefix}.layer_scalar", w.array("layer_scalar")))
 
 
 def _common_inputs(g: Graph) -> None:
@@ -289,12 +317,14 @@ def _vi(name, shape):
 # -- target ---------------------------------------------------------------------------------------------
 
 
-def build_target_graph(text_model, cfg, quant: Quant, out_dir, shared: WeightFile,
-                       untied_lm_head: np.ndarray | None = None, profile: Profile = PROFILES["cpu"],
-                       max_context: int = 0) -> tuple[Graph, TargetPlan, np.ndarray | None]:
-    """Returns the graph, its plan, and the host-side PLE table (token component, scale folded in).
+def build_target_graph(w: Weights, cfg, quant: Quant, out_dir, shared: WeightFile,
+                       untied_lm_head: Tensor | None = None, profile: Profile = PROFILES["cpu"],
+                       max_context: int = 0) -> tuple[Graph, TargetPlan, PLETable | None]:
+    """`w`: the text model's weights (embed_tokens, layers.N..., norm), read one tensor at a time.
+    Returns the graph, its plan, and the host-side PLE table (token component, scale folded in).
     max_context: positions the RoPE tables cover (profiles with rope_tables)."""
     plan = plan_target(cfg)
+    scales = TextScales.of(cfg)
     g = Graph("target", out_dir, shared, profile=profile)
     lin = Linears(g, quant)
     eps = cfg.rms_norm_eps
@@ -310,34 +340,32 @@ def build_target_graph(text_model, cfg, quant: Quant, out_dir, shared: WeightFil
     _common_inputs(g)
     _kv_inputs(g, [layer for layer in plan.layers if not layer.shared])
 
-    table = TiedTable(g, quant, "embed_tokens", _np(text_model.embed_tokens.weight), shared=True)
-    x = table.rows(ids, text_model.embed_tokens.scalar_embed_scale)
-    rope = {kind: rope_tables(g, pos, _np(getattr(text_model.rotary_emb, f"{kind}_inv_freq")), f"target.{kind}",
-                              max_context) for kind in KINDS}
+    table = TiedTable(g, quant, "embed_tokens", w["embed_tokens.weight"], shared=True)
+    x = table.rows(ids, scales.embed)
+    rope = {kind: rope_tables(g, pos, freq, f"target.{kind}", max_context) for kind, freq in inv_freqs(cfg).items()}
 
     per_layer = None
     ple_table = None
     if plan.ple_dim:
-        proj = lin(x, "per_layer_model_projection", _np(text_model.per_layer_model_projection.weight))
-        proj = g.op("Mul", proj, g.const(np.float32(text_model.per_layer_model_projection_scale), np.float32))
+        proj = lin(x, "per_layer_model_projection", w["per_layer_model_projection.weight"])
+        proj = g.op("Mul", proj, g.const(np.float32(scales.ple_projection), np.float32))
         proj = g.op("Reshape", proj, g.const([1, -1, cfg.num_hidden_layers, plan.ple_dim]))
-        proj = rms_norm(g, proj, _np(text_model.per_layer_projection_norm.weight), "per_layer_projection_norm", eps)
+        proj = rms_norm(g, proj, w.array("per_layer_projection_norm.weight"), "per_layer_projection_norm", eps)
         per_layer = g.op("Mul", g.op("Add", proj, "per_layer_inputs"),
-                         g.const(np.float32(text_model.per_layer_input_scale), np.float32))
-        emb = text_model.embed_tokens_per_layer
-        ple_table = (_np(emb.weight) * np.float32(emb.scalar_embed_scale)).astype(np.float32)
+                         g.const(np.float32(scales.ple_input), np.float32))
+        ple_table = PLETable(w["embed_tokens_per_layer.weight"], scales.ple)
 
     kv_source: dict = {"mask_positions": "position_ids"}
-    for layer, mod in zip(plan.layers, text_model.layers, strict=True):
+    for layer in plan.layers:
         pli = None
         if per_layer is not None:
             pli = g.op("Gather", per_layer, g.const(layer.index), axis=2)
-        x = decoder_layer(g, lin, x, mod, layer, plan.num_heads, plan.window, rope, eps, f"layers.{layer.index}",
-                          kv_source, pli)
+        x = decoder_layer(g, lin, x, w.sub(f"layers.{layer.index}"), layer, plan.num_heads, plan.window, rope, eps,
+                          f"layers.{layer.index}", kv_source, pli)
         if writes_kv(layer, profile):
             _kv_outputs(g, layer)
 
-    x = rms_norm(g, x, _np(text_model.norm.weight), "norm", eps)
+    x = rms_norm(g, x, w.array("norm.weight"), "norm", eps)
     # Only the last `logits_to_keep` positions need logits and hidden states (prefill: 1, verify: k+1).
     x = g.op("Slice", x, start, g.const([2**62]), g.const([1]))
     g.output(x, "last_hidden", F32, [1, "N", plan.hidden])
@@ -353,8 +381,8 @@ def build_target_graph(text_model, cfg, quant: Quant, out_dir, shared: WeightFil
 # -- assistant --------------------------------------------------------------------------------------------
 
 
-def assistant_plan(assistant, target_plan: TargetPlan) -> list[LayerPlan]:
-    cfg = assistant.config.get_text_config()
+def assistant_plan(cfg, target_plan: TargetPlan) -> list[LayerPlan]:
+    """`cfg`: the assistant's text config."""
     return [
         LayerPlan(j, kind, cfg.per_layer_config[j].head_dim, cfg.per_layer_config[j].num_key_value_heads, True,
                   target_plan.store_layers[kind])
@@ -368,14 +396,15 @@ def _row_at(g: Graph, buffer: str, index: str, width: int) -> str:
     return g.op("Reshape", g.op("Transpose", row, perm=[0, 2, 1, 3]), g.const([1, 1, width]))
 
 
-def centroid_logits(g: Graph, lin: Linears, table: TiedTable, h: str, masked, vocab: int) -> str:
-    """Gemma 4's centroid head: score clusters, keep top-k, score only their tokens, rest get min-1."""
-    top_k = masked.centroid_intermediate_top_k
-    per_cluster = vocab // masked.num_centroids
-    scores = lin(h, "masked_embedding.centroids", _np(masked.centroids.weight))
+def centroid_logits(g: Graph, lin: Linears, table: TiedTable, h: str, w: Weights, config, vocab: int) -> str:
+    """Gemma 4's centroid head: score clusters, keep top-k, score only their tokens, rest get min-1.
+    `w`: the masked_embedding weights; `config`: the assistant config (num_centroids, top-k)."""
+    top_k, num_centroids = config.centroid_intermediate_top_k, config.num_centroids
+    per_cluster = vocab // num_centroids
+    scores = lin(h, "masked_embedding.centroids", w["centroids.weight"])
     _, clusters = g.op("TopK", scores, g.const([top_k]), axis=-1, largest=1, sorted=1, out=2)
     id_type = np.int32 if g.profile.device_ids else np.int64
-    ordering = masked.token_ordering.detach().cpu().numpy().astype(id_type).reshape(masked.num_centroids, per_cluster)
+    ordering = w.array("token_ordering").astype(id_type).reshape(num_centroids, per_cluster)
     tokens = g.op("Reshape", g.op("Gather", g.weight("masked_embedding.token_ordering", ordering), clusters, axis=0),
                   g.const([1, top_k * per_cluster]))
     rows = table.rows(g.op("Reshape", tokens, g.const([-1])))  # [top_k*per_cluster, hidden]
@@ -386,19 +415,21 @@ def centroid_logits(g: Graph, lin: Linears, table: TiedTable, h: str, masked, vo
     return g.op("Reshape", logits, g.const([1, 1, vocab]))
 
 
-def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan, quant: Quant,
-                          target_quant: Quant, out_dir, shared: WeightFile, steps: int | None = None,
+def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, target_plan: TargetPlan,
+                          quant: Quant, target_quant: Quant, out_dir, shared: WeightFile, steps: int | None = None,
                           data: WeightFile | None = None, profile: Profile = PROFILES["cpu"],
                           max_context: int = 0) -> tuple[Graph, list[LayerPlan]]:
     """Draft steps at a constant position over the target's store-layer buffers.
 
+    `aw`: the assistant checkpoint's weights, `config` its Gemma4AssistantConfig; `target_w`/`target_cfg`: the
+    target text model's (for its embedding, which the target graph already wrote to `shared`).
     steps=None: the one-step graph `assistant`. steps=k: `draft_round`, k steps unrolled in one call,
     each feeding its token and projected hidden state to the next; the token is
     argmax(logits * inv_temperature + gumbel[i]) (zeros for greedy, Gumbel noise for sampling), so a
     whole round costs one session call. It reads the same weight bytes as `assistant` (`data`).
     """
-    cfg = assistant.config.get_text_config()
-    layers = assistant_plan(assistant, target_plan)
+    cfg = config.get_text_config()
+    layers = assistant_plan(cfg, target_plan)
     g = Graph("assistant" if steps is None else "draft_round", out_dir, shared, data=data, profile=profile)
     lin = Linears(g, quant)
     eps, vocab = cfg.rms_norm_eps, cfg.vocab_size
@@ -414,12 +445,10 @@ def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan,
 
     # Input: the target's own embedding of the last token (same bytes as the target graph reads) ⊕ its
     # last hidden state, projected down to the assistant width.
-    target_table = TiedTable(g, target_quant, "embed_tokens", _np(target_text_model.embed_tokens.weight),
-                             shared=True)
-    own = TiedTable(g, quant, "lm_head", _np(assistant.lm_head.weight))
-    rotary = assistant.model.rotary_emb
-    rope = {kind: rope_tables(g, pos, _np(getattr(rotary, f"{kind}_inv_freq")), f"assistant.{kind}", max_context)
-            for kind in set(cfg.layer_types)}
+    target_table = TiedTable(g, target_quant, "embed_tokens", target_w["embed_tokens.weight"], shared=True)
+    own_head = "lm_head.weight" if "lm_head.weight" in aw else "model.embed_tokens.weight"  # tied by default
+    own = TiedTable(g, quant, "lm_head", aw[own_head])
+    rope = {kind: rope_tables(g, pos, freq, f"assistant.{kind}", max_context) for kind, freq in inv_freqs(cfg).items()}
     # The K/V row of the last processed position, rewritten unchanged so GQA attends in place.
     kv_source = {}
     for store in stores:
@@ -436,17 +465,17 @@ def build_assistant_graph(assistant, target_text_model, target_plan: TargetPlan,
     tokens, all_logits = [], []
     for i in range(steps or 1):
         suffix = "" if steps is None else f".s{i}"
-        emb = target_table.rows(tok, target_text_model.embed_tokens.scalar_embed_scale)
-        x = lin(g.op("Concat", emb, hidden, axis=-1), "pre_projection", _np(assistant.pre_projection.weight))
-        for layer, mod in zip(layers, assistant.model.layers, strict=True):
-            x = decoder_layer(g, lin, x, mod, layer, cfg.num_attention_heads, cfg.sliding_window, rope, eps,
-                              f"layers.{layer.index}", kv_source, None, suffix)
+        emb = target_table.rows(tok, TextScales.of(target_cfg).embed)
+        x = lin(g.op("Concat", emb, hidden, axis=-1), "pre_projection", aw["pre_projection.weight"])
+        for layer in layers:
+            x = decoder_layer(g, lin, x, aw.sub(f"model.layers.{layer.index}"), layer, cfg.num_attention_heads,
+                              cfg.sliding_window, rope, eps, f"layers.{layer.index}", kv_source, None, suffix)
             if writes_kv(layer, profile):
                 _kv_outputs(g, layer, suffix)
-        h = rms_norm(g, x, _np(assistant.model.norm.weight), "norm", eps)
-        hidden = lin(h, "post_projection", _np(assistant.post_projection.weight))
-        if assistant.masked_embedding is not None:
-            logits = centroid_logits(g, lin, own, h, assistant.masked_embedding, vocab)
+        h = rms_norm(g, x, aw.array("model.norm.weight"), "norm", eps)
+        hidden = lin(h, "post_projection", aw["post_projection.weight"])
+        if config.use_ordered_embeddings:
+            logits = centroid_logits(g, lin, own, h, aw.sub("masked_embedding"), config, vocab)
         else:
             logits = own.logits(h)
         if steps is None:

@@ -7,34 +7,67 @@ pair fails in a second with one line naming both values.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from edgegen.export.compat import apply_transformers_shims, fix_assistant_generation_config
+from edgegen.export.weights import Checkpoint, Tensor, Weights, lm_head, text_prefix
 from edgegen.runtime.errors import EdgegenError
 
 TARGET_TYPES = {"gemma4": "Gemma4ForConditionalGeneration", "gemma4_text": "Gemma4ForCausalLM"}
 ASSISTANT_TYPES = {"gemma4_assistant": "Gemma4AssistantForCausalLM"}
 
 
-@dataclass
 class Pair:
-    target: torch.nn.Module  # the HF model as loaded (the PyTorch oracle)
-    assistant: torch.nn.Module
-    target_dir: Path  # where config/tokenizer files live (local dir or HF cache snapshot)
-    assistant_dir: Path
+    """A checked target + assistant pair.
 
-    @property
-    def text_model(self) -> torch.nn.Module:
-        """The target's text decoder (Gemma4TextModel) for either target class."""
-        model = self.target.model
-        return getattr(model, "language_model", model)
+    The target is never loaded whole for export: `weights` reads its text model's tensors one at a time from
+    the checkpoint (bf16 or fp32 on disk, float32 on read). The assistant is small and loaded in fp32 (the
+    oracle for its checks). `target` loads the whole HF target in fp32 on first use, for small-model tools
+    and tests that want the PyTorch module itself.
+    """
+
+    def __init__(self, target_dir: Path, assistant_dir: Path, config, assistant: torch.nn.Module):
+        self.target_dir, self.assistant_dir = Path(target_dir), Path(assistant_dir)
+        self.config = config  # the target's config (Gemma4Config or Gemma4TextConfig)
+        self.assistant = assistant
+        self.checkpoint = Checkpoint(self.target_dir)
+        self.weights = Weights(self.checkpoint, text_prefix(self.checkpoint))
+        self.assistant_weights = Weights(Checkpoint(self.assistant_dir))
+        self._target = None
 
     @property
     def text_config(self):
-        return self.target.config.get_text_config()
+        return self.config.get_text_config()
+
+    @property
+    def lm_head(self) -> Tensor | None:
+        """The target's lm_head weight if it is not tied to the input embedding, else None."""
+        return None if self.text_config.tie_word_embeddings else lm_head(self.checkpoint)
+
+    @property
+    def generation_config(self):
+        from transformers import GenerationConfig
+
+        try:
+            return GenerationConfig.from_pretrained(self.target_dir)
+        except OSError:  # no generation_config.json: what from_pretrained would derive from the config
+            return GenerationConfig.from_model_config(self.config)
+
+    @property
+    def target(self) -> torch.nn.Module:
+        """The whole HF target in fp32 (loaded on first use; export itself never needs it)."""
+        if self._target is None:
+            cls = TARGET_TYPES[self.config.model_type]
+            self._target = _from_pretrained(cls, self.target_dir, "target")
+        return self._target
+
+    @property
+    def text_model(self) -> torch.nn.Module:
+        """The loaded target's text decoder (Gemma4TextModel) for either target class."""
+        model = self.target.model
+        return getattr(model, "language_model", model)
 
 
 def resolve(name_or_path: str, what: str) -> Path:
@@ -225,7 +258,35 @@ def load_assistant_for(assistant: str, target_dir: Path) -> torch.nn.Module:
     return _from_pretrained("Gemma4AssistantForCausalLM", assistant_dir, "assistant")
 
 
+def _target_config(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EdgegenError(f"cannot read the target config: {first[:200]}") from None
+
+
+def _check_target_tensors(pair: Pair) -> None:
+    """Every tensor the text model needs is in the checkpoint with the shape its config implies (what
+    from_pretrained would check), found from a model built on the meta device: nothing is read."""
+    from transformers import Gemma4TextModel
+
+    with torch.device("meta"):
+        model = Gemma4TextModel(pair.text_config)
+    for name, tensor in model.state_dict().items():
+        if name not in pair.weights:
+            raise EdgegenError(f"the target checkpoint has no tensor '{pair.weights.prefix}{name}'; "
+                               "is it a complete Gemma 4 checkpoint?")
+        shape = pair.checkpoint.shape(pair.weights.prefix + name)
+        if tuple(shape) != tuple(tensor.shape):
+            raise EdgegenError(f"target tensor '{pair.weights.prefix}{name}' has shape {list(shape)} but the config "
+                               f"implies {list(tensor.shape)}; the weights do not belong to this config")
+
+
 def load_pair(target: str, assistant: str, draft_tokens: int = 4) -> Pair:
+    """Check a pair and open it: the target's checkpoint is indexed, not loaded; the assistant is loaded."""
     apply_transformers_shims()
     _quiet_transformers()
     target_dir, assistant_dir = resolve(target, "target"), resolve(assistant, "assistant")
@@ -233,7 +294,8 @@ def load_pair(target: str, assistant: str, draft_tokens: int = 4) -> Pair:
     check_pair(target_cfg, assistant_cfg)
     _check_weights(target_dir, "target")
     _check_weights(assistant_dir, "assistant")
-    tmodel = _from_pretrained(TARGET_TYPES[target_cfg["model_type"]], target_dir, "target")
     amodel = _from_pretrained("Gemma4AssistantForCausalLM", assistant_dir, "assistant")
     fix_assistant_generation_config(amodel, draft_tokens)
-    return Pair(tmodel, amodel, target_dir, assistant_dir)
+    pair = Pair(target_dir, assistant_dir, _target_config(target_dir), amodel)
+    _check_target_tensors(pair)
+    return pair

@@ -1,9 +1,9 @@
 """A small ONNX graph builder whose weights go straight to disk.
 
-Each large initializer is appended to its graph's `<name>.weights` file the moment it is created, so
-building a graph holds no second copy of the model in memory (export peak RSS stays near the size of
-the loaded PyTorch weights). Weights two graphs share (the tied embedding) are written once, to
-`shared.weights`, and both graphs reference the same bytes: no weight is stored twice in a bundle.
+Each large initializer is appended to its graph's `<name>.weights` file the moment it is created (large
+tables as row blocks), so building a graph holds one weight at a time, never the model. Weights two graphs
+share (the tied embedding) are written once, to `shared.weights`, and both graphs reference the same bytes:
+no weight is stored twice in a bundle, and a weight already written is not read from the checkpoint again.
 """
 
 from __future__ import annotations
@@ -38,16 +38,30 @@ class WeightFile:
         self._fh = path.open("wb")
         self.entries: dict[str, tuple[int, int, tuple[int, ...], np.dtype]] = {}
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
     def add(self, name: str, array: np.ndarray) -> None:
         if name in self.entries:
             _, _, shape, dtype = self.entries[name]
             if shape != array.shape or dtype != array.dtype:
                 raise ValueError(f"weight {name} written twice with different shapes")
             return
+        self.add_blocks(name, array.shape, array.dtype, [array])
+
+    def add_blocks(self, name: str, shape: tuple[int, ...], dtype, blocks) -> None:
+        """A tensor written as consecutive row blocks (an iterable of arrays): a large table never has to
+        exist whole in memory."""
+        if name in self.entries:
+            return
         self._fh.write(b"\0" * ((-self._fh.tell()) % _ALIGN))
         offset = self._fh.tell()
-        np.ascontiguousarray(array).tofile(self._fh)
-        self.entries[name] = (offset, array.nbytes, array.shape, array.dtype)
+        for block in blocks:
+            np.ascontiguousarray(block, dtype=dtype).tofile(self._fh)
+        nbytes = self._fh.tell() - offset
+        if nbytes != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+            raise ValueError(f"weight {name}: {nbytes} bytes written for shape {shape}")
+        self.entries[name] = (offset, nbytes, tuple(shape), np.dtype(dtype))
 
     def close(self) -> None:
         self._fh.close()
@@ -90,6 +104,22 @@ class Graph:
             self.used_data.add(name)
         elif name not in self.inline:
             self.inline[name] = np.array(array, copy=True, order="C")  # keeps 0-d arrays 0-d
+        return name
+
+    def stored(self, name: str, nbytes: int, shared: bool = False) -> bool:
+        """Whether a weight of `nbytes` already sits in the file this graph would put it in (another graph
+        of the bundle wrote it): then `weight_blocks` only references it and nothing needs to be read."""
+        if shared:
+            return name in self.shared
+        return nbytes >= _INLINE_BYTES and name in self.data
+
+    def weight_blocks(self, name: str, shape: tuple[int, ...], dtype, blocks, shared: bool = False) -> str:
+        """`weight` for a tensor produced as row blocks (see WeightFile.add_blocks)."""
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if not shared and nbytes < _INLINE_BYTES:
+            return self.weight(name, np.concatenate([np.asarray(b, dtype) for b in blocks]).reshape(shape))
+        (self.shared if shared else self.data).add_blocks(name, shape, dtype, blocks)
+        (self.shared_names if shared else self.used_data).add(name)
         return name
 
     def const(self, value, dtype=np.int64) -> str:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from edgegen.export.quantize import Quant
 from edgegen.export.static_graphs import MASK_VALUE, build_static_assistant, build_static_target, inv_freqs
 from edgegen.runtime.errors import EdgegenError
-from edgegen.runtime.manifest import SCHEMA_VERSION, Manifest, PLESpec
+from edgegen.runtime.manifest import SCHEMA_VERSION, Manifest
 
 CALIBRATION_PROMPTS = (
     "The quick brown fox jumps over the lazy dog. Speculative decoding lets a small drafter propose "
@@ -81,11 +82,9 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
     rows = opts.draft_tokens_resolved(pair) + 1
     staging = tmp / "fp32"
     staging.mkdir()
-    untied = None
-    if pair.target.lm_head.weight.data_ptr() != pair.text_model.embed_tokens.weight.data_ptr():
-        untied = pair.target.lm_head.weight.detach().float().numpy()
-    tgraph, plan, ple_table = build_static_target(pair.text_model, cfg, staging, max_context, rows, untied)
-    agraph, _ = build_static_assistant(pair.assistant, pair.text_model, plan, staging, max_context)
+    tgraph, plan, ple_table = build_static_target(pair.weights, cfg, staging, max_context, rows, pair.lm_head)
+    agraph, _ = build_static_assistant(pair.assistant_weights, pair.assistant.config, pair.weights, cfg, plan, staging,
+                                       max_context)
     for g in (tgraph, agraph):
         g.save(staging)
         g.data.close()
@@ -93,18 +92,16 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
     del tgraph, agraph
 
     stage("write")
-    ple = None
-    if ple_table is not None:
-        np.save(tmp / "ple.npy", ple_table)
-        ple = PLESpec("ple.npy", cfg.num_hidden_layers, ple_table.shape[1] // cfg.num_hidden_layers)
-        del ple_table
     from edgegen.export.bundle import (
         _copy_tokenizer,
         _generation_defaults,
         _graph_spec_from_file,
         _record_files,
+        _write_ple,
         model_spec,
     )
+
+    ple = _write_ple(tmp, ple_table, cfg.num_hidden_layers, Quant("fp32")) if ple_table is not None else None
 
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
@@ -113,7 +110,8 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
         tokenizer=_copy_tokenizer(pair, tmp),
         generation=_generation_defaults(pair, rows - 1),
         ep_profile="qnn",
-        static={"query_rows": rows, "mask_value": MASK_VALUE, "inv_freq": inv_freqs(pair.text_model, pair.assistant)},
+        static={"query_rows": rows, "mask_value": MASK_VALUE,
+                "inv_freq": inv_freqs(cfg, pair.assistant.config.get_text_config())},
     )
     for name in ("target", "assistant"):
         manifest.graphs[name] = _graph_spec_from_file(staging / f"{name}.onnx", {}, {"kind": "fp32"})

@@ -72,52 +72,91 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
 
 
+def row_blocks(w, rows: int):
+    """w's rows in blocks of `rows` as float32 (w: an array, or a lazy checkpoint tensor)."""
+    n = w.shape[0]
+    for r in range(0, n, rows):
+        yield np.asarray(w[r : r + rows], np.float32)
+
+
+def block_rows(w) -> int:
+    """Rows per block when converting `w` in pieces (~64 MB of float32; lazy tensors say their own)."""
+    if hasattr(w, "block_rows"):
+        return w.block_rows()
+    return max(1, (16 << 20) // max(1, int(np.prod(w.shape[1:], dtype=np.int64))))
+
+
 class Linears:
-    """Emits `y = x @ W.T` for one graph in the configured precision."""
+    """Emits `y = x @ W.T` for one graph in the configured precision. `w` is an array or a lazy checkpoint
+    tensor (export/weights.py): it is read only if its bytes are not in the bundle yet, and by row blocks."""
 
     def __init__(self, g: Graph, quant: Quant):
         self.g, self.quant = g, quant
         self._done: dict[str, tuple[str, str, int]] = {}
 
-    def __call__(self, x: str, name: str, w: np.ndarray) -> str:
+    def __call__(self, x: str, name: str, w) -> str:
         n, k = w.shape
         if self.quant.kind == "fp32":
-            return self.g.op("MatMul", x, self.g.weight(name, np.ascontiguousarray(w.T)))
+            if self.g.stored(name, n * k * 4):
+                return self.g.op("MatMul", x, self.g.weight_blocks(name, (k, n), np.float32, []))
+            array = w.numpy() if hasattr(w, "numpy") else np.asarray(w, np.float32)
+            return self.g.op("MatMul", x, self.g.weight(name, np.ascontiguousarray(array.T)))
         packed, scales, block = self._packed(name, w)
         return self.g.ms(
             "MatMulNBits", x, packed, scales, K=k, N=n, bits=self.quant.bits, block_size=block,
             accuracy_level=self.quant.accuracy_level,
         )
 
-    def _packed(self, name: str, w: np.ndarray, shared: bool = False) -> tuple[str, str, int]:
+    def _packed(self, name: str, w, shared: bool = False) -> tuple[str, str, int]:
         if name in self._done:
             return self._done[name]
         n, k = w.shape
+        bits = self.quant.bits
         block = self.quant.block_for(k)
-        codes, scales = quantize_blocks(w, self.quant.bits, block)
-        data = pack(codes, self.quant.bits).reshape(n, k // block, -1)
-        self._done[name] = (
-            self.g.weight(f"{name}.qweight", data, shared=shared),
-            self.g.weight(f"{name}.scales", scales.reshape(-1), shared=shared),
-            block,
-        )
-        return self._done[name]
+        shape = (n, k // block, block * bits // 8)
+        qname, sname = f"{name}.qweight", f"{name}.scales"
+        g = self.g
+        if g.stored(qname, n * k * bits // 8, shared) and g.stored(sname, n * (k // block) * 4, shared):
+            self._done[name] = (g.weight_blocks(qname, shape, np.uint8, [], shared),
+                                g.weight_blocks(sname, (n * (k // block),), np.float32, [], shared), block)
+            return self._done[name]
+        scales = np.empty((n, k // block), np.float32)
+        done = 0
 
+        def packed_rows():
+            nonlocal done
+            for rows in row_blocks(w, block_rows(w)):
+                codes, sc = quantize_blocks(rows, bits, block)
+                scales[done : done + len(sc)] = sc
+                done += len(sc)
+                yield pack(codes, bits).reshape(-1, *shape[1:])
+
+        blocks = packed_rows()
+        if g.stored(qname, n * k * bits // 8, shared):  # only the (inline) scales are missing
+            for _ in blocks:
+                pass
+            blocks = []
+        self._done[name] = (g.weight_blocks(qname, shape, np.uint8, blocks, shared),
+                            g.weight(sname, scales.reshape(-1), shared=shared), block)
+        return self._done[name]
 
 
 class TiedTable:
     """A [vocab, hidden] table read two ways: rows by id (embedding) and as a matrix (lm_head).
 
     Stored once per graph and, with `shared=True`, once per bundle: both graphs reference the same bytes.
+    `w` is an array or a lazy checkpoint tensor, read by row blocks and only if not stored yet.
     """
 
-    def __init__(self, g: Graph, quant: Quant, name: str, w: np.ndarray, shared: bool = False):
-        self.g, self.quant, self.shape = g, quant, w.shape
+    def __init__(self, g: Graph, quant: Quant, name: str, w, shared: bool = False):
+        self.g, self.quant, self.shape = g, quant, tuple(w.shape)
         if quant.kind == "fp32":
-            self.table, self.scales, self.block = g.weight(f"{name}.weight", w, shared=shared), "", 0
+            self.table = g.weight_blocks(f"{name}.weight", self.shape, np.float32,
+                                         [] if g.stored(f"{name}.weight", 4 * int(np.prod(self.shape)), shared)
+                                         else row_blocks(w, block_rows(w)), shared=shared)
+            self.scales, self.block = "", 0
         else:
             self.table, self.scales, self.block = Linears(g, quant)._packed(name, w, shared=shared)
-
     def rows(self, ids: str, scale: float | None = None) -> str:
         g, (v, h) = self.g, self.shape
         if self.quant.kind == "fp32":

@@ -29,8 +29,9 @@ from edgegen.export.graphs import (
     KINDS,
     PROFILES,
     LayerPlan,
+    PLETable,
     TargetPlan,
-    _np,
+    TextScales,
     assistant_plan,
     centroid_logits,
     decoder_layer,
@@ -38,8 +39,10 @@ from edgegen.export.graphs import (
     project_qkv,
     rms_norm,
 )
+from edgegen.export.graphs import inv_freqs as kind_inv_freqs
 from edgegen.export.onnx_graph import Graph, WeightFile
-from edgegen.export.quantize import Linears, Quant, TiedTable
+from edgegen.export.quantize import Linears, Quant, TiedTable, block_rows, row_blocks
+from edgegen.export.weights import Tensor, Weights
 
 MASK_VALUE = -100.0  # additive mask; finite and small so that a uint16 QDQ range keeps score precision
 
@@ -69,10 +72,10 @@ class StaticAttention:
     def __init__(self, rows: int, keys: int, new_outputs: list):
         self.rows, self.keys, self.new_outputs = rows, keys, new_outputs
 
-    def __call__(self, g, lin, x, attn, layer: LayerPlan, num_heads, window, cos, sin, eps, prefix, kv_source,
+    def __call__(self, g, lin, x, w: Weights, layer: LayerPlan, num_heads, window, cos, sin, eps, prefix, kv_source,
                  step="") -> str:
         d, s = layer.head_dim, self.rows
-        q, k, v = project_qkv(g, lin, x, attn, layer, num_heads, cos, sin, eps, prefix)
+        q, k, v = project_qkv(g, lin, x, w, layer, num_heads, cos, sin, eps, prefix)
         if not layer.shared:
             v = g.op("RMSNormalization", v, g.weight(f"ones.{d}", np.ones(d, np.float32)), axis=-1, epsilon=eps)
             k_new = g.op("Transpose", k, perm=[0, 2, 1, 3], out=f"new_key.{layer.index}")
@@ -83,7 +86,7 @@ class StaticAttention:
         k_all, v_all = kv_source[layer.store]
         out = masked_attention(g, num_heads, layer.kv_heads, d, q, k_all, v_all, f"attention_mask.{layer.kind}",
                                s, self.keys)
-        return lin(out, f"{prefix}.o_proj", _np(attn.o_proj.weight))
+        return lin(out, f"{prefix}.o_proj", w["o_proj.weight"])
 
 
 def _rope_inputs(g: Graph, rows: int, dims: dict[str, int]) -> dict[str, tuple[str, str]]:
@@ -111,8 +114,13 @@ def head_dims(layers: list[LayerPlan]) -> dict[str, int]:
     return {layer.kind: layer.head_dim for layer in layers}
 
 
-def build_static_target(text_model, cfg, out_dir, max_context: int, rows: int,
-                        untied_lm_head: np.ndarray | None = None) -> tuple[Graph, TargetPlan, np.ndarray | None]:
+def _table(g: Graph, name: str, w) -> str:
+    """A whole fp32 table as an initializer, written by row blocks."""
+    return g.weight_blocks(name, tuple(w.shape), np.float32, row_blocks(w, block_rows(w)))
+
+
+def build_static_target(w: Weights, cfg, out_dir, max_context: int, rows: int,
+                        untied_lm_head: Tensor | None = None) -> tuple[Graph, TargetPlan, PLETable | None]:
     """fp32 static target graph with `rows` query rows; returns graph, plan, host PLE table."""
     plan = plan_target(cfg)
     g = Graph("target", out_dir, WeightFile(out_dir / "unused_shared.weights"), profile=PROFILES["cpu"])
@@ -126,30 +134,29 @@ def build_static_target(text_model, cfg, out_dir, max_context: int, rows: int,
         g.input(f"attention_mask.{kind}", F32, [1, 1, rows, keys])
     _kv_inputs(g, [layer for layer in plan.layers if not layer.shared], max_context)
 
-    emb = text_model.embed_tokens
-    table = g.weight("embed_tokens.weight", _np(emb.weight))
-    x = g.op("Mul", g.op("Gather", table, ids, axis=0), g.const(np.float32(emb.scalar_embed_scale), np.float32))
+    scales = TextScales.of(cfg)
+    table = _table(g, "embed_tokens.weight", w["embed_tokens.weight"])
+    x = g.op("Mul", g.op("Gather", table, ids, axis=0), g.const(np.float32(scales.embed), np.float32))
     per_layer, ple_table = None, None
     if plan.ple_dim:
-        proj = lin(x, "per_layer_model_projection", _np(text_model.per_layer_model_projection.weight))
-        proj = g.op("Mul", proj, g.const(np.float32(text_model.per_layer_model_projection_scale), np.float32))
+        proj = lin(x, "per_layer_model_projection", w["per_layer_model_projection.weight"])
+        proj = g.op("Mul", proj, g.const(np.float32(scales.ple_projection), np.float32))
         proj = g.op("Reshape", proj, g.const([1, rows, cfg.num_hidden_layers, plan.ple_dim]))
-        proj = rms_norm(g, proj, _np(text_model.per_layer_projection_norm.weight), "per_layer_projection_norm", eps)
+        proj = rms_norm(g, proj, w.array("per_layer_projection_norm.weight"), "per_layer_projection_norm", eps)
         per_layer = g.op("Mul", g.op("Add", proj, "per_layer_inputs"),
-                         g.const(np.float32(text_model.per_layer_input_scale), np.float32))
-        ple = text_model.embed_tokens_per_layer
-        ple_table = (_np(ple.weight) * np.float32(ple.scalar_embed_scale)).astype(np.float32)
+                         g.const(np.float32(scales.ple_input), np.float32))
+        ple_table = PLETable(w["embed_tokens_per_layer.weight"], scales.ple)
 
     new_layers: list[LayerPlan] = []
     attention = StaticAttention(rows, keys, new_layers)
     kv_source: dict = {}
-    for layer, mod in zip(plan.layers, text_model.layers, strict=True):
+    for layer in plan.layers:
         pli = g.op("Gather", per_layer, g.const(layer.index), axis=2) if per_layer is not None else None
-        x = decoder_layer(g, lin, x, mod, layer, plan.num_heads, plan.window, rope, eps, f"layers.{layer.index}",
-                          kv_source, pli, attention=attention)
-    x = rms_norm(g, x, _np(text_model.norm.weight), "norm", eps)
+        x = decoder_layer(g, lin, x, w.sub(f"layers.{layer.index}"), layer, plan.num_heads, plan.window, rope, eps,
+                          f"layers.{layer.index}", kv_source, pli, attention=attention)
+    x = rms_norm(g, x, w.array("norm.weight"), "norm", eps)
     g.output(x, "last_hidden", F32, [1, rows, plan.hidden])
-    lm = table if untied_lm_head is None else g.weight("lm_head.weight", untied_lm_head)
+    lm = table if untied_lm_head is None else _table(g, "lm_head.weight", untied_lm_head)
     g.output(_logits(g, lm, x, rows, plan.hidden, plan.vocab, cfg.final_logit_softcapping), "logits", F32,
              [1, rows, plan.vocab])
     for layer in new_layers:
@@ -164,11 +171,11 @@ def _value_info(name: str, shape: list):
     return helper.make_tensor_value_info(name, F32, shape)
 
 
-def build_static_assistant(assistant, target_text_model, target_plan: TargetPlan, out_dir,
+def build_static_assistant(aw: Weights, config, target_w: Weights, target_cfg, target_plan: TargetPlan, out_dir,
                            max_context: int) -> tuple[Graph, list[LayerPlan]]:
     """fp32 one-step assistant graph: one query row over the store layers' buffers."""
-    cfg = assistant.config.get_text_config()
-    layers = assistant_plan(assistant, target_plan)
+    cfg = config.get_text_config()
+    layers = assistant_plan(cfg, target_plan)
     g = Graph("assistant", out_dir, WeightFile(out_dir / "unused_shared.weights"), profile=PROFILES["cpu"])
     lin = Linears(g, Quant("fp32"))
     eps, vocab = cfg.rms_norm_eps, cfg.vocab_size
@@ -181,34 +188,32 @@ def build_static_assistant(assistant, target_text_model, target_plan: TargetPlan
     stores = [next(t for t in target_plan.layers if t.index == i) for i in store_ids]
     _kv_inputs(g, stores, max_context)
 
-    emb = target_text_model.embed_tokens
-    target_table = g.weight("target_embed_tokens.weight", _np(emb.weight))
-    x = g.op("Mul", g.op("Gather", target_table, tok, axis=0), g.const(np.float32(emb.scalar_embed_scale), np.float32))
-    x = lin(g.op("Concat", x, hidden, axis=-1), "pre_projection", _np(assistant.pre_projection.weight))
+    target_table = _table(g, "target_embed_tokens.weight", target_w["embed_tokens.weight"])
+    scale = np.float32(TextScales.of(target_cfg).embed)
+    x = g.op("Mul", g.op("Gather", target_table, tok, axis=0), g.const(scale, np.float32))
+    x = lin(g.op("Concat", x, hidden, axis=-1), "pre_projection", aw["pre_projection.weight"])
     kv_source = {s.index: (f"past_key.{s.index}", f"past_value.{s.index}") for s in stores}
     attention = StaticAttention(1, max_context, [])
-    for layer, mod in zip(layers, assistant.model.layers, strict=True):
-        x = decoder_layer(g, lin, x, mod, layer, cfg.num_attention_heads, cfg.sliding_window, rope, eps,
-                          f"layers.{layer.index}", kv_source, None, attention=attention)
-    h = rms_norm(g, x, _np(assistant.model.norm.weight), "norm", eps)
-    g.output(lin(h, "post_projection", _np(assistant.post_projection.weight)), "projected_hidden", F32,
+    for layer in layers:
+        x = decoder_layer(g, lin, x, aw.sub(f"model.layers.{layer.index}"), layer, cfg.num_attention_heads,
+                          cfg.sliding_window, rope, eps, f"layers.{layer.index}", kv_source, None, attention=attention)
+    h = rms_norm(g, x, aw.array("model.norm.weight"), "norm", eps)
+    g.output(lin(h, "post_projection", aw["post_projection.weight"]), "projected_hidden", F32,
              [1, 1, target_plan.hidden])
-    if assistant.masked_embedding is not None:
-        logits = centroid_logits(g, lin, TiedTable(g, Quant("fp32"), "lm_head", _np(assistant.lm_head.weight)), h,
-                                 assistant.masked_embedding, vocab)
+    head = aw["lm_head.weight" if "lm_head.weight" in aw else "model.embed_tokens.weight"]
+    if config.use_ordered_embeddings:
+        logits = centroid_logits(g, lin, TiedTable(g, Quant("fp32"), "lm_head", head), h,
+                                 aw.sub("masked_embedding"), config, vocab)
     else:
-        logits = _logits(g, g.weight("lm_head.weight", _np(assistant.lm_head.weight)), h, 1, cfg.hidden_size, vocab,
-                         None)
+        logits = _logits(g, _table(g, "lm_head.weight", head), h, 1, cfg.hidden_size, vocab, None)
     g.output(logits, "logits", F32, [1, 1, vocab])
     return g, layers
 
 
-def inv_freqs(text_model, assistant) -> dict[str, list[float]]:
+def inv_freqs(target_cfg, assistant_cfg) -> dict[str, list[float]]:
     """RoPE inverse frequencies the host needs for its cos/sin tables, per graph and layer kind."""
     out = {}
-    for tag, rotary in (("target", text_model.rotary_emb), ("assistant", assistant.model.rotary_emb)):
-        for kind in KINDS:
-            freq = getattr(rotary, f"{kind}_inv_freq", None)
-            if freq is not None:
-                out[f"{tag}.{kind}"] = [float(f) for f in _np(freq)]
+    for tag, cfg in (("target", target_cfg), ("assistant", assistant_cfg)):
+        for kind, freq in kind_inv_freqs(cfg).items():
+            out[f"{tag}.{kind}"] = [float(f) for f in freq]
     return out

@@ -267,3 +267,202 @@ def save_pair(
     assistant = build_assistant(preset, seed, centroid_head)
     assistant.save_pretrained(assistant_dir)
     return target_dir, assistant_dir
+
+
+# -- full-size stand-ins ------------------------------------------------------------------------------------
+# The published E2B/E4B structure (data/gemma4/pairs.json) with the real Gemma 4 tokenizer and random bf16
+# weights: costs what the real pair costs (memory, bundle size, time per token); only its text is noise.
+# Written tensor by tensor into <= 2 GB safetensors shards, so building one never holds the model in memory.
+
+REALSIZE = ("e2b", "e4b")
+_DATA = Path(__file__).parent / "data" / "gemma4"
+_SHARD_BYTES = 2 << 30
+
+
+def _published(name: str) -> dict:
+    import json
+
+    if name not in REALSIZE:
+        raise ValueError(f"unknown full-size preset {name!r}; choose one of {REALSIZE}")
+    return json.loads((_DATA / "pairs.json").read_text())["pairs"][name]
+
+
+def cache_dir() -> Path:
+    """Where full-size stand-ins are built: $EDGEGEN_CACHE/presets (default ~/.cache/edgegen/presets)."""
+    import os
+
+    return Path(os.environ.get("EDGEGEN_CACHE") or Path.home() / ".cache" / "edgegen") / "presets"
+
+
+def realsize_configs(name: str, conditional: bool = False):
+    """(target config, assistant config) of a full-size preset, as transformers config objects."""
+    from transformers import (
+        Gemma4AssistantConfig,
+        Gemma4AudioConfig,
+        Gemma4Config,
+        Gemma4TextConfig,
+        Gemma4VisionConfig,
+    )
+
+    apply_transformers_shims()
+    pub = _published(name)
+    ids = dict(pad_token_id=0, bos_token_id=2, eos_token_id=[1, 106])
+    text = Gemma4TextConfig(**pub["target_text_config"], **ids)
+    target = text
+    if conditional:
+        target = Gemma4Config(text_config=text.to_dict(), vision_config=Gemma4VisionConfig().to_dict(),
+                              audio_config=Gemma4AudioConfig().to_dict())
+    a = dict(pub["assistant_config"])
+    a_text = Gemma4TextConfig(**a.pop("text_config"), **ids).to_dict()
+    return target, Gemma4AssistantConfig(text_config=a_text, **a)
+
+
+def _tensor_specs(model_cls, config) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of what save_pretrained would write, from a model on the meta device."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    tied = {k for k in getattr(model, "_tied_weights_keys", None) or {}}
+    state = model.state_dict()
+    return [(k, tuple(v.shape), v.dtype) for k, v in state.items() if k not in tied]
+
+
+def _fill_random(name: str, shape: tuple[int, ...], rng, std: float, write) -> None:
+    """Like the HF init, in bf16: norms and layer scalars ~1, other weights N(0, std); except q_norm and
+    k_norm, at d^-1/4. Gemma 4 scores attention as q.k with scale 1 after normalizing q and k, so with
+    unit norm weights random scores have a standard deviation of sqrt(head_dim) (16-23 at full size):
+    attention is nearly one-hot, near-ties flip on rounding noise, and fp32 summation order alone moves
+    the logits of a 35-layer model (a trained model's norms do not do that). d^-1/4 gives unit variance."""
+    import numpy as np
+
+    from edgegen.export.weights import to_bfloat16
+
+    n = int(np.prod(shape, dtype=np.int64))
+    leaf = name.rsplit(".", 2)
+    ones = name.endswith("layer_scalar") or (leaf[-1] == "weight" and "norm" in leaf[-2])
+    centre = float(shape[-1]) ** -0.25 if leaf[-2] in ("q_norm", "k_norm") else 1.0
+    step = 1 << 24
+    for start in range(0, n, step):
+        count = min(step, n - start)
+        if ones:
+            chunk = centre * (1.0 + 0.05 * rng.standard_normal(count, dtype=np.float32))
+        else:
+            chunk = std * rng.standard_normal(count, dtype=np.float32)
+        write(to_bfloat16(chunk))
+
+
+def _save_random(model_cls, config, out: Path, seed: int, std: float) -> None:
+    import json
+
+    import numpy as np
+
+    from edgegen.export.weights import write_safetensors
+
+    out.mkdir(parents=True, exist_ok=True)
+    specs = _tensor_specs(model_cls, config)
+    shards, current, size = [], [], 0
+    for name, shape, dtype in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * (8 if dtype == torch.int64 else 2)
+        if current and size + nbytes > _SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, "I64" if dtype == torch.int64 else "BF16", shape))
+        size += nbytes
+    shards.append(current)
+    rng = np.random.default_rng(seed)
+    vocab = config.get_text_config().vocab_size
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+
+        shapes = {n: s for n, _, s in shard}
+
+        def fill(name, write, shapes=shapes):
+            if name.endswith("token_ordering"):  # the centroid head's clusters: a random token permutation
+                write(rng.permutation(vocab).astype(np.int64))
+            else:
+                _fill_random(name, shapes[name], rng, std, write)
+
+        write_safetensors(out / file, shard, fill)
+        for name, dtype, shape in shard:
+            weight_map[name] = file
+            total += int(np.prod(shape, dtype=np.int64)) * (8 if dtype == "I64" else 2)
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.dtype = "bfloat16"
+    config.save_pretrained(out)
+
+
+def _write_tokenizer(target_dir: Path) -> None:
+    import lzma
+    import shutil
+
+    with lzma.open(_DATA / "tokenizer.json.xz") as src, (target_dir / "tokenizer.json").open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copyfile(_DATA / name, target_dir / name)
+
+
+def realsize_pair(name: str, root: str | Path | None = None, conditional: bool = False,
+                  seed: int = 0) -> tuple[Path, Path]:
+    """The full-size stand-in `name` (e2b, e4b): built on first use under `root` (default `cache_dir()`),
+    as `<root>/<name>[-mm]/target` and `/assistant`; returns both paths. `conditional`: the published
+    multimodal layout (Gemma4ForConditionalGeneration, `model.language_model.` names, vision and audio
+    towers present). E2B takes ~9.3 GB of disk (+1 GB multimodal), E4B ~16 GB."""
+    from transformers import (
+        Gemma4AssistantForCausalLM,
+        Gemma4ForCausalLM,
+        Gemma4ForConditionalGeneration,
+        GenerationConfig,
+    )
+
+    base = Path(root) if root is not None else cache_dir()
+    pair_dir = base / (name + ("-mm" if conditional else ""))
+    target_dir, assistant_dir = pair_dir / "target", pair_dir / "assistant"
+    done = pair_dir / ".complete"
+    if done.is_file():
+        return target_dir, assistant_dir
+    target_cfg, assistant_cfg = realsize_configs(name, conditional)
+    std = target_cfg.get_text_config().initializer_range
+    cls = Gemma4ForConditionalGeneration if conditional else Gemma4ForCausalLM
+    _save_random(cls, target_cfg, target_dir, seed, std)
+    GenerationConfig(bos_token_id=2, eos_token_id=[1, 106], pad_token_id=0, do_sample=False).save_pretrained(target_dir)
+    _write_tokenizer(target_dir)
+    _save_random(Gemma4AssistantForCausalLM, assistant_cfg, assistant_dir, seed + 1, std)
+    GenerationConfig(bos_token_id=2, eos_token_id=[1, 106], pad_token_id=0, num_assistant_tokens=4,
+                     do_sample=False).save_pretrained(assistant_dir)
+    done.write_text("ok\n")
+    return target_dir, assistant_dir
+
+
+def _small_towers() -> dict:
+    """Vision and audio configs far smaller than the published ones, with the same tensor names."""
+    from transformers import Gemma4AudioConfig, Gemma4VisionConfig
+
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=16, position_embedding_size=64)
+    audio = Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, output_proj_dims=64,
+                              subsampling_conv_channels=[8, 4])
+    return {"vision_config": vision.to_dict(), "audio_config": audio.to_dict()}
+
+
+def save_bf16_pair(out_dir: str | Path, preset: Preset | str = "e2b-like", seed: int = 0,
+                   multimodal: bool = False) -> tuple[Path, Path]:
+    """A small pair written the way published checkpoints are: bf16 safetensors, and with `multimodal` the
+    Gemma4ForConditionalGeneration layout with (small) vision and audio towers. Weights are random (no HF
+    model is instantiated), written tensor by tensor like the full-size stand-ins."""
+    from transformers import Gemma4AssistantForCausalLM, Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration
+
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    out_dir = Path(out_dir)
+    target_dir, assistant_dir = out_dir / "target", out_dir / "assistant"
+    text = target_text_config(preset)
+    if multimodal:
+        _save_random(Gemma4ForConditionalGeneration, Gemma4Config(text_config=text.to_dict(), **_small_towers()),
+                     target_dir, seed, preset.init_std)
+    else:
+        _save_random(Gemma4ForCausalLM, text, target_dir, seed, preset.init_std)
+    if preset.vocab_size not in _TOKENIZER_CACHE:
+        _TOKENIZER_CACHE[preset.vocab_size] = build_tokenizer(preset.vocab_size)
+    copy.deepcopy(_TOKENIZER_CACHE[preset.vocab_size]).save_pretrained(target_dir)
+    _save_random(Gemma4AssistantForCausalLM, assistant_config(preset), assistant_dir, seed + 1, preset.init_std)
+    return target_dir, assistant_dir

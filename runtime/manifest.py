@@ -104,6 +104,7 @@ class Manifest:
     edgegen_version: str = ""
     ep_profile: str = "cpu"  # the execution provider the graphs were exported for (cpu, qnn, webgpu, openvino)
     static: dict = field(default_factory=dict)  # static-shape profiles: RoPE frequencies, mask value, EP binaries
+    export: dict = field(default_factory=dict)  # how the export went: {"seconds", "peak_rss_mb"} (informational)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -126,6 +127,7 @@ class Manifest:
             parity=dict(d.get("parity", {})), source=dict(d.get("source", {})),
             edgegen_version=d.get("edgegen_version", ""), ep_profile=str(d.get("ep_profile", "cpu")),
             static=dict(d.get("static", {})),
+            export=dict(d.get("export", {})),
         )
 
 
@@ -209,6 +211,8 @@ def _first_problem(m: Manifest) -> str | None:
         ("generation.eos_token_ids", lambda: isinstance(eos, list) and all(_int(t, 0, model.vocab_size - 1)
                                                                            for t in eos)),
         ("generation.draft_tokens", lambda: draft is None or _int(draft, 0, 64)),
+        ("export", lambda: all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                               for k, v in m.export.items())),
         ("files", lambda: all(isinstance(k, str) and isinstance(v, dict) and _int(v.get("bytes"), 0, 1 << 50)
                               and isinstance(v.get("sha256"), str) and _SHA256.fullmatch(v["sha256"])
                               for k, v in m.files.items())),
