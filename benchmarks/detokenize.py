@@ -3,21 +3,18 @@ vs decoding the whole output again at every token.
 
     python benchmarks/detokenize.py [--tokens 4000]
 
-Uses the real Gemma 4 tokenizer from the test data (262,144 tokens, byte fallback) on English, code, CJK
-and emoji text; checks that both give the same text, and prints microseconds per token for each.
+Uses the real Gemma 4 tokenizer shipped with edgegen.export.testing (262,144 tokens, byte fallback) on
+English, code, CJK and emoji text; checks that both give the same text, and prints microseconds per token for each.
 """
 
 from __future__ import annotations
 
 import argparse
-import lzma
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = REPO / "tests" / "data" / "gemma4-tokenizer"
 
 
 def main() -> None:
@@ -25,12 +22,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4000)
     args = parser.parse_args()
 
+    from edgegen.export.testing import write_gemma4_tokenizer
     from edgegen.runtime.detokenize import TextStream
     from edgegen.runtime.tokenizer import TextTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        with lzma.open(DATA / "tokenizer.json.xz") as src, open(Path(tmp) / "tokenizer.json", "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        write_gemma4_tokenizer(Path(tmp))
         tok = TextTokenizer(Path(tmp), {"files": ["tokenizer.json"]})
     sample = (REPO / "README.md").read_text(encoding="utf-8") + " 日本語のテキスト 🦙🚀 😶\u200d🌫️ def f(x): return x\n"
     ids: list[int] = []

@@ -392,7 +392,9 @@ def _save_random(model_cls, config, out: Path, seed: int, std: float) -> None:
     config.save_pretrained(out)
 
 
-def _write_tokenizer(target_dir: Path) -> None:
+def write_gemma4_tokenizer(target_dir: Path) -> None:
+    """The real Gemma 4 tokenizer files (tokenizer.json, tokenizer_config.json, chat_template.jinja) into
+    `target_dir`, from the package's copy (tokenizer.json stored xz-compressed)."""
     import lzma
     import shutil
 
@@ -426,7 +428,7 @@ def realsize_pair(name: str, root: str | Path | None = None, conditional: bool =
     cls = Gemma4ForConditionalGeneration if conditional else Gemma4ForCausalLM
     _save_random(cls, target_cfg, target_dir, seed, std)
     GenerationConfig(bos_token_id=2, eos_token_id=[1, 106], pad_token_id=0, do_sample=False).save_pretrained(target_dir)
-    _write_tokenizer(target_dir)
+    write_gemma4_tokenizer(target_dir)
     _save_random(Gemma4AssistantForCausalLM, assistant_cfg, assistant_dir, seed + 1, std)
     GenerationConfig(bos_token_id=2, eos_token_id=[1, 106], pad_token_id=0, num_assistant_tokens=4,
                      do_sample=False).save_pretrained(assistant_dir)

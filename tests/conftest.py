@@ -66,18 +66,11 @@ def bundle_dir(pair_dir, tmp_path_factory: pytest.TempPathFactory) -> Callable[.
     return make
 
 
-GEMMA4_TOKENIZER_DATA = Path(__file__).parent / "data" / "gemma4-tokenizer"
-
-
 @pytest.fixture(scope="session")
 def gemma4_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real Gemma 4 tokenizer files (tokenizer.json stored xz-compressed), laid out like a bundle's."""
-    import lzma
-    import shutil
+    """The real Gemma 4 tokenizer files (the package's copy: export/data/gemma4), laid out like a bundle's."""
+    from edgegen.export.testing import write_gemma4_tokenizer
 
     out = tmp_path_factory.mktemp("gemma4-tokenizer")
-    with lzma.open(GEMMA4_TOKENIZER_DATA / "tokenizer.json.xz") as src, open(out / "tokenizer.json", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    for name in ("tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy2(GEMMA4_TOKENIZER_DATA / name, out / name)
+    write_gemma4_tokenizer(out)
     return out

@@ -1,7 +1,7 @@
 """The real Gemma 4 tokenizer in the runtime: reference encodings, and streamed text equal to a full decode.
 
-`tests/data/gemma4-tokenizer/` holds Gemma 4's vocabulary (262,144 tokens, byte fallback) and 46 reference
-encodings of it (llama.cpp's tokenizer test cases for that vocabulary, encoded without BOS).
+Gemma 4's vocabulary (262,144 tokens, byte fallback) ships in export/data/gemma4/; `tests/data/gemma4-tokenizer/`
+holds 46 reference encodings of it (llama.cpp's tokenizer test cases for that vocabulary, encoded without BOS).
 """
 
 from __future__ import annotations
