@@ -71,6 +71,14 @@ PRESETS: dict[str, Preset] = {
         sliding_window=512, ple_dim=256, double_wide_mlp=True, assistant_hidden=256,
         assistant_intermediate=2048, num_centroids=256, centroid_top_k=32, init_std=0.02,
     ),
+    # Small layers with the real Gemma 4 vocabulary: the 262,144-row tables and the real tokenizer
+    # (save_pair(..., real_tokenizer=True)) at a size tests can export and run in seconds.
+    "real-vocab": Preset(
+        vocab_size=262144, hidden_size=64, intermediate_size=128, num_layers=6, full_every=3,
+        num_kv_shared_layers=3, num_heads=2, num_kv_heads=1, head_dim=32, global_head_dim=64,
+        sliding_window=16, ple_dim=8, double_wide_mlp=True, assistant_hidden=32, assistant_intermediate=64,
+        assistant_heads=2, num_centroids=64, centroid_top_k=8,
+    ),
     # Smallest preset with hidden >= 1024, for the context-scaling benchmark.
     "h1024": Preset(
         vocab_size=8192, hidden_size=1024, intermediate_size=4096, num_layers=10, full_every=5,
@@ -83,6 +91,7 @@ PRESETS: dict[str, Preset] = {
 # Gemma-style special tokens, ids fixed so generation configs can name them.
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 PAD_ID, EOS_ID, BOS_ID, END_OF_TURN_ID = 0, 1, 2, 5
+GEMMA4_VOCAB, GEMMA4_TURN_END_ID = 262144, 106  # the real tokenizer: <pad> 0, <eos> 1, <bos> 2 as above
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -248,22 +257,29 @@ def save_pair(
     seed: int = 0,
     centroid_head: bool = True,
     conditional: bool = False,
+    real_tokenizer: bool = False,
 ) -> tuple[Path, Path]:
-    """Write `<out>/target` and `<out>/assistant` as HF checkpoints; return both paths."""
+    """Write `<out>/target` and `<out>/assistant` as HF checkpoints; return both paths. `real_tokenizer`: the
+    real Gemma 4 tokenizer and chat template (needs the 262,144-token vocabulary), stopping at <eos> and
+    <turn|> as the published generation config does."""
     from transformers import GenerationConfig
 
     preset = PRESETS[preset] if isinstance(preset, str) else preset
+    if real_tokenizer and preset.vocab_size != GEMMA4_VOCAB:
+        raise ValueError(f"the real tokenizer needs a {GEMMA4_VOCAB}-token vocabulary, not {preset.vocab_size}")
+    eos = [EOS_ID, GEMMA4_TURN_END_ID] if real_tokenizer else [EOS_ID, END_OF_TURN_ID]
     out_dir = Path(out_dir)
     target_dir, assistant_dir = out_dir / "target", out_dir / "assistant"
-    target = build_target(preset, seed, conditional=conditional)
-    target.generation_config = GenerationConfig(
-        bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID], pad_token_id=PAD_ID, do_sample=False
-    )
+    target = build_target(preset, seed, conditional=conditional, eos_token_id=eos)
+    target.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=eos, pad_token_id=PAD_ID,
+                                                do_sample=False)
     target.save_pretrained(target_dir)
-    if preset.vocab_size not in _TOKENIZER_CACHE:
-        _TOKENIZER_CACHE[preset.vocab_size] = build_tokenizer(preset.vocab_size)
-    tokenizer = copy.deepcopy(_TOKENIZER_CACHE[preset.vocab_size])
-    tokenizer.save_pretrained(target_dir)
+    if real_tokenizer:
+        write_gemma4_tokenizer(target_dir)
+    else:
+        if preset.vocab_size not in _TOKENIZER_CACHE:
+            _TOKENIZER_CACHE[preset.vocab_size] = build_tokenizer(preset.vocab_size)
+        copy.deepcopy(_TOKENIZER_CACHE[preset.vocab_size]).save_pretrained(target_dir)
     assistant = build_assistant(preset, seed, centroid_head)
     assistant.save_pretrained(assistant_dir)
     return target_dir, assistant_dir
