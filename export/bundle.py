@@ -36,7 +36,6 @@ from edgegen.runtime.manifest import (
 STAGES = ("load", "graphs", "write", "verify", "publish")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "generation_config.json")
-_DTYPE_NAMES = {1: "float32", 7: "int64", 6: "int32"}
 
 
 @dataclass
@@ -114,11 +113,13 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def _specs(vis) -> list[TensorSpec]:
+    from onnx import helper
+
     out = []
     for vi in vis:
         t = vi.type.tensor_type
         shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
-        out.append(TensorSpec(vi.name, _DTYPE_NAMES.get(t.elem_type, str(t.elem_type)), shape))
+        out.append(TensorSpec(vi.name, str(helper.tensor_dtype_to_np_dtype(t.elem_type)), shape))
     return out
 
 

@@ -76,7 +76,11 @@ def test_graphs_are_static_standard_op_qdq(qnn_bundle):
         # Matrices (projections, embeddings) are int8; norm scales and scalars are 16-bit in the QNN config.
         assert matrices and set(matrices) == {onnx.TensorProto.INT8}, name
         io = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input}
-        assert io["past_key." + str(manifest["model"]["store_layers"]["full_attention"])] == onnx.TensorProto.UINT16
+        past = "past_key." + str(manifest["model"]["store_layers"]["full_attention"])
+        assert io[past] == onnx.TensorProto.UINT16
+        # The manifest names every IO dtype as numpy does (it once wrote uint16 as its enum value, "4").
+        specs = {t["name"]: t["dtype"] for t in manifest["graphs"][name]["inputs"]}
+        assert specs[past] == "uint16" and all(np.dtype(d).name == d for d in specs.values()), specs
     # One encoding per K/V buffer in both graphs: the host keeps its buffers quantized and feeds them as they are.
     io = manifest["static"]["quantized_io"]
     shared = [name for name in io["assistant"] if name.startswith("past_")]
