@@ -166,9 +166,9 @@ class Generator:
 
     # -- the loop ----------------------------------------------------------------------------------
     def stream_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
-                   use_assistant: bool = True, draft_tokens: int | str | None = None,
-                   stop_strings: tuple[str, ...] = ()) -> Iterator[Event]:
-        """Yield one Event per generated token. Reuses cached K/V of a shared prompt prefix."""
+                   use_assistant: bool = True, draft_tokens: int | str | None = None) -> Iterator[Event]:
+        """Yield one Event per generated token (no text: `stream` adds it, and stop strings, which need
+        text). Reuses cached K/V of a shared prompt prefix."""
         self._claim()
         try:
             yield from self._rounds(prompt_ids, max_new_tokens, sampling, use_assistant, draft_tokens)
