@@ -1,6 +1,8 @@
 """Decode cost on the E2B-shaped slice against the machine's memory roofline, and what it predicts.
 
     python benchmarks/e2b_roofline.py [--quant int4] [--compute exact|int8] [--threads 2] [--contexts 64,2048]
+    python benchmarks/e2b_roofline.py --bundle E2B_BUNDLE --contexts 128,8192   # any exported bundle, e.g. the
+                                            # full-size E2B stand-in's (benchmarks/realsize_export.py --out)
 
 The slice (`e2b-slice` preset: E2B's hidden 1536, 1 KV head, head dims 256/512, per-layer embeddings 256,
 double-wide MLP, vocabulary 32k, 10 layers of which 5 KV-shared, random weights, 651M parameters) is built
@@ -145,6 +147,7 @@ def main() -> None:
     ap.add_argument("--draft-tokens", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--bundle", type=Path, help="measure this bundle instead of exporting --preset")
     args = ap.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     k = args.draft_tokens
@@ -152,14 +155,16 @@ def main() -> None:
     from edgegen.runtime.model import Bundle
 
     max_context = max(4096, max(contexts) + 64)
-    if args.compute == "int8":
+    if args.bundle:
+        path = args.bundle
+    elif args.compute == "int8":
         path = ensure_int8_compute_bundle(args.preset, args.quant, max_context)
     else:
         path = ensure_bundle(args.preset, args.quant, max_context)
     bundle = Bundle(path, threads=args.threads)
     bw = bandwidth_gbs(args.threads)
-    print(f"{args.preset} {args.quant} ({args.compute} compute), {args.threads} threads; "
-          f"memory bandwidth (fp32 GEMV, 256 MB): {bw:.1f} GB/s")
+    what = str(args.bundle) if args.bundle else f"{args.preset} {args.quant} ({args.compute} compute)"
+    print(f"{what}, {args.threads} threads; memory bandwidth (fp32 GEMV, 256 MB): {bw:.1f} GB/s")
     rng = np.random.default_rng(0)
     rows = []
     for ctx in contexts:
@@ -178,9 +183,17 @@ def main() -> None:
         if "drafter_ratio" in c:
             line += f"; {k}-step draft round {c[f'draft_round_{k}']:.1f} ms = {c['drafter_ratio']:.2f}x one target call"
         print(line)
+    cache = bundle.new_cache()
+    kv_mb, cache_context = cache.nbytes / 1e6, cache.max_context
+    del cache
     del bundle
     host = host_share(path, args.threads, k, 64)
     print(f"host code: {100 * host['host_share']:.1f}% of speculative decode time ({host['rounds']} rounds, k={k})")
+    from edgegen.runtime.osinfo import peak_rss_mb
+
+    bundle_mb = sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()) / 1e6
+    print(f"peak RSS {peak_rss_mb()} MB (bundle files {bundle_mb:.0f} MB, one K/V cache {kv_mb:.0f} MB for "
+          f"{cache_context} positions)")
     base = rows[0]
     if "drafter_ratio" in base:
         round_cost = base["verify_ratio"] + base["drafter_ratio"]
