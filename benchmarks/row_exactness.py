@@ -16,6 +16,7 @@ checks greedy speculative (k=1,2,4) against plain decoding over many tokens, wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -39,14 +40,18 @@ HIDDEN, MLP, MLP_WIDE, HEADS, KV_HEADS, HEAD_DIM, FULL_HEAD_DIM, WINDOW = 1536, 
 INIT_STD = 0.02  # HF's initializer_range for Gemma 4
 
 
-def _session(build, threads: int, tmp: Path, name: str, options: dict | None = None) -> ort.InferenceSession:
+ROW_EXACT = dataclasses.replace(PROFILES["cpu"], standard_attention=True, row_exact=True)
+
+
+def _session(build, threads: int, tmp: Path, name: str, options: dict | None = None,
+             profile=PROFILES["cpu"]) -> ort.InferenceSession:
     """Save the graph `build(g)` fills and open it the way the runtime does (runtime/model.py)."""
     from edgegen.runtime.model import session_options
 
     out = tmp / name
     out.mkdir(parents=True, exist_ok=True)
     shared = WeightFile(out / "shared.weights")
-    g = Graph(name, out, shared, profile=PROFILES["openvino" if name.startswith("std") else "cpu"])
+    g = Graph(name, out, shared, profile=profile)
     build(g)
     g.save(out)
     g.data.close()
@@ -138,7 +143,7 @@ class AttentionCase:
                            "total_sequence_length", "", "", "", bias,
                            out=["out", "present_key", "present_value"], num_heads=HEADS,
                            kv_num_heads=KV_HEADS, scale=1.0, local_window_size=-1)[0]
-            else:  # the openvino profile's standard-op attention (export/graphs.py)
+            else:  # standard-op attention (export/graphs.py; "rowexact": its row-exact scores)
                 heads4 = [g.op("Reshape", t, g.const([1, -1, n, head_dim]))
                           for t, n in ((q, HEADS), (k, KV_HEADS), (v, KV_HEADS))]
                 keys = _scatter_rows(g, "past_key", heads4[1], "present_key", layer)
@@ -147,8 +152,8 @@ class AttentionCase:
             g.output(out, "attn", F32, [1, "S", width])
             for name in ("present_key", "present_value"):
                 g.outputs.append(__import__("onnx").helper.make_tensor_value_info(name, F32, shape))
-        self.sess = _session(build, threads, tmp, f"{'std' if kind == 'standard' else kind}_{head_dim}_"
-                                                  f"{int(sliding)}_t{threads}")
+        profile = {"standard": PROFILES["openvino"], "rowexact": ROW_EXACT}.get(kind, PROFILES["cpu"])
+        self.sess = _session(build, threads, tmp, f"{kind}_{head_dim}_{int(sliding)}_t{threads}", profile=profile)
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, KV_HEADS, max_ctx, head_dim), np.float32))
                         for _ in range(2)]
 
@@ -240,8 +245,8 @@ def run_ops(args) -> None:
                   flush=True)
         for kind in args.attention:
             for d, sliding in ((HEAD_DIM, True), (FULL_HEAD_DIM, False)):
-                for past in (40, 700):
-                    case = AttentionCase(kind, d, sliding, threads, tmp)
+                case = AttentionCase(kind, d, sliding, threads, tmp)
+                for past in args.pasts:
                     label = f"{kind} d={d} {'sliding' if sliding else 'full'} past={past}"
                     print(f"  {label:34s} {_fmt(attention_rows(case, past, rng))}", flush=True)
 
@@ -251,14 +256,13 @@ def run_ops(args) -> None:
 VARIANTS = {  # name -> (attention, compute)
     "gqa-exact": ("gqa", "exact"), "gqa-int8": ("gqa", "int8"),
     "std-exact": ("standard", "exact"), "std-int8": ("standard", "int8"),
+    "rowexact-exact": ("rowexact", "exact"), "rowexact-int8": ("rowexact", "int8"),
 }
 
 
 def ensure_variant(name: str, preset: str = "e2b-slice", quant: str = "int4", max_context: int = 1024) -> Path:
     """The preset pair exported with GroupQueryAttention (today's cpu profile) or standard-op attention
     (the openvino profile's attention on the cpu profile), exact or int8 compute; cached under build/bench/."""
-    import dataclasses
-
     from context_scaling import REPO, ensure_bundle  # the pair is shared with the other benchmarks
 
     from edgegen.export import graphs
@@ -270,8 +274,9 @@ def ensure_variant(name: str, preset: str = "e2b-slice", quant: str = "int4", ma
     if (bundle / "manifest.json").is_file():
         return bundle
     saved = graphs.PROFILES["cpu"]
-    if attention == "standard":
-        graphs.PROFILES["cpu"] = dataclasses.replace(saved, standard_attention=True)
+    if attention != "gqa":
+        graphs.PROFILES["cpu"] = dataclasses.replace(saved, standard_attention=True,
+                                                     row_exact=attention == "rowexact")
     try:
         export_bundle(str(pair / "target"), str(pair / "assistant"), bundle,
                       ExportOptions(quant=quant, max_context=max_context, verify=False, force=True, compute=compute))
@@ -283,11 +288,11 @@ def ensure_variant(name: str, preset: str = "e2b-slice", quant: str = "int4", ma
 def plain_decode(target, cache, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
     cache.reset()
     logits, _ = target.forward(cache, prompt)
-    tokens, rows = [int(logits[-1].argmax())], [logits[-1]]
+    tokens, rows = [int(logits[-1].argmax())], [logits[-1].copy()]
     while len(tokens) < n:
         logits, _ = target.forward(cache, [tokens[-1]])
         tokens.append(int(logits[-1].argmax()))
-        rows.append(logits[-1])
+        rows.append(logits[-1].copy())
     return tokens, rows
 
 
@@ -296,7 +301,7 @@ def oracle_speculative(target, cache, prompt: list[int], reference: list[int], k
     replaced by a random token: every verify row gets used, and rejections trim the cache."""
     cache.reset()
     logits, _ = target.forward(cache, prompt)
-    tokens, rows = [int(logits[-1].argmax())], [logits[-1]]
+    tokens, rows = [int(logits[-1].argmax())], [logits[-1].copy()]
     vocab = logits.shape[-1]
     while len(tokens) < n:
         kk = min(k, n - len(tokens) - 1)
@@ -309,7 +314,7 @@ def oracle_speculative(target, cache, prompt: list[int], reference: list[int], k
             m += 1
         cache.trim(base + m + 1)
         tokens += drafts[:m] + [int(logits[m].argmax())]
-        rows += list(logits[:m + 1])
+        rows += [r.copy() for r in logits[:m + 1]]
     return tokens[:n], rows[:n]
 
 
@@ -358,7 +363,7 @@ def run_e2e(args) -> None:
                         got, rows = oracle_speculative(bundle.target, cache, p, ref, k, args.tokens,
                                                        np.random.default_rng(k))
                         first = next((i for i, (a, b) in enumerate(zip(got, ref, strict=True)) if a != b), None)
-                        flips.append(first)
+                        flips.append(first if first is None else (len(p), k, first))
                         same_prefix = first if first is not None else len(ref)
                         if same_prefix:
                             worst = max(worst, float(np.abs(np.stack(rows[:same_prefix])
@@ -389,7 +394,9 @@ def main() -> None:
     ops = sub.add_parser("ops")
     ops.add_argument("--threads", default="1,2")
     ops.add_argument("--quick", action="store_true")
-    ops.add_argument("--attention", default="gqa,gqa_bias,standard")
+    ops.add_argument("--attention", default="gqa,gqa_bias,standard,rowexact")
+    ops.add_argument("--pasts", default="1,20,28,40,60,100,300,700",
+                     help="context lengths before the rows under test (MLAS picks its blocking from T)")
     ops.add_argument("--only", default="", help="attention: skip the linear and row-wise ops")
     e2e = sub.add_parser("e2e")
     e2e.add_argument("--threads", default="2")
@@ -403,6 +410,7 @@ def main() -> None:
     args.threads = [int(t) for t in args.threads.split(",")]
     if args.cmd == "ops":
         args.attention = args.attention.split(",")
+        args.pasts = [int(p) for p in args.pasts.split(",")]
         run_ops(args)
     else:
         args.variants = args.variants.split(",")

@@ -21,6 +21,7 @@ from onnx import TensorProto
 
 from edgegen.export.onnx_graph import Graph, WeightFile
 from edgegen.export.quantize import Linears, Quant, TiedTable
+from edgegen.export.row_exact import row_exact_scores
 
 F32, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
 KINDS = ("sliding_attention", "full_attention")
@@ -48,6 +49,9 @@ class Profile:
     # rows are scattered into the buffer (present bound to the same memory as past), then masked softmax
     # attention over the first total_sequence_length rows. Only non-shared target layers write K/V.
     standard_attention: bool = False
+    # With standard_attention: the query-key products in head-dim chunks of 128 summed in a fixed order, so
+    # a position's scores do not depend on how many keys or query rows the call has (export/row_exact.py).
+    row_exact: bool = False
 
 
 PROFILES = {
@@ -219,7 +223,10 @@ def _standard_attention(g: Graph, q: str, keys: str, values: str, layer: LayerPl
     keys, values = (g.op("Unsqueeze", g.op("Slice", t, g.const([0]), total, g.const([2])), g.const([2]))
                     for t in (keys, values))
     q = g.op("Transpose", g.op("Reshape", q, g.const([1, -1, kv, group, d])), perm=[0, 2, 3, 1, 4])  # [1,kv,g,S,d]
-    scores = g.op("MatMul", q, g.op("Transpose", keys, perm=[0, 1, 2, 4, 3]))  # [1, kv, group, S, T]
+    if g.profile.row_exact:  # the same bits for a query row whatever the call's other rows (export/row_exact.py)
+        scores = row_exact_scores(g, q, keys, d)
+    else:
+        scores = g.op("MatMul", q, g.op("Transpose", keys, perm=[0, 1, 2, 4, 3]))  # [1, kv, group, S, T]
     mask = _attention_mask(g, query_positions, total, window if layer.kind == "sliding_attention" else 0)
     probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
     out = g.op("Transpose", g.op("MatMul", probs, values), perm=[0, 3, 1, 2, 4])  # [1, S, kv, group, d]

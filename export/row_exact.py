@@ -30,3 +30,25 @@ def window_bias(g: Graph, positions: str, total: str, window: int) -> str:
     if window:
         seen = g.op("And", seen, g.op("Greater", j, g.op("Sub", p, g.const(window))))
     return g.op("Where", seen, g.const(np.float32(0), np.float32), g.const(np.float32(-np.inf), np.float32))
+
+
+CHUNK = 128  # no wider than MLAS's smallest K block: one chunk's dot product is never split
+
+
+def row_exact_scores(g: Graph, q: str, keys: str, head_dim: int) -> str:
+    """q [1, kv, group, S, d] . keys [1, kv, 1, T, d]^T -> scores [1, kv, group, S, T], row-exact.
+
+    MLAS's SGEMM splits the inner dimension into blocks whose size it picks from the output width (here
+    T, the number of keys, or a thread's share of it), and sums each block separately: one MatMul over
+    d = 256 or 512 rounds a score differently at T = 29 than at T = 33. Dot products of 128 never split,
+    and the partial scores are added here, elementwise, always in the same order.
+    """
+    if head_dim <= CHUNK:
+        return g.op("MatMul", q, g.op("Transpose", keys, perm=[0, 1, 2, 4, 3]))
+    total = None
+    for c in range(0, head_dim, CHUNK):
+        start, end, axis = g.const([c]), g.const([min(c + CHUNK, head_dim)]), g.const([-1])
+        part = g.op("MatMul", g.op("Slice", q, start, end, axis),
+                    g.op("Transpose", g.op("Slice", keys, start, end, axis), perm=[0, 1, 2, 4, 3]))
+        total = part if total is None else g.op("Add", total, part)
+    return total
