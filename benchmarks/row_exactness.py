@@ -388,6 +388,35 @@ def run_e2e(args) -> None:
             del bundle
 
 
+def run_costs(args) -> None:
+    """ms per target call (S=1 and S=5) per variant and context, variants interleaved so that load from
+    other processes hits them alike; decode rows 2 = the S=1 call padded to two rows."""
+    from edgegen.runtime.model import Bundle
+
+    bundles = {name: Bundle(ensure_variant(name), threads=args.threads[0], hashes="never") for name in args.variants}
+    rng = np.random.default_rng(5)
+    for ctx in args.contexts:
+        caches = {}
+        for name, b in bundles.items():
+            caches[name] = b.new_cache()
+            b.target.forward(caches[name], [int(t) for t in rng.integers(4, b.manifest.model.vocab_size, ctx)])
+        times = {(name, n, rows): [] for name in bundles for n in (1, 5) for rows in (1, 2) if n == 1 or rows == 1}
+        for _ in range(args.repeats):
+            for (name, n, rows), acc in times.items():
+                b, cache = bundles[name], caches[name]
+                b.target.min_rows = rows
+                ids = [int(t) for t in rng.integers(4, b.manifest.model.vocab_size, n)]
+                t = time.perf_counter()
+                b.target.forward(cache, ids, logits_to_keep=n)
+                acc.append(time.perf_counter() - t)
+                cache.trim(ctx)
+        for name in bundles:
+            one, two, five = (1000 * statistics.median(times[key]) for key in
+                              ((name, 1, 1), (name, 1, 2), (name, 5, 1)))
+            print(f"context {ctx:4d} {name:15s} threads {args.threads[0]}: decode {one:6.1f} ms, decode padded to 2 "
+                  f"rows {two:6.1f} ms, verify-5 {five:6.1f} ms", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -402,16 +431,25 @@ def main() -> None:
     e2e.add_argument("--threads", default="2")
     e2e.add_argument("--variants", default=",".join(VARIANTS))
     e2e.add_argument("--tokens", type=int, default=64)
-    e2e.add_argument("--prompts", default="16,120,500", help="prompt lengths (random ids); 500 crosses the "
-                     "512-position sliding window while decoding")
+    e2e.add_argument("--prompts", default="16,120,700", help="prompt lengths (random ids); 700 puts "
+                     "sliding layers past the 512-position window (and past a 128-aligned window start)")
     e2e.add_argument("--generator", action="store_true", help="also the real draft/verify loop (its drafter)")
     e2e.add_argument("--build-only", action="store_true")
+    costs = sub.add_parser("costs")
+    costs.add_argument("--threads", default="2")
+    costs.add_argument("--variants", default="gqa-exact,gqa-int8,rowexact-exact,rowexact-int8")
+    costs.add_argument("--contexts", default="64,900")
+    costs.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
     args.threads = [int(t) for t in args.threads.split(",")]
     if args.cmd == "ops":
         args.attention = args.attention.split(",")
         args.pasts = [int(p) for p in args.pasts.split(",")]
         run_ops(args)
+    elif args.cmd == "costs":
+        args.variants = args.variants.split(",")
+        args.contexts = [int(c) for c in args.contexts.split(",")]
+        run_costs(args)
     else:
         args.variants = args.variants.split(",")
         if args.build_only:

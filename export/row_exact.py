@@ -52,3 +52,14 @@ def row_exact_scores(g: Graph, q: str, keys: str, head_dim: int) -> str:
                     g.op("Transpose", g.op("Slice", keys, start, end, axis), perm=[0, 1, 2, 4, 3]))
         total = part if total is None else g.op("Add", total, part)
     return total
+
+
+def window_start(g: Graph, query_positions: str, window: int) -> str:
+    """[1] int64: the first key a sliding layer needs for these queries, rounded down to a multiple of CHUNK.
+
+    Attention-weighted values are summed by MLAS in blocks of 128 keys counted from the first key it is
+    given; starting at a multiple of 128 keeps every key in the same block whichever call computes the
+    row (the keys between the two starts have weight 0 and add nothing)."""
+    lowest = g.op("ReduceMin", g.op("Reshape", query_positions, g.const([-1])), keepdims=1)
+    start = g.op("Max", g.op("Sub", lowest, g.const([window - 1])), g.const([0]))
+    return g.op("Mul", g.op("Div", start, g.const([CHUNK])), g.const([CHUNK]))
