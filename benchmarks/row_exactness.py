@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import statistics
 import sys
 import tempfile
@@ -218,15 +219,25 @@ def run_ops(args) -> None:
     shapes = [(HIDDEN, MLP_WIDE), (MLP_WIDE, HIDDEN), (HIDDEN, HEADS * FULL_HEAD_DIM)]
     if args.quick:
         shapes = shapes[:2]
+    if args.vocab:
+        shapes.append((HIDDEN, args.vocab))  # the tied lm_head: quantized cases only
+    try:
+        _ops_table(args, rng, tmp, shapes)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _ops_table(args, rng, tmp: Path, shapes: list[tuple[int, int]]) -> None:
     for threads in args.threads:
         print(f"\n== {threads} thread(s) ==")
         for k, n in ([] if args.only == "attention" else shapes):
-            w = (INIT_STD * rng.standard_normal((n, k))).astype(np.float32)
+            w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(INIT_STD)
             x = rng.standard_normal((max(SIZES), k), dtype=np.float32)
-            cases = [("fp32 MatMul", None)]
+            head = n == args.vocab
+            cases = [] if head else [("fp32 MatMul", None)]
             for bits in ("int4", "int8"):
-                for level in (0, 1, 2, 4):
-                    for block in ((32,) if args.quick else (32, 64, 128)):
+                for level in ((0, 4) if head else (0, 1, 2, 4)):
+                    for block in ((32,) if args.quick or head else (32, 64, 128)):
                         if block != 32 and level in (1, 2):
                             continue
                         cases.append((f"{bits} b{block} level {level}", Quant(bits, block, level)))
@@ -423,6 +434,7 @@ def main() -> None:
     ops = sub.add_parser("ops")
     ops.add_argument("--threads", default="1,2")
     ops.add_argument("--quick", action="store_true")
+    ops.add_argument("--vocab", type=int, default=262144, help="lm_head width to check (0: skip)")
     ops.add_argument("--attention", default="gqa,gqa_bias,standard,rowexact")
     ops.add_argument("--pasts", default="1,20,28,40,60,100,300,700",
                      help="context lengths before the rows under test (MLAS picks its blocking from T)")
