@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edgegen.export.graphs import PROFILES, LayerPlan, _scatter_rows, _standard_attention  # noqa: E402
 from edgegen.export.onnx_graph import Graph, WeightFile  # noqa: E402
 from edgegen.export.quantize import Linears, Quant  # noqa: E402
-from edgegen.export.row_exact import window_bias  # noqa: E402
 
 F32, I32, I64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
 SIZES = (2, 5, 8, 17)
@@ -110,6 +109,18 @@ def rowwise_case(kind: str, width: int, threads: int, tmp: Path):
         g.output(y, "y", F32, [1, "S", width])
     sess = _session(build, threads, tmp, f"row_{kind}_{width}_t{threads}")
     return lambda x: sess.run(None, {"x": x[None]})[0][0]
+
+
+def window_bias(g: Graph, positions: str, total: str, window: int) -> str:
+    """Additive attention bias [1, 1, S, T] for GroupQueryAttention without a local window: 0 where key j
+    is visible from query position p (j <= p, and j > p - window when window > 0), else -inf."""
+    t = g.op("Cast", total, to=I64)
+    p = g.op("Reshape", positions, g.const([1, 1, -1, 1]))
+    j = g.op("Reshape", g.op("Range", g.const(0), t, g.const(1)), g.const([1, 1, 1, -1]))
+    seen = g.op("LessOrEqual", j, p)
+    if window:
+        seen = g.op("And", seen, g.op("Greater", j, g.op("Sub", p, g.const(window))))
+    return g.op("Where", seen, g.const(np.float32(0), np.float32), g.const(np.float32(-np.inf), np.float32))
 
 
 # -- attention: state in an in-place K/V buffer, as the runtime binds it -------------------------------------------

@@ -1,36 +1,18 @@
-"""Graph pieces that compute each row of a target call independently of the call's other rows.
+"""Attention pieces that compute each query row independently of the call's other rows (Profile.row_exact).
 
 Greedy speculative decoding equals plain decoding only if a position's logits and K/V rows are the same
 bits whether it is computed alone (decode) or as one of k+1 rows (verify). Measured on onnxruntime 1.32
-CPU (benchmarks/row_exactness.py): MatMulNBits (every accuracy level), MatMul and GroupQueryAttention take
-a different path for one row than for several, so decode feeds at least two rows (runtime: the target's
-`min_rows`); among calls of two or more rows they are row-exact, except GroupQueryAttention with a local
-window once the context passes the window: which rows of the key range it sums over depends on the call's
-rows. `window_bias` expresses the sliding window as an additive mask instead, so GroupQueryAttention runs
-over [0, T) for every row.
+CPU (benchmarks/row_exactness.py): row-wise ops and MatMulNBits with int8 compute (accuracy_level 4) are
+row-exact; GroupQueryAttention is not (its one-row path differs, and past the sliding window so do rows of
+multi-row calls); MatMulNBits with fp32 compute takes another path for one row than for several. The
+standard-op attention is row-exact once its two MatMuls never see a call-dependent blocking: MLAS sums
+q.k over the head dim in blocks whose size follows the number of keys, and sums probs.v over the keys in
+blocks of 128 counted from the first key it is given.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from onnx import TensorProto
-
 from edgegen.export.onnx_graph import Graph
-
-I64 = TensorProto.INT64
-
-
-def window_bias(g: Graph, positions: str, total: str, window: int) -> str:
-    """Additive attention bias [1, 1, S, T]: 0 where key j is visible from query position p (j <= p, and
-    j > p - window when window > 0), else -inf. positions [1, S] int64; total: scalar int32."""
-    t = g.op("Cast", total, to=I64)
-    p = g.op("Reshape", positions, g.const([1, 1, -1, 1]))
-    j = g.op("Reshape", g.op("Range", g.const(0), t, g.const(1)), g.const([1, 1, 1, -1]))
-    seen = g.op("LessOrEqual", j, p)
-    if window:
-        seen = g.op("And", seen, g.op("Greater", j, g.op("Sub", p, g.const(window))))
-    return g.op("Where", seen, g.const(np.float32(0), np.float32), g.const(np.float32(-np.inf), np.float32))
-
 
 CHUNK = 128  # no wider than MLAS's smallest K block: one chunk's dot product is never split
 
