@@ -422,21 +422,26 @@ def run_costs(args) -> None:
         for name, b in bundles.items():
             caches[name] = b.new_cache()
             b.target.forward(caches[name], [int(t) for t in rng.integers(4, b.manifest.model.vocab_size, ctx)])
-        times = {(name, n, rows): [] for name in bundles for n in (1, 5) for rows in (1, 2) if n == 1 or rows == 1}
+        keys = [(name, n, rows) for name in bundles for n in (0, 1, 5) for rows in (1, 2) if n == 1 or rows == 1]
+        times = {key: [] for key in keys}
+        hidden = np.zeros(bundles[next(iter(bundles))].manifest.model.hidden_size, np.float32)
         for _ in range(args.repeats):
             for (name, n, rows), acc in times.items():
                 b, cache = bundles[name], caches[name]
                 b.target.min_rows = rows
                 ids = [int(t) for t in rng.integers(4, b.manifest.model.vocab_size, n)]
                 t = time.perf_counter()
-                b.target.forward(cache, ids, logits_to_keep=n)
+                if n:
+                    b.target.forward(cache, ids, logits_to_keep=n)
+                elif b.draft_round is not None:  # n = 0: the fused draft round (4 drafter steps)
+                    b.draft_round.run_round(cache, 7, hidden)
                 acc.append(time.perf_counter() - t)
                 cache.trim(ctx)
         for name in bundles:
-            one, two, five = (1000 * statistics.median(times[key]) for key in
-                              ((name, 1, 1), (name, 1, 2), (name, 5, 1)))
+            one, two, five, draft = (1000 * statistics.median(times[key]) for key in
+                                     ((name, 1, 1), (name, 1, 2), (name, 5, 1), (name, 0, 1)))
             print(f"context {ctx:4d} {name:15s} threads {args.threads[0]}: decode {one:6.1f} ms, decode padded to 2 "
-                  f"rows {two:6.1f} ms, verify-5 {five:6.1f} ms", flush=True)
+                  f"rows {two:6.1f} ms, verify-5 {five:6.1f} ms, draft round {draft:5.1f} ms", flush=True)
 
 
 def main() -> None:
