@@ -123,10 +123,10 @@ class Target(_Graph):
         super().__init__(session, spec)
         self.ple = ple
         # Calls of fewer rows are padded to `min_rows` (the pad rows' outputs are dropped and their K/V rows,
-        # past the cache length, are overwritten later). onnxruntime's CPU kernels take another path for a
-        # single row (MatMulNBits, GroupQueryAttention), so with 2 a decode step computes its row with the
-        # same bits as a verify call computes that position: greedy speculative output equals plain output
-        # (benchmarks/row_exactness.py).
+        # past the cache length, are overwritten later). MatMulNBits with fp32 compute (accuracy_level 0)
+        # takes another path for a single row on the CPU, so with 2 a decode step computes its row with the
+        # same bits as a verify call (with row-exact attention, benchmarks/row_exactness.py); it costs ~3x a
+        # one-row decode there. int8 compute (level 4, block 32) needs no padding.
         self.min_rows = min_rows
         # webgpu profile: feed at most `max_chunk` tokens a call, in power-of-two chunks. Each new input
         # length compiles shaders, so few lengths is faster; and the WebGPU EP's GroupQueryAttention gives
