@@ -1,7 +1,8 @@
 """Does row r of an S-row onnxruntime call compute bit-for-bit what a call on that row alone computes?
 
-    python benchmarks/row_exactness.py ops [--threads 1,2] [--quick]
-    python benchmarks/row_exactness.py e2e [--threads 2] [--tokens 64]
+    python benchmarks/row_exactness.py ops [--threads 1,2] [--quick] [--vocab 262144]
+    python benchmarks/row_exactness.py e2e [--threads 2] [--tokens 64] [--generator]
+    python benchmarks/row_exactness.py costs [--threads 2] [--contexts 64,900]
 
 Greedy speculative decoding promises the output of plain greedy decoding, token for token. That holds
 only if the target computes each position's logits (and K/V rows) identically whether the position is
@@ -10,7 +11,21 @@ target graph uses in isolation, at E2B shapes, with random weights at HF's init 
 call against the same row computed alone (S=1) and against the same row computed in a 2-row call next to
 an unrelated row ("pad": the decode-as-two-rows formulation). `e2e` builds the e2b-slice target graph and
 checks greedy speculative (k=1,2,4) against plain decoding over many tokens, with decode as it is today
-(S=1) and padded to two rows, and times both.
+(S=1) and padded to two rows, and times both. `costs` times the variants' target calls side by side.
+
+What it showed on onnxruntime 1.32 (x86-64, AVX-512):
+- row-wise ops (RMSNormalization, ReduceMean/Pow norm, Softmax, Tanh softcap, Gelu) and fp32 MatMul with a
+  weight initializer: row-exact.
+- MatMulNBits, accuracy_level 4 (int8 compute), block 32: row-exact at every S, S=1 included. Blocks 64/128
+  (int4) are not: rows left over after the kernel's multi-row tiles are summed differently.
+- MatMulNBits, accuracy_level 0/1/2 (fp32 compute): one row takes another path than several; calls of
+  two or more rows agree (hence Target.min_rows = 2, at ~3x the cost of a one-row decode).
+- GroupQueryAttention: one row differs from several; padded to two rows it still differs once the key
+  count crosses MLAS's blocking steps (T = 64) or the sliding window.
+- Standard-op attention: q.k^T over d = 256/512 is blocked by MLAS according to the key count T (and a
+  thread's share of it), so it is not row-exact; with the scores in 128-wide head-dim chunks and sliding
+  layers reading keys from a 128-aligned start (Profile.row_exact, export/row_exact.py) it is, at 1-8
+  threads, and then a one-row decode needs no padding.
 """
 
 from __future__ import annotations
