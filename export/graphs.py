@@ -221,9 +221,9 @@ def _standard_attention(g: Graph, q: str, keys: str, values: str, layer: LayerPl
     total = g.op("Reshape", g.op("Cast", "total_sequence_length", to=I64), g.const([1]))
     sliding = window if layer.kind == "sliding_attention" else 0
     # Keys before `first` are masked for every query: row_exact sliding layers skip them (a 128-aligned start).
-    first = window_start(g, query_positions, sliding) if g.profile.row_exact and sliding else g.const([0])
+    first = window_start(g, query_positions, sliding) if g.profile.row_exact and sliding else None
     # [1, kv, 1, T, d]: the group axis broadcasts against the query heads that share each K/V head.
-    keys, values = (g.op("Unsqueeze", g.op("Slice", t, first, total, g.const([2])), g.const([2]))
+    keys, values = (g.op("Unsqueeze", g.op("Slice", t, first or g.const([0]), total, g.const([2])), g.const([2]))
                     for t in (keys, values))
     q = g.op("Transpose", g.op("Reshape", q, g.const([1, -1, kv, group, d])), perm=[0, 2, 3, 1, 4])  # [1,kv,g,S,d]
     if g.profile.row_exact:  # the same bits for a query row whatever the call's other rows (export/row_exact.py)
