@@ -85,3 +85,41 @@ def test_rows_alone_equal_rows_in_a_verify_call(tmp_path, d, sliding, threads):
         attn.fill(context)
         together = attn(q, k, v, past)
         assert np.array_equal(alone, together), f"past={past}: max diff {np.abs(alone - together).max()}"
+
+
+def test_verify_rows_equal_decode_rows_at_e2b_head_dims(tmp_path, monkeypatch):
+    """End to end: a small pair with E2B's head dims (256 sliding, 512 full), int4 with int8 compute, the
+    row-exact profile. Every position's logits from 5-row verify calls (drafts = the plain continuation, all
+    accepted) are bit-identical to plain one-row decoding, across the 16-position window and its 128-aligned
+    start; greedy speculation (k = 1, 2, 4, the real drafter) gives the plain tokens."""
+    from edgegen.export import graphs
+    from edgegen.export.bundle import ExportOptions, export_bundle
+    from edgegen.export.testing import PRESETS, save_pair
+    from edgegen.runtime.generate import Generator
+    from edgegen.runtime.model import Bundle
+
+    preset = dataclasses.replace(PRESETS["e2b-like"], head_dim=256, global_head_dim=512, init_std=0.02)
+    target, assistant = save_pair(tmp_path / "pair", preset)
+    monkeypatch.setitem(graphs.PROFILES, "cpu", ROW_EXACT)
+    export_bundle(str(target), str(assistant), tmp_path / "b",
+                  ExportOptions(quant="int4", max_context=512, compute="int8", verify=False))
+    bundle = Bundle(tmp_path / "b", threads=2)
+    prompt = [int(t) for t in np.random.default_rng(1).integers(4, preset.vocab_size, 150)]
+    cache = bundle.new_cache()
+    logits, _ = bundle.target.forward(cache, prompt)
+    tokens, plain = [int(logits[-1].argmax())], [logits[-1].copy()]
+    while len(tokens) < 41:
+        logits, _ = bundle.target.forward(cache, [tokens[-1]])
+        tokens.append(int(logits[-1].argmax()))
+        plain.append(logits[-1].copy())
+    cache.reset()
+    bundle.target.forward(cache, prompt)
+    verified = []
+    for i in range(0, 40, 5):
+        logits, _ = bundle.target.forward(cache, tokens[i:i + 5], logits_to_keep=5)
+        verified += [row.copy() for row in logits]
+    assert all(np.array_equal(a, b) for a, b in zip(verified, plain[1:], strict=True))
+    gen = Generator(bundle)
+    reference = gen.generate(prompt, max_new_tokens=40, use_assistant=False).token_ids
+    for k in (1, 2, 4):
+        assert gen.generate(prompt, max_new_tokens=40, draft_tokens=k).token_ids == reference, f"k={k}"
