@@ -21,6 +21,7 @@ from onnx import TensorProto
 
 from edgegen.export.onnx_graph import Graph, WeightFile
 from edgegen.export.quantize import Linears, Quant, TiedTable
+from edgegen.export.row_exact import row_exact_scores, window_start
 from edgegen.export.weights import Tensor, Weights
 
 F32, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
@@ -49,6 +50,9 @@ class Profile:
     # rows are scattered into the buffer (present bound to the same memory as past), then masked softmax
     # attention over the first total_sequence_length rows. Only non-shared target layers write K/V.
     standard_attention: bool = False
+    # With standard_attention: the query-key products in head-dim chunks of 128 summed in a fixed order, so
+    # a position's scores do not depend on how many keys or query rows the call has (export/row_exact.py).
+    row_exact: bool = False
 
 
 PROFILES = {
@@ -244,21 +248,29 @@ def _standard_attention(g: Graph, q: str, keys: str, values: str, layer: LayerPl
     d, kv = layer.head_dim, layer.kv_heads
     group = num_heads // kv
     total = g.op("Reshape", g.op("Cast", "total_sequence_length", to=I64), g.const([1]))
+    sliding = window if layer.kind == "sliding_attention" else 0
+    # Keys before `first` are masked for every query: row_exact sliding layers skip them (a 128-aligned start).
+    first = window_start(g, query_positions, sliding) if g.profile.row_exact and sliding else None
     # [1, kv, 1, T, d]: the group axis broadcasts against the query heads that share each K/V head.
-    keys, values = (g.op("Unsqueeze", g.op("Slice", t, g.const([0]), total, g.const([2])), g.const([2]))
+    keys, values = (g.op("Unsqueeze", g.op("Slice", t, first or g.const([0]), total, g.const([2])), g.const([2]))
                     for t in (keys, values))
     q = g.op("Transpose", g.op("Reshape", q, g.const([1, -1, kv, group, d])), perm=[0, 2, 3, 1, 4])  # [1,kv,g,S,d]
-    scores = g.op("MatMul", q, g.op("Transpose", keys, perm=[0, 1, 2, 4, 3]))  # [1, kv, group, S, T]
-    mask = _attention_mask(g, query_positions, total, window if layer.kind == "sliding_attention" else 0)
+    if g.profile.row_exact:  # the same bits for a query row whatever the call's other rows (export/row_exact.py)
+        scores = row_exact_scores(g, q, keys, d)
+    else:
+        scores = g.op("MatMul", q, g.op("Transpose", keys, perm=[0, 1, 2, 4, 3]))  # [1, kv, group, S, T]
+    mask = _attention_mask(g, query_positions, total, sliding, first)
     probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
     out = g.op("Transpose", g.op("MatMul", probs, values), perm=[0, 3, 1, 2, 4])  # [1, S, kv, group, d]
     return g.op("Reshape", out, g.const([1, -1, num_heads * d]))
 
 
-def _attention_mask(g: Graph, query_positions: str, total: str, window: int) -> str:
-    """Additive mask [1, 1, 1, S, T]: 0 where key j may be seen from query position p, else -inf."""
+def _attention_mask(g: Graph, query_positions: str, total: str, window: int, first: str | None = None) -> str:
+    """Additive mask [1, 1, 1, S, T - first]: 0 where key j (first <= j < T) may be seen from query position
+    p, else -inf."""
     p = g.op("Reshape", query_positions, g.const([1, 1, 1, -1, 1]))
-    j = g.op("Reshape", g.op("Range", g.const(0), g.op("Squeeze", total), g.const(1)), g.const([1, 1, 1, 1, -1]))
+    start = g.op("Squeeze", first) if first else g.const(0)
+    j = g.op("Reshape", g.op("Range", start, g.op("Squeeze", total), g.const(1)), g.const([1, 1, 1, 1, -1]))
     seen = g.op("LessOrEqual", j, p)
     if window:
         seen = g.op("And", seen, g.op("Greater", j, g.op("Sub", p, g.const(window))))

@@ -119,9 +119,15 @@ class _Graph:
 
 
 class Target(_Graph):
-    def __init__(self, session, spec: GraphSpec, ple: PLETable | None, max_chunk: int = 0):
+    def __init__(self, session, spec: GraphSpec, ple: PLETable | None, max_chunk: int = 0, min_rows: int = 1):
         super().__init__(session, spec)
         self.ple = ple
+        # Calls of fewer rows are padded to `min_rows` (the pad rows' outputs are dropped and their K/V rows,
+        # past the cache length, are overwritten later). MatMulNBits with fp32 compute (accuracy_level 0)
+        # takes another path for a single row on the CPU, so with 2 a decode step computes its row with the
+        # same bits as a verify call (with row-exact attention, benchmarks/row_exactness.py); it costs ~3x a
+        # one-row decode there. int8 compute (level 4, block 32) needs no padding.
+        self.min_rows = min_rows
         # webgpu profile: feed at most `max_chunk` tokens a call, in power-of-two chunks. Each new input
         # length compiles shaders, so few lengths is faster; and the WebGPU EP's GroupQueryAttention gives
         # wrong results for 32 or more new tokens in full-attention layers (plugin 0.4.0, measured).
@@ -149,6 +155,16 @@ class Target(_Graph):
         return np.concatenate(logits), np.concatenate(hidden)
 
     def _forward(self, cache: KVCache, ids: np.ndarray, logits_to_keep: int):
+        past, s = cache.length, ids.shape[1]
+        pad = self.min_rows - s if past + self.min_rows <= cache.max_context else 0
+        if pad > 0:  # repeat the last token: any id will do, its row is dropped
+            ids = np.concatenate([ids, np.repeat(ids[:, -1:], pad, axis=1)], axis=1)
+            logits, hidden = self._run(cache, ids, logits_to_keep + pad)
+            cache.length = past + s
+            return logits[:-pad], hidden[:-pad]
+        return self._run(cache, ids, logits_to_keep)
+
+    def _run(self, cache: KVCache, ids: np.ndarray, logits_to_keep: int):
         past, s = cache.length, ids.shape[1]
         feeds = {
             "input_ids": ids,

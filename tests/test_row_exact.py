@@ -1,0 +1,125 @@
+"""Row-exact attention: a query row gets the same bits alone (decode) as among k+1 rows (verify).
+
+At Gemma 4's head dims (256, 512) onnxruntime's CPU MatMul splits the q.k dot product into blocks whose
+size depends on how many keys the call has, so the plain standard-op attention rounds a position's
+scores differently in a decode call (T = p + 1 keys) than in a verify call (T = P + k + 1). The row-exact
+profile must not: checked at context lengths on both sides of MLAS's block-size steps (T = 32, 64) and
+past the sliding window, with the K/V buffers bound in place as the runtime binds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from edgegen.export.graphs import PROFILES, LayerPlan, _scatter_rows, _standard_attention
+from edgegen.export.onnx_graph import Graph, WeightFile
+
+F32, I32, I64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
+HEADS, WINDOW, MAX_CTX = 8, 512, 1024
+ROW_EXACT = dataclasses.replace(PROFILES["cpu"], standard_attention=True, row_exact=True)
+
+
+class Attention:
+    """One standard-op attention layer over an in-place [1, 1, MAX_CTX, d] K/V buffer pair."""
+
+    def __init__(self, tmp, d: int, sliding: bool, threads: int):
+        layer = LayerPlan(0, "sliding_attention" if sliding else "full_attention", d, 1, False, 0)
+        shared = WeightFile(tmp / "shared.weights")
+        g = Graph("attn", tmp, shared, profile=ROW_EXACT)
+        q, k, v = (g.input(n, F32, [1, "S", w]) for n, w in (("q", HEADS * d), ("k", d), ("v", d)))
+        g.input("position_ids", I64, [1, "S"])
+        g.input("total_sequence_length", I32, [])
+        shape = [1, 1, "max_context", d]
+        for name in ("past_key", "past_value"):
+            g.input(name, F32, shape)
+        q, k, v = (g.op("Reshape", t, g.const([1, -1, n, d])) for t, n in ((q, HEADS), (k, 1), (v, 1)))
+        keys = _scatter_rows(g, "past_key", k, "present_key", layer)
+        values = _scatter_rows(g, "past_value", v, "present_value", layer)
+        g.output(_standard_attention(g, q, keys, values, layer, HEADS, WINDOW, "position_ids"), "attn", F32)
+        g.outputs += [helper.make_tensor_value_info(n, F32, shape) for n in ("present_key", "present_value")]
+        g.save(tmp)
+        g.data.close()
+        shared.close()
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(tmp / "attn.onnx"), so, providers=["CPUExecutionProvider"])
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, MAX_CTX, d), np.float32)) for _ in "kv"]
+
+    def fill(self, rows: list[np.ndarray]) -> None:
+        for buf, r in zip(self.buffers, rows, strict=True):
+            a = buf.numpy()
+            a[0, 0, :len(r)] = r
+            buf.update_inplace(a)
+
+    def __call__(self, q, k, v, past: int) -> np.ndarray:
+        b = self.session.io_binding()
+        s = q.shape[0]
+        for name, a in (("q", q), ("k", k), ("v", v)):
+            b.bind_cpu_input(name, np.ascontiguousarray(a[None]))
+        b.bind_cpu_input("position_ids", np.arange(past, past + s, dtype=np.int64)[None])
+        b.bind_cpu_input("total_sequence_length", np.array(past + s, np.int32))
+        for i, name in enumerate(("key", "value")):
+            b.bind_ortvalue_input(f"past_{name}", self.buffers[i])
+            b.bind_ortvalue_output(f"present_{name}", self.buffers[i])
+        b.bind_output("attn")
+        self.session.run_with_iobinding(b)
+        return b.get_outputs()[2].numpy()[0]
+
+
+@pytest.mark.parametrize("d,sliding", [(256, True), (512, False)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_alone_equal_rows_in_a_verify_call(tmp_path, d, sliding, threads):
+    attn = Attention(tmp_path, d, sliding, threads)
+    rng = np.random.default_rng(0)
+    for past in (28, 60, 700):
+        context = [rng.standard_normal((past, d), dtype=np.float32) for _ in "kv"]
+        q = rng.standard_normal((5, HEADS * d), dtype=np.float32)
+        k, v = (rng.standard_normal((5, d), dtype=np.float32) for _ in "kv")
+        attn.fill(context)
+        alone = np.stack([attn(q[r:r + 1], k[r:r + 1], v[r:r + 1], past + r)[0] for r in range(5)])
+        attn.fill(context)
+        together = attn(q, k, v, past)
+        assert np.array_equal(alone, together), f"past={past}: max diff {np.abs(alone - together).max()}"
+
+
+def test_verify_rows_equal_decode_rows_at_e2b_head_dims(tmp_path, monkeypatch):
+    """End to end: a small pair with E2B's head dims (256 sliding, 512 full), int4 with int8 compute, the
+    row-exact profile. Every position's logits from 5-row verify calls (drafts = the plain continuation, all
+    accepted) are bit-identical to plain one-row decoding, across the 16-position window and its 128-aligned
+    start; greedy speculation (k = 1, 2, 4, the real drafter) gives the plain tokens."""
+    from edgegen.export import graphs
+    from edgegen.export.bundle import ExportOptions, export_bundle
+    from edgegen.export.testing import PRESETS, save_pair
+    from edgegen.runtime.generate import Generator
+    from edgegen.runtime.model import Bundle
+
+    preset = dataclasses.replace(PRESETS["e2b-like"], head_dim=256, global_head_dim=512, init_std=0.02)
+    target, assistant = save_pair(tmp_path / "pair", preset)
+    monkeypatch.setitem(graphs.PROFILES, "cpu", ROW_EXACT)
+    export_bundle(str(target), str(assistant), tmp_path / "b",
+                  ExportOptions(quant="int4", max_context=512, compute="int8", verify=False))
+    bundle = Bundle(tmp_path / "b", threads=2)
+    prompt = [int(t) for t in np.random.default_rng(1).integers(4, preset.vocab_size, 150)]
+    cache = bundle.new_cache()
+    logits, _ = bundle.target.forward(cache, prompt)
+    tokens, plain = [int(logits[-1].argmax())], [logits[-1].copy()]
+    while len(tokens) < 41:
+        logits, _ = bundle.target.forward(cache, [tokens[-1]])
+        tokens.append(int(logits[-1].argmax()))
+        plain.append(logits[-1].copy())
+    cache.reset()
+    bundle.target.forward(cache, prompt)
+    verified = []
+    for i in range(0, 40, 5):
+        logits, _ = bundle.target.forward(cache, tokens[i:i + 5], logits_to_keep=5)
+        verified += [row.copy() for row in logits]
+    assert all(np.array_equal(a, b) for a, b in zip(verified, plain[1:], strict=True))
+    gen = Generator(bundle)
+    reference = gen.generate(prompt, max_new_tokens=40, use_assistant=False).token_ids
+    for k in (1, 2, 4):
+        assert gen.generate(prompt, max_new_tokens=40, draft_tokens=k).token_ids == reference, f"k={k}"
