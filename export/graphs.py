@@ -56,7 +56,9 @@ class Profile:
 
 
 PROFILES = {
-    "cpu": Profile(),
+    # Row-exact standard-op attention on the CPU: a verify row computes the same bits as a decode row, so
+    # greedy speculation equals plain decoding (with fp32 or int8-compute weights; export/row_exact.py).
+    "cpu": Profile("cpu", standard_attention=True, row_exact=True),
     "webgpu": Profile("webgpu", rope_tables=True, logits_start_input=True, device_ids=True),
     "openvino": Profile("openvino", standard_norm=True, standard_attention=True),
 }

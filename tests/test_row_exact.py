@@ -21,7 +21,7 @@ from edgegen.export.onnx_graph import Graph, WeightFile
 
 F32, I32, I64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
 HEADS, WINDOW, MAX_CTX = 8, 512, 1024
-ROW_EXACT = dataclasses.replace(PROFILES["cpu"], standard_attention=True, row_exact=True)
+ROW_EXACT = PROFILES["cpu"]  # the default CPU profile is the row-exact one
 
 
 class Attention:
@@ -87,12 +87,12 @@ def test_rows_alone_equal_rows_in_a_verify_call(tmp_path, d, sliding, threads):
         assert np.array_equal(alone, together), f"past={past}: max diff {np.abs(alone - together).max()}"
 
 
-def test_verify_rows_equal_decode_rows_at_e2b_head_dims(tmp_path, monkeypatch):
-    """End to end: a small pair with E2B's head dims (256 sliding, 512 full), int4 with int8 compute, the
-    row-exact profile. Every position's logits from 5-row verify calls (drafts = the plain continuation, all
-    accepted) are bit-identical to plain one-row decoding, across the 16-position window and its 128-aligned
-    start; greedy speculation (k = 1, 2, 4, the real drafter) gives the plain tokens."""
-    from edgegen.export import graphs
+@pytest.mark.parametrize(("quant", "compute"), [("int4", "int8"), ("fp32", "exact")])
+def test_verify_rows_equal_decode_rows_at_e2b_head_dims(tmp_path, quant: str, compute: str):
+    """End to end: a small pair with E2B's head dims (256 sliding, 512 full), int4 with int8 compute or
+    fp32, the default (row-exact) CPU profile. Every position's logits from 5-row verify calls (drafts = the
+    plain continuation, all accepted) are bit-identical to plain one-row decoding, across the 16-position
+    window and its 128-aligned start; greedy speculation (k = 1, 2, 4, the real drafter) gives the plain tokens."""
     from edgegen.export.bundle import ExportOptions, export_bundle
     from edgegen.export.testing import PRESETS, save_pair
     from edgegen.runtime.generate import Generator
@@ -100,9 +100,9 @@ def test_verify_rows_equal_decode_rows_at_e2b_head_dims(tmp_path, monkeypatch):
 
     preset = dataclasses.replace(PRESETS["e2b-like"], head_dim=256, global_head_dim=512, init_std=0.02)
     target, assistant = save_pair(tmp_path / "pair", preset)
-    monkeypatch.setitem(graphs.PROFILES, "cpu", ROW_EXACT)
+    assert ROW_EXACT.standard_attention and ROW_EXACT.row_exact
     export_bundle(str(target), str(assistant), tmp_path / "b",
-                  ExportOptions(quant="int4", max_context=512, compute="int8", verify=False))
+                  ExportOptions(quant=quant, max_context=512, compute=compute, verify=False))
     bundle = Bundle(tmp_path / "b", threads=2)
     prompt = [int(t) for t in np.random.default_rng(1).integers(4, preset.vocab_size, 150)]
     cache = bundle.new_cache()
