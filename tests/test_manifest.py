@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from edgegen.export.graphs import PROFILES
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.manifest import MANIFEST, load_manifest
 
@@ -133,9 +134,14 @@ def test_kv_aliases_bind_every_present_output_to_a_target_buffer(bundle: Path) -
             # key -> key, value -> value
             assert present.split(".")[0].replace("present", "past") == past.split(".")[0]
             assert outputs[present].shape == target_inputs[past].shape
-    # The assistant owns no K/V: all it touches are the target's store buffers.
+    # The assistant owns no K/V: all it touches are the target's store buffers (and it writes none of them
+    # where attention reads the buffers without rewriting rows, as the standard-op profiles do).
     stores = set(manifest.model.store_layers.values())
-    assert {int(past.split(".")[1]) for past in manifest.graphs["assistant"].kv_aliases.values()} == stores
+    assistant = manifest.graphs["assistant"]
+    assert {int(t.name.split(".")[1]) for t in assistant.inputs if t.name.startswith("past_")} == stores
+    assert {int(past.split(".")[1]) for past in assistant.kv_aliases.values()} <= stores
+    if PROFILES[manifest.ep_profile].standard_attention:
+        assert not assistant.kv_aliases
 
 
 def test_store_layers_are_the_last_non_shared_layer_of_each_kind(bundle: Path) -> None:
@@ -150,10 +156,14 @@ def test_store_layers_are_the_last_non_shared_layer_of_each_kind(bundle: Path) -
     assert model.layer_types == kinds
     assert model.sliding_window == cfg["sliding_window"]
     assert [(b.layer, b.kind) for b in model.kv_buffers] == [(i, kinds[i]) for i in range(non_shared)]
-    # The shared layers of the target write through their store layer's buffer.
+    # The shared layers of the target read their store layer's buffer: with GroupQueryAttention they also
+    # rewrite its new rows through it (present aliases); standard-op attention only reads it.
     aliases = manifest.graphs["target"].kv_aliases
     for i in range(non_shared, len(kinds)):
-        assert aliases[f"present_key.{i}"] == f"past_key.{expected[kinds[i]]}"
+        if PROFILES[manifest.ep_profile].standard_attention:
+            assert f"present_key.{i}" not in aliases
+        else:
+            assert aliases[f"present_key.{i}"] == f"past_key.{expected[kinds[i]]}"
 
 
 def test_files_have_matching_sizes_and_hashes(bundle: Path) -> None:
