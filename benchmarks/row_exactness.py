@@ -298,8 +298,9 @@ VARIANTS = {  # name -> (attention, compute)
 
 
 def ensure_variant(name: str, preset: str = "e2b-slice", quant: str = "int4", max_context: int = 1024) -> Path:
-    """The preset pair exported with GroupQueryAttention (today's cpu profile) or standard-op attention
-    (the openvino profile's attention on the cpu profile), exact or int8 compute; cached under build/bench/."""
+    """The preset pair exported with GroupQueryAttention (the cpu profile before row-exact attention), plain
+    standard-op attention (the openvino profile's), or the row-exact one (today's cpu profile), with exact or
+    int8 compute; cached under build/bench/."""
     from context_scaling import REPO, ensure_bundle  # the pair is shared with the other benchmarks
 
     from edgegen.export import graphs
@@ -311,9 +312,8 @@ def ensure_variant(name: str, preset: str = "e2b-slice", quant: str = "int4", ma
     if (bundle / "manifest.json").is_file():
         return bundle
     saved = graphs.PROFILES["cpu"]
-    if attention != "gqa":
-        graphs.PROFILES["cpu"] = dataclasses.replace(saved, standard_attention=True,
-                                                     row_exact=attention == "rowexact")
+    graphs.PROFILES["cpu"] = dataclasses.replace(saved, standard_attention=attention != "gqa",
+                                                 row_exact=attention == "rowexact")
     try:
         export_bundle(str(pair / "target"), str(pair / "assistant"), bundle,
                       ExportOptions(quant=quant, max_context=max_context, verify=False, force=True, compute=compute))
@@ -355,16 +355,6 @@ def oracle_speculative(target, cache, prompt: list[int], reference: list[int], k
     return tokens[:n], rows[:n]
 
 
-def _ms(fn, repeats: int = 15) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
-
-
 def call_costs(target, cache, context: int, rng, vocab: int) -> tuple[float, float]:
     """ms of a 1-token and a 5-token target call at `context`."""
     cache.reset()
@@ -375,7 +365,9 @@ def call_costs(target, cache, context: int, rng, vocab: int) -> tuple[float, flo
             target.forward(cache, [int(t) for t in rng.integers(4, vocab, n)], logits_to_keep=n)
             cache.trim(context)
         return run
-    return _ms(call(1)), _ms(call(5))
+    from e2b_roofline import _median_ms  # benchmarks/ is on sys.path when this runs as a script
+
+    return _median_ms(call(1), 15), _median_ms(call(5), 15)
 
 
 def run_e2e(args) -> None:
