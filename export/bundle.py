@@ -32,6 +32,7 @@ from edgegen.runtime.manifest import (
     PLESpec,
     TensorSpec,
 )
+from edgegen.runtime.osinfo import process_alive
 
 STAGES = ("load", "graphs", "write", "verify", "publish")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -87,18 +88,8 @@ def _remove_stale_partials(out: Path) -> None:
     """Temp dirs of exports that were killed (SIGKILL can't be cleaned up by the process itself)."""
     for stale in out.parent.glob(_partial_prefix(out) + "*"):
         pid = stale.name[len(_partial_prefix(out)):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _publish(tmp: Path, out: Path) -> None:

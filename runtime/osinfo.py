@@ -1,9 +1,11 @@
 """What the operating system knows about this process and its files, on POSIX and on Windows.
 
-Three facts the runtime needs and the standard library only gives on POSIX: peak resident memory
-(`resource`), physical memory (`os.sysconf`), and a file's change time (`st_ctime` is the creation time on
-Windows, not the time of the last change). On Windows they come from the Win32 API through ctypes; when
-an answer cannot be had, the functions return None and callers fall back to the safe choice.
+Four facts edgegen needs and the standard library only gives on POSIX: peak resident memory
+(`resource`), physical memory (`os.sysconf`), a file's change time (`st_ctime` is the creation time on
+Windows, not the time of the last change), and whether a process is alive (`os.kill(pid, 0)`: on Windows
+signal 0 is CTRL_C_EVENT, which would interrupt that process's console group). On Windows they come from
+the Win32 API through ctypes; when an answer cannot be had, the functions return None (or the safe answer)
+and callers fall back to the safe choice.
 """
 
 from __future__ import annotations
@@ -35,6 +37,21 @@ def physical_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists. Unknown (the OS call failed) counts as alive: callers only remove what
+    a dead process left behind."""
+    if WINDOWS:
+        alive = _windows_process_alive(pid)
+        return True if alive is None else alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
 
 
 def change_time_ns(path: Path, st: os.stat_result) -> int | None:
@@ -119,5 +136,26 @@ def _windows_change_time(path: Path) -> int | None:
             if not get_info(handle, 0, ctypes.byref(info), ctypes.sizeof(info)):  # 0: FileBasicInfo
                 return None
         return int(info.ChangeTime) * 100
+    except _WIN_ERRORS:
+        return None
+
+
+def _windows_process_alive(pid: int) -> bool | None:
+    try:
+        import ctypes
+        from ctypes import wintypes
+
+        kernel32 = ctypes.windll.kernel32
+        kernel32.OpenProcess.restype = wintypes.HANDLE
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:  # access denied (5): it exists; anything else (87: invalid parameter): no such process
+            return kernel32.GetLastError() == 5
+        try:
+            code = wintypes.DWORD()
+            if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+                return None
+            return code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
     except _WIN_ERRORS:
         return None

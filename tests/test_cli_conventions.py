@@ -197,9 +197,18 @@ def test_os_facts_degrade_to_none_where_the_os_call_is_missing(monkeypatch, tmp_
     if sys.platform != "win32":
         assert osinfo.peak_rss_mb() is None and osinfo.physical_memory() is None
         assert osinfo.change_time_ns(f, f.stat()) is None
+        assert osinfo.process_alive(os.getpid())  # unknown counts as alive: nothing of it is removed
     monkeypatch.setattr(osinfo, "WINDOWS", False)
     monkeypatch.setitem(sys.modules, "resource", None)  # import resource -> ImportError
     assert osinfo.peak_rss_mb() is None
+
+
+def test_process_alive_on_this_os() -> None:
+    from edgegen.runtime import osinfo
+
+    assert osinfo.process_alive(os.getpid())
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert not osinfo.process_alive(int(child.stdout))  # exited and reaped
 
 
 def test_integrity_without_a_change_time_hashes_every_load(monkeypatch, tmp_path: Path, bundle_dir) -> None:
