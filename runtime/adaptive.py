@@ -67,10 +67,14 @@ class AutoDraft:
             return min(self.draft_s[k])
         return k * max(min(v) / j for j, v in self.draft_s.items())  # conservative: the dearest step seen
 
+    def _rate(self, k: int) -> float:
+        """Expected tokens per second of a round with k drafts (k = 0: a plain step)."""
+        return self.expected_tokens(k) / ((self._draft_cost(k) if k else 0.0) + self._verify_cost(k))
+
     def best(self, cap: int) -> int:
-        best_k, best_rate = 0, 1.0 / self._verify_cost(0)
+        best_k, best_rate = 0, self._rate(0)
         for k in range(1, cap + 1):
-            rate = self.expected_tokens(k) / (self._draft_cost(k) + self._verify_cost(k))
+            rate = self._rate(k)
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
@@ -99,8 +103,7 @@ class AutoDraft:
             out["k"] = self.k_max if not self.draft_s else 0
             return out
         best = self.best(self.k_max)
-        k = best or max(range(1, self.k_max + 1), key=lambda j: self.expected_tokens(j) /
-                        (self._draft_cost(j) + self._verify_cost(j)))
+        k = best or max(range(1, self.k_max + 1), key=self._rate)  # drafting off: the best round it turned down
         draft_ms, verify_ms = 1e3 * self._draft_cost(k), 1e3 * self._verify_cost(k)
         expected = self.expected_tokens(k)
         plain_ms = 1e3 * self._verify_cost(0)

@@ -318,8 +318,7 @@ class Generator:
         answer += piece
         if thinking or len(answer) > shown:
             yield Event(-1, answer[shown:], ev.stats, thinking)  # held-back text (no new token)
-        self.last_stop_reason = ("eos" if last_id in self.eos_ids else
-                                 "max_new_tokens" if count >= max_new_tokens else "context")
+        self.last_stop_reason = self._stop_reason(last_id, count, max_new_tokens)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
                  use_assistant: bool = True, draft_tokens: int | str | None = None,
@@ -330,10 +329,14 @@ class Generator:
                 raise EdgegenError("stop strings need the bundle's tokenizer, and this bundle has none")
             events = list(self.stream_ids(prompt, max_new_tokens, sampling, use_assistant, draft_tokens))
             ids = [e.token_id for e in events]
-            reason = "eos" if ids[-1] in self.eos_ids else (
-                "max_new_tokens" if len(ids) >= max_new_tokens else "context")
-            return Result("", ids, events[-1].stats, reason)
+            return Result("", ids, events[-1].stats, self._stop_reason(ids[-1], len(ids), max_new_tokens))
         return self.collect(self.stream(prompt, max_new_tokens, sampling, use_assistant, draft_tokens, stop_strings))
+
+    def _stop_reason(self, last_id: int | None, emitted: int, max_new_tokens: int) -> str:
+        """Why a stream that ran to its end stopped (a stop string is decided where it matches)."""
+        if last_id in self.eos_ids:
+            return "eos"
+        return "max_new_tokens" if emitted >= max_new_tokens else "context"
 
     def collect(self, events: Iterator[Event]) -> Result:
         """The Result of a `stream` or `chat`, consumed to its end."""
