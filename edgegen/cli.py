@@ -243,16 +243,19 @@ def bench(
 
 def _bench_eps(ep: str) -> list[str]:
     """`--ep cpu,webgpu` -> ["cpu", "webgpu"]; each name must be known (checked before any bundle work)."""
-    from edgegen.runtime.providers import EPS
+    from edgegen.runtime.providers import EPS, check_name
 
-    known = f"use one of {', '.join((*EPS, 'auto'))}, or several separated by commas (e.g. cpu,webgpu)"
+    several = "or several separated by commas (e.g. cpu,webgpu)"
     names = [e.strip() for e in ep.split(",")]
     where = f"--ep '{ep}': " if "," in ep else ""
     for name in names:
         if not name:
-            raise EdgegenError(f"{where}an execution provider name is empty; {known}")
-        if name not in (*EPS, "auto"):
-            raise EdgegenError(f"{where}execution provider '{name}' is unknown; {known}")
+            raise EdgegenError(f"{where}an execution provider name is empty; use one of "
+                               f"{', '.join((*EPS, 'auto'))}, {several}")
+        try:
+            check_name(name)
+        except EdgegenError as exc:
+            raise EdgegenError(f"{where}{exc}, {several}") from None
     return names
 
 

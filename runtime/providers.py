@@ -138,12 +138,13 @@ def _not_intel() -> str | None:
 def unsupported_hardware(ep: str) -> str | None:
     """The reason `ep` has no device when this machine's hardware is why (OpenVINO without any Intel device),
     else None: it has a device, or it should have one and a missing one is a broken install."""
-    if ep != "openvino" or _not_intel() is None:
+    reason = _not_intel() if ep == "openvino" else None
+    if reason is None:
         return None
     try:
         devices(ep)
     except EdgegenError as exc:
-        return str(exc) if _not_intel() in str(exc) else None
+        return str(exc) if reason in str(exc) else None
     return None
 
 
