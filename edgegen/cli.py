@@ -103,7 +103,8 @@ def export(
     summary = ", ".join(f"{k} {'ok' if v['passed'] else 'FAILED'}" for k, v in checks.items()) or "not verified"
     typer.echo(f"wrote {out} ({summary})")
     if stats and manifest.export:
-        typer.echo(f"export: {manifest.export['seconds']:.1f} s, peak RSS {manifest.export['peak_rss_mb']:.0f} MB")
+        rss = manifest.export.get("peak_rss_mb")
+        typer.echo(f"export: {manifest.export['seconds']:.1f} s, peak RSS {'n/a' if rss is None else f'{rss:.0f} MB'}")
 
 
 @app.command()

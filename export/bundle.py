@@ -32,7 +32,7 @@ from edgegen.runtime.manifest import (
     PLESpec,
     TensorSpec,
 )
-from edgegen.runtime.osinfo import process_alive
+from edgegen.runtime.osinfo import peak_rss_mb, process_alive
 
 STAGES = ("load", "graphs", "write", "verify", "publish")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -315,10 +315,11 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
 def export_stats(started: float) -> dict:
     """Wall time since `started` and the process's peak resident set so far (the whole export's, verification
     included), for the manifest and `edgegen export --stats`."""
-    import resource
-
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return {"seconds": round(time.monotonic() - started, 1), "peak_rss_mb": round(peak_kb / 1024, 1)}
+    stats = {"seconds": round(time.monotonic() - started, 1)}
+    peak = peak_rss_mb()
+    if peak is not None:  # unknown on an OS that has no call for it
+        stats["peak_rss_mb"] = peak
+    return stats
 
 
 def model_spec(cfg, plan, max_context: int, ple) -> ModelSpec:
