@@ -36,6 +36,12 @@ from edgegen.runtime.model import Bundle
 TARGET_ATOL, NOISE_FACTOR = 1e-4, 4.0
 ASSISTANT_ATOL, ASSISTANT_RTOL = 1e-5, 1e-4
 MIN_TOP1 = 0.98  # teacher-forced top-1 agreement with the reference (near-ties may flip)
+# int8 activations (--compute int8) round every matmul input, so their bundle is judged by the logits'
+# signal-to-noise ratio against the same-rounding reference, not by top-1: on near-flat logits (the
+# random-weight E2B stand-in: 262k tokens, margins of a few hundredths) a 3% error flips 9% of the argmaxes
+# without being any less accurate. Measured: trained demo pair 45 dB, E2B stand-in 32 dB; a graph bug is
+# near 0 dB. (For scale, the stand-in's int4 weight rounding alone is 6 dB against fp32.)
+MIN_INT8_SQNR_DB = 25.0
 BUILTIN_TEXT = (
     "The quick brown fox jumps over the lazy dog. Speculative decoding lets a small drafter propose "
     "several tokens that the large model verifies in a single pass, so the output stays exactly the same "
@@ -179,6 +185,16 @@ def _maxdiff(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
 
+def _sqnr_db(got, ref) -> float:
+    """Signal-to-quantization-noise ratio of logits, in dB: the reference's spread around each row's mean
+    (what softmax sees) over the error's. 20 dB: the error's RMS is a tenth of the logits' spread."""
+    ref = np.asarray(ref, np.float64).reshape(-1, np.shape(ref)[-1])
+    err = np.asarray(got, np.float64).reshape(ref.shape) - ref
+    signal = ((ref - ref.mean(-1, keepdims=True)) ** 2).sum()
+    noise = ((err - err.mean(-1, keepdims=True)) ** 2).sum()
+    return float(10 * np.log10(signal / noise)) if noise > 0 else float("inf")
+
+
 def _bundle_target(bundle: Bundle, ids: list[int]) -> np.ndarray:
     """Logits of the compared positions, fed as the runtime feeds them (prefill, verify, decodes). Each call
     returns only the rows compared: a full-vocabulary row is 1 MB at 262k tokens."""
@@ -231,6 +247,7 @@ def _draft_round_matches(bundle: Bundle, ids: list[int]) -> bool:
 def _scores(got_t, ref_t, got_a, ref_a) -> dict:
     return {
         "target": {"max_abs_logits": _maxdiff(got_t, ref_t), "max_abs_reference": float(np.abs(ref_t).max()),
+                   "sqnr_db": _sqnr_db(got_t, ref_t),
                    "top1_agreement": float((got_t.argmax(-1) == ref_t.argmax(-1)).mean())},
         "assistant": {
             "max_abs_logits": max(_maxdiff(g[0], r[0]) for g, r in zip(got_a, ref_a, strict=True)),
@@ -279,16 +296,18 @@ def _report(case: Case, got_t, got_a, fused: bool, tquant: Quant, aquant: Quant)
     }
     for c in checks.values():
         c["passed"] = c["value"] <= c["tolerance"]
-    top1 = same["target"]["top1_agreement"]
+    top1 = {"value": same["target"]["top1_agreement"], "minimum": MIN_TOP1}
     greedy_check = {"value": same["target"]["greedy_equal"], "passed": same["target"]["greedy_equal"]}
     if tquant.accuracy_level or aquant.accuracy_level:
-        # int8 activations are not bit-faithful: the logit differences and the greedy comparison are reported,
-        # and the export is judged on top-1 agreement with the same-rounding reference (and the fused round).
-        report["int8_compute"] = {**checks, "greedy_sequence": greedy_check}
-        checks = {}
+        # int8 activations are not bit-faithful: the logit differences, top-1 agreement and the greedy
+        # comparison are reported, and the export is judged on the logits' SQNR (and the fused round).
+        report["int8_compute"] = {**checks, "greedy_sequence": greedy_check,
+                                  "target_top1": {**top1, "passed": top1["value"] >= MIN_TOP1}}
+        sqnr = same["target"]["sqnr_db"]
+        checks = {"target_sqnr_db": {"value": sqnr, "minimum": MIN_INT8_SQNR_DB, "passed": sqnr >= MIN_INT8_SQNR_DB}}
     else:
         checks["greedy_sequence"] = greedy_check
-    checks["target_top1"] = {"value": top1, "minimum": MIN_TOP1, "passed": top1 >= MIN_TOP1}
+        checks["target_top1"] = {**top1, "passed": top1["value"] >= MIN_TOP1}
     checks["draft_round_equals_steps"] = {"value": fused, "passed": fused}
     report["checks"] = checks
     if quantized:
