@@ -204,9 +204,7 @@ def _bundle_assistant(bundle: Bundle, case: Case) -> list[tuple[np.ndarray, np.n
         cache = bundle.new_cache()
         for kind, (k, v) in case.store_kv.items():
             for name, t in ((f"past_key.{stores[kind]}", k), (f"past_value.{stores[kind]}", v)):
-                buf = cache.values[name].numpy()
-                buf[:, :, :p] = t[:, :, :p]
-                cache.values[name].update_inplace(buf)
+                cache.write(name, t[:, :, :p])
         cache.length = p
         logits, _, projected = bundle.assistant.step(cache, case.ids[p], case.hidden[p - 1])
         out.append((logits, projected))

@@ -118,9 +118,7 @@ def _assistant_diffs(bundle: Bundle, target: torch.nn.Module, assistant: torch.n
     cache = bundle.new_cache()
     for kind, (k, v) in ref.shared_kv_states.items():
         for name, t in ((f"past_key.{stores[kind]}", k), (f"past_value.{stores[kind]}", v)):
-            buf = cache.values[name].numpy()
-            buf[:, :, :p] = t[:, :, :p].numpy()
-            cache.values[name].update_inplace(buf)
+            cache.write(name, t[:, :, :p].numpy())
     cache.length = p
     first = {"sliding_attention": max(0, p - window), "full_attention": 0}
     visible = {kind: (k[:, :, first[kind]:p], v[:, :, first[kind]:p])
