@@ -74,12 +74,12 @@ class KVCache:
     def write(self, name: str, rows: np.ndarray, start: int = 0) -> None:
         """Put K or V rows [1, kv_heads, n, head_dim] for positions start..start+n-1 where the graphs read them
         (a ring keeps the last R). For tests and verification, which fill a cache from a reference."""
-        buf, ring = self.arrays[name], self.ring[name]
-        positions = np.arange(start, start + rows.shape[2])
+        buf, ring, end = self.arrays[name], self.ring[name], start + rows.shape[2]
+        positions = np.arange(start, end)
         if ring:
             positions, rows = positions[-ring:], rows[:, :, -ring:]
         buf[:, :, positions % ring if ring else positions] = rows
-        self.wrote(start + len(positions))
+        self.wrote(end)
 
     def reset(self) -> None:
         self.length = 0
