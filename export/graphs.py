@@ -6,6 +6,9 @@ Target step graph (prefill, verify S=k+1, decode S=1 all use it):
   copies nothing that grows with context. A KV-shared layer runs GroupQueryAttention on its *store*
   layer's buffer with the store layer's new K/V: it rewrites the same S rows (idempotent) and attends
   in place. Its present outputs are aliases of the store buffer, listed in the manifest.
+cpu profile (standard_attention, row_exact): new rows are scattered into the buffers and attention is a
+  masked softmax; sliding layers' buffers are rings of ring_length(window) slots (ring_kv), and with
+  kv_fp16 every buffer is float16 (docs/architecture.md, "KV buffers").
 Assistant step graph: every layer is KV-shared and cross-attends to the target's store buffers at one
   constant position. GroupQueryAttention again: the "new" K/V is the row already in the buffer at the
   last processed position (gathered, rewritten unchanged), so the query sees exactly the accepted
