@@ -11,8 +11,8 @@ Goals: at 32K the ring + float32 cache is at most 1/3 of full-length float32; at
 
 Decode (--decode): a random-weight pair of the preset, exported twice (int4, no verification, cached under
 build/bench/): with full-length buffers (the layout before rings: the cpu profile with ring_kv off, the same
-graphs as before) and with rings. The cache is filled with random K/V rows to each context (no prefill, which
-would take minutes at 32K), then single-token decode steps are timed.
+graphs as before) and with rings. The caches are filled with random K/V rows to each context (no prefill, which
+would take minutes at 32K), then single-token decode steps are timed, the two layouts in turn.
 """
 
 from __future__ import annotations
@@ -98,35 +98,42 @@ def ensure_bundle(preset: str, max_context: int, ring: bool) -> Path:
     return bundle
 
 
-def decode_ms(bundle, context: int, steps: int, rng: np.random.Generator) -> float:
-    cache = bundle.new_cache()
-    for name, a in cache.arrays.items():  # random K/V for positions [0, context): a ring keeps the last R
+def filled_cache(bundle, context: int, rng: np.random.Generator):
+    """A cache holding random K/V for positions [0, context) (a ring keeps the last R)."""
+    cache = bundle.new_cache(context + 64)
+    for name, a in cache.arrays.items():
         rows = min(context, cache.ring[name] or context)
         cache.write(name, rng.standard_normal((1, a.shape[1], rows, a.shape[3]), np.float32), context - rows)
     cache.length = context
-    vocab = bundle.manifest.model.vocab_size
-    times = []
-    for _ in range(steps + 3):
-        t = time.perf_counter()
-        bundle.target.forward(cache, [int(rng.integers(4, vocab))])
-        times.append(time.perf_counter() - t)
-        cache.trim(context)
-    return 1000 * statistics.median(times[3:])
+    return cache
 
 
 def decode(preset: str, contexts: list[int], steps: int, threads: int) -> list[dict]:
+    """Both layouts loaded at once and stepped in turn, so that the load of a shared machine falls on both."""
     from edgegen.runtime.model import Bundle
 
+    layouts = {"full fp32": False, "ring fp32": True}
+    bundles = {name: Bundle(ensure_bundle(preset, max(contexts) + 64, ring), threads=threads)
+               for name, ring in layouts.items()}
+    rng = np.random.default_rng(0)
+    vocab = next(iter(bundles.values())).manifest.model.vocab_size
     rows = []
-    for ring in (False, True):
-        bundle = Bundle(ensure_bundle(preset, max(contexts) + 64, ring), threads=threads)
-        rng = np.random.default_rng(0)
-        for ctx in contexts:
-            cache_mib = bundle.new_cache(ctx + 64).nbytes / 2**20
-            rows.append({"preset": preset, "layout": "ring fp32" if ring else "full fp32", "context": ctx,
-                         "ms_per_step": round(decode_ms(bundle, ctx, steps, rng), 2),
-                         "kv_mib": round(cache_mib, 1)})
-        del bundle
+    for ctx in contexts:
+        caches = {name: filled_cache(b, ctx, rng) for name, b in bundles.items()}
+        times: dict[str, list[float]] = {name: [] for name in bundles}
+        for _ in range(steps + 3):
+            token = int(rng.integers(4, vocab))
+            for name, b in bundles.items():
+                t = time.perf_counter()
+                b.target.forward(caches[name], [token])
+                times[name].append(time.perf_counter() - t)
+                caches[name].trim(ctx)  # stay at this context length
+        for name in bundles:
+            rows.append({"preset": preset, "layout": name, "context": ctx,
+                         "ms_per_step": round(1000 * statistics.median(times[name][3:]), 2),
+                         "min_ms": round(1000 * min(times[name][3:]), 2),
+                         "kv_mib": round(caches[name].nbytes / 2**20, 1)})
+        del caches
     return rows
 
 
@@ -148,8 +155,8 @@ def main() -> None:
         if args.json:
             print(json.dumps(rows))
         for r in rows:
-            print(f"{r['preset']} {r['layout']:<10} context {r['context']:>6}: {r['ms_per_step']:8.2f} ms/step  "
-                  f"KV {r['kv_mib']:8.1f} MiB")
+            print(f"{r['preset']} {r['layout']:<10} context {r['context']:>6}: {r['ms_per_step']:8.2f} ms/step "
+                  f"(min {r['min_ms']:.2f})  KV {r['kv_mib']:8.1f} MiB")
         return
     rows = memory([int(c) for c in args.contexts.split(",")])
     if args.json:
