@@ -82,9 +82,9 @@ def ring_length(window: int) -> int:
 
 def kv_ring(profile: Profile, windows: list[int], max_context: int) -> int:
     """The ring length for this export, or 0 (full-length buffers): only where the profile has rings and
-    the ring is shorter than the context. `windows`: target and drafter sliding windows; both read the ring,
-    so it is sized for the larger (the runtime's call limit, ring - target window, then covers both only
-    when the drafter's is not larger: then no ring)."""
+    the ring is shorter than the context. `windows`: the target's sliding window, then the drafter's. Both
+    read the ring, and the runtime's call limit (ring - target window, KVCache.max_rows) keeps the target's
+    window intact; a drafter with a wider window would need more, so then there is no ring."""
     if not profile.ring_kv or max(windows) > windows[0]:
         return 0
     ring = ring_length(windows[0])
