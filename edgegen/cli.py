@@ -42,6 +42,11 @@ class Compute(str, Enum):
     int8 = "int8"
 
 
+class KVDtype(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
 class RunEP(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -66,7 +71,9 @@ def export(
     assistant_quant: QuantKind | None = typer.Option(
         None, "--assistant-quant", help="Drafter weight precision [default: fp32, or int8 for int8/int4 targets]"),
     block_size: int = typer.Option(32, "--block-size", min=16, max=256, help="Quantization block (input channels)"),
-    max_context: int = typer.Option(4096, "--max-context", min=16, help="Longest prompt + generation the bundle holds"),
+    max_context: int = typer.Option(4096, "--max-context", min=16,
+                                    help="Longest prompt + generation the bundle holds (up to the model's "
+                                         "max_position_embeddings, 131072 for E2B)"),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check against PyTorch"),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists"),
     ep: ExportEP = typer.Option(ExportEP.cpu, "--ep",
@@ -77,6 +84,8 @@ def export(
     soc_model: str | None = typer.Option(None, "--soc-model",
                                          help="qnn: precompile QNN context binaries for this SoC model number "
                                               "[default: none; the QNN EP compiles the graphs at load]"),
+    kv_dtype: KVDtype = typer.Option(KVDtype.fp32, "--kv-dtype",
+                                     help="K/V cache precision: fp32, or fp16 (half the cache memory; cpu profile)"),
     stats: bool = typer.Option(False, "--stats", help="Print the export's wall time and peak memory (RSS)"),
 ) -> None:
     """Export a target + assistant pair to a verified ONNX bundle."""
@@ -89,7 +98,7 @@ def export(
     check_out_dir(out.expanduser().absolute(), force, (target, assistant))
     opts = ExportOptions(quant.value, assistant_quant.value if assistant_quant else None, block_size, max_context,
                          not no_verify, force, ep=ep.value, soc_model=soc_model,
-                         compute=compute.value)
+                         compute=compute.value, kv_dtype=kv_dtype.value)
     with Progress(TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), transient=False) as progress:
         task = progress.add_task("start", total=len(STAGES))

@@ -12,12 +12,19 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from edgegen.export.graphs import PROFILES, PLETable, build_assistant_graph, build_target_graph, writes_kv
+from edgegen.export.graphs import (
+    PROFILES,
+    PLETable,
+    build_assistant_graph,
+    build_target_graph,
+    kv_ring,
+    writes_kv,
+)
 from edgegen.export.onnx_graph import SHARED_FILE, Graph, WeightFile
 from edgegen.export.quantize import Quant, block_rows, pack, quantize_blocks, row_blocks
 from edgegen.runtime.errors import EdgegenError
@@ -51,6 +58,7 @@ class ExportOptions:
     ep: str = "cpu"  # execution-provider profile of the graphs: cpu, qnn, webgpu, openvino (graphs.PROFILES)
     soc_model: str | None = None  # qnn: precompile EP context binaries for this Qualcomm SoC model number
     compute: str = "exact"  # quantized matmuls: exact (fp32 compute) or int8 (int8 activations, faster on CPU)
+    kv_dtype: str = "fp32"  # K/V buffers: fp32, or fp16 (half the KV memory; cpu profile)
 
     def draft_tokens_resolved(self, pair) -> int:
         return self.draft_tokens or int(pair.assistant.generation_config.num_assistant_tokens)
@@ -226,6 +234,12 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     if opts.compute == "int8" and (opts.ep != "cpu" or all_fp32):
         raise EdgegenError("--compute int8 speeds up int8/int4 weights on the cpu profile; "
                            "use it with --quant int8 or int4 and --ep cpu")
+    if opts.kv_dtype not in ("fp32", "fp16"):
+        raise EdgegenError(f"--kv-dtype {opts.kv_dtype} is unknown; use fp32 or fp16")
+    if opts.kv_dtype == "fp16" and opts.ep != "cpu":
+        raise EdgegenError(f"--kv-dtype fp16 is for the cpu profile; drop it with --ep {opts.ep}")
+    if opts.kv_dtype == "fp16":
+        profile = replace(profile, kv_fp16=True)
     level = 4 if opts.compute == "int8" else 0
     tquant = Quant(opts.quant, opts.block_size, level)
     aquant = Quant(opts.assistant_quant_resolved(), opts.block_size, level)
@@ -234,7 +248,10 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     stage("load")
     pair = load_pair(target, assistant)
     cfg = pair.text_config
-    max_context = min(opts.max_context, cfg.max_position_embeddings)
+    if opts.max_context > cfg.max_position_embeddings:
+        raise EdgegenError(f"--max-context {opts.max_context} is longer than the model's max_position_embeddings "
+                           f"({cfg.max_position_embeddings}); use at most {cfg.max_position_embeddings}")
+    max_context = opts.max_context
 
     tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out)}{os.getpid()}-", dir=out.parent))
     try:
@@ -252,8 +269,11 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
             return manifest
         # Weights stream from the checkpoints into the graphs' weight files, one tensor at a time.
         shared = WeightFile(tmp / SHARED_FILE)
+        # Sliding layers' ring length (0: full-length buffers); the drafter reads the same rings.
+        ring = kv_ring(profile, [cfg.sliding_window, pair.assistant.config.get_text_config().sliding_window],
+                       max_context)
         tgraph, plan, ple_table = build_target_graph(pair.weights, cfg, tquant, tmp, shared, pair.lm_head, profile,
-                                                     max_context)
+                                                     max_context, ring)
         assistant_args = (pair.assistant_weights, pair.assistant.config, pair.weights, cfg, plan, aquant, tquant, tmp,
                           shared)
         agraph, alayers = build_assistant_graph(*assistant_args, profile=profile, max_context=max_context)
@@ -270,7 +290,7 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
         del tgraph, agraph, rgraph, ple_table
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
-            model=model_spec(cfg, plan, max_context, ple),
+            model=model_spec(cfg, plan, max_context, ple, "float16" if profile.kv_fp16 else "float32"),
             graphs={},
             tokenizer=_copy_tokenizer(pair, tmp),
             generation=_generation_defaults(pair, steps),
@@ -322,9 +342,11 @@ def export_stats(started: float) -> dict:
     return stats
 
 
-def model_spec(cfg, plan, max_context: int, ple) -> ModelSpec:
-    """The manifest's model section: one K/V buffer pair per store (non-shared) layer of the target plan."""
-    buffers = [KVBuffer(f"past_key.{layer.index}", layer.index, layer.kind, layer.kv_heads, layer.head_dim)
+def model_spec(cfg, plan, max_context: int, ple, kv_dtype: str = "float32") -> ModelSpec:
+    """The manifest's model section: one K/V buffer pair per store (non-shared) layer of the target plan, a
+    ring where the plan has one."""
+    buffers = [KVBuffer(f"past_key.{layer.index}", layer.index, layer.kind, layer.kv_heads, layer.head_dim,
+                        layer.ring or "max_context", kv_dtype)
                for layer in plan.layers if not layer.shared]
     return ModelSpec(cfg.vocab_size, cfg.hidden_size, list(cfg.layer_types), cfg.sliding_window, max_context,
                      dict(plan.store_layers), buffers, cfg.final_logit_softcapping, ple)

@@ -6,6 +6,9 @@ Target step graph (prefill, verify S=k+1, decode S=1 all use it):
   copies nothing that grows with context. A KV-shared layer runs GroupQueryAttention on its *store*
   layer's buffer with the store layer's new K/V: it rewrites the same S rows (idempotent) and attends
   in place. Its present outputs are aliases of the store buffer, listed in the manifest.
+cpu profile (standard_attention, row_exact): new rows are scattered into the buffers and attention is a
+  masked softmax; sliding layers' buffers are rings of ring_length(window) slots (ring_kv), and with
+  kv_fp16 every buffer is float16 (docs/architecture.md, "KV buffers").
 Assistant step graph: every layer is KV-shared and cross-attends to the target's store buffers at one
   constant position. GroupQueryAttention again: the "new" K/V is the row already in the buffer at the
   last processed position (gathered, rewritten unchanged), so the query sees exactly the accepted
@@ -21,11 +24,14 @@ from onnx import TensorProto
 
 from edgegen.export.onnx_graph import Graph, WeightFile
 from edgegen.export.quantize import Linears, Quant, TiedTable
-from edgegen.export.row_exact import row_exact_scores, window_start
+from edgegen.export.row_exact import CHUNK, row_exact_scores, window_start
 from edgegen.export.weights import Tensor, Weights
 
-F32, I64, I32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+F32, F16, I64, I32 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64, TensorProto.INT32
 KINDS = ("sliding_attention", "full_attention")
+# Rows one target call may write into a ring buffer on top of the window it reads (the runtime splits longer
+# calls, runtime/model.py Target.forward): a verify call of k+1 <= 65 rows fits, prefill goes in chunks.
+CALL_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -53,15 +59,36 @@ class Profile:
     # With standard_attention: the query-key products in head-dim chunks of 128 summed in a fixed order, so
     # a position's scores do not depend on how many keys or query rows the call has (export/row_exact.py).
     row_exact: bool = False
+    # With row_exact: sliding layers keep their K/V in ring buffers of ring_length(window) slots (position p
+    # at slot p mod R) instead of max_context rows, so their memory does not grow with the context.
+    ring_kv: bool = False
+    # K/V buffers stored as float16 and cast to float32 for attention (export option --kv-dtype fp16).
+    kv_fp16: bool = False
 
 
 PROFILES = {
     # Row-exact standard-op attention on the CPU: a verify row computes the same bits as a decode row, so
     # greedy speculation equals plain decoding (with fp32 or int8-compute weights; export/row_exact.py).
-    "cpu": Profile("cpu", standard_attention=True, row_exact=True),
+    "cpu": Profile("cpu", standard_attention=True, row_exact=True, ring_kv=True),
     "webgpu": Profile("webgpu", rope_tables=True, logits_start_input=True, device_ids=True),
     "openvino": Profile("openvino", standard_norm=True, standard_attention=True),
 }
+
+
+def ring_length(window: int) -> int:
+    """Slots of a sliding layer's ring buffer: the window plus one call's new rows, a multiple of CHUNK."""
+    return -(-(window + CALL_ROWS) // CHUNK) * CHUNK
+
+
+def kv_ring(profile: Profile, windows: list[int], max_context: int) -> int:
+    """The ring length for this export, or 0 (full-length buffers): only where the profile has rings and
+    the ring is shorter than the context. `windows`: the target's sliding window, then the drafter's. Both
+    read the ring, and the runtime's call limit (ring - target window, KVCache.max_rows) keeps the target's
+    window intact; a drafter with a wider window would need more, so then there is no ring."""
+    if not profile.ring_kv or max(windows) > windows[0]:
+        return 0
+    ring = ring_length(windows[0])
+    return ring if ring < max_context else 0
 
 
 def writes_kv(layer: LayerPlan, profile: Profile) -> bool:
@@ -109,6 +136,7 @@ class LayerPlan:
     kv_heads: int
     shared: bool  # reads its store layer's K/V
     store: int  # the layer whose buffer it uses (itself if not shared)
+    ring: int = 0  # slots of that buffer if it is a ring (sliding layers, Profile.ring_kv), else 0: max_context rows
 
 
 @dataclass
@@ -123,7 +151,8 @@ class TargetPlan:
     extra: dict = field(default_factory=dict)
 
 
-def plan_target(cfg) -> TargetPlan:
+def plan_target(cfg, ring: int = 0) -> TargetPlan:
+    """ring: the ring length of sliding layers' buffers (0: every buffer holds max_context rows)."""
     modes = cfg.kv_sharing_modes
     first_shared = cfg.num_hidden_layers - cfg.num_kv_shared_layers
     store = {}
@@ -133,7 +162,8 @@ def plan_target(cfg) -> TargetPlan:
     for i, kind in enumerate(cfg.layer_types):
         lc = cfg.per_layer_config[i]
         shared = modes[i] == "reuse"
-        layers.append(LayerPlan(i, kind, lc.head_dim, lc.num_key_value_heads, shared, store[kind] if shared else i))
+        layers.append(LayerPlan(i, kind, lc.head_dim, lc.num_key_value_heads, shared, store[kind] if shared else i,
+                                ring if kind == "sliding_attention" else 0))
     return TargetPlan(layers, store, cfg.sliding_window, cfg.hidden_size, cfg.vocab_size,
                       cfg.hidden_size_per_layer_input, cfg.num_attention_heads)
 
@@ -235,33 +265,45 @@ def attention_block(g, lin, x, w: Weights, layer: LayerPlan, num_heads: int, win
 
 
 def _scatter_rows(g: Graph, buffer: str, new: str, out: str, layer: LayerPlan) -> str:
-    """buffer [1, kv, max_ctx, d] with rows position_ids replaced by new [1, S, kv, d]; output `out`."""
+    """buffer [1, kv, rows, d] with the rows of position_ids (ring: slots position mod R) replaced by
+    new [1, S, kv, d] (cast to the buffer's dtype); output `out`."""
     rows = g.op("Transpose", new, perm=[0, 2, 1, 3])  # [1, kv, S, d]
-    index = g.op("Expand", g.op("Reshape", "position_ids", g.const([1, 1, -1, 1])), g.op("Shape", rows))
+    if g.profile.kv_fp16:
+        rows = g.op("Cast", rows, to=F16)
+    slots = g.op("Mod", "position_ids", g.const([layer.ring])) if layer.ring else "position_ids"
+    index = g.op("Expand", g.op("Reshape", slots, g.const([1, 1, -1, 1])), g.op("Shape", rows))
     return g.op("ScatterElements", buffer, index, rows, axis=2, out=out)
 
 
 def _standard_attention(g: Graph, q: str, keys: str, values: str, layer: LayerPlan, num_heads: int, window: int,
                         query_positions: str) -> str:
     """GroupQueryAttention's result from standard ops. q [1, S, H, d]; keys/values are whole buffers
-    [1, kv, max_ctx, d], of which the first total_sequence_length rows are valid. Query i sits at
-    query_positions[i]: it sees keys j <= that position (sliding layers: the last `window` of them).
+    [1, kv, max_ctx, d], of which the first total_sequence_length rows are valid, or rings [1, kv, R, d]
+    (layer.ring) whose slot s holds the newest position = s mod R below total_sequence_length. Query i sits
+    at query_positions[i]: it sees keys j <= that position (sliding layers: the last `window` of them).
     Query head h reads K/V head h // (H / kv), scale 1 (Gemma 4 normalizes q and k instead)."""
     d, kv = layer.head_dim, layer.kv_heads
     group = num_heads // kv
     total = g.op("Reshape", g.op("Cast", "total_sequence_length", to=I64), g.const([1]))
     sliding = window if layer.kind == "sliding_attention" else 0
-    # Keys before `first` are masked for every query: row_exact sliding layers skip them (a 128-aligned start).
-    first = window_start(g, query_positions, sliding) if g.profile.row_exact and sliding else None
+    first = None
+    if not layer.ring:  # a ring is read whole: R keys in every call, so decode and verify block alike
+        # Keys before `first` are masked for every query: row_exact sliding layers skip them (a 128-aligned start).
+        first = window_start(g, query_positions, sliding) if g.profile.row_exact and sliding else None
+        keys, values = (g.op("Slice", t, first or g.const([0]), total, g.const([2])) for t in (keys, values))
+    if g.profile.kv_fp16:  # after the Slice: only the rows attended to are converted
+        keys, values = (g.op("Cast", t, to=F32) for t in (keys, values))
     # [1, kv, 1, T, d]: the group axis broadcasts against the query heads that share each K/V head.
-    keys, values = (g.op("Unsqueeze", g.op("Slice", t, first or g.const([0]), total, g.const([2])), g.const([2]))
-                    for t in (keys, values))
+    keys, values = (g.op("Unsqueeze", t, g.const([2])) for t in (keys, values))
     q = g.op("Transpose", g.op("Reshape", q, g.const([1, -1, kv, group, d])), perm=[0, 2, 3, 1, 4])  # [1,kv,g,S,d]
     if g.profile.row_exact:  # the same bits for a query row whatever the call's other rows (export/row_exact.py)
         scores = row_exact_scores(g, q, keys, d)
     else:
         scores = g.op("MatMul", q, g.op("Transpose", keys, perm=[0, 1, 2, 4, 3]))  # [1, kv, group, S, T]
-    mask = _attention_mask(g, query_positions, total, sliding, first)
+    if layer.ring:
+        mask = _ring_mask(g, query_positions, total, sliding, layer.ring)
+    else:
+        mask = _attention_mask(g, query_positions, total, sliding, first)
     probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
     out = g.op("Transpose", g.op("MatMul", probs, values), perm=[0, 3, 1, 2, 4])  # [1, S, kv, group, d]
     return g.op("Reshape", out, g.const([1, -1, num_heads * d]))
@@ -273,9 +315,30 @@ def _attention_mask(g: Graph, query_positions: str, total: str, window: int, fir
     p = g.op("Reshape", query_positions, g.const([1, 1, 1, -1, 1]))
     start = g.op("Squeeze", first) if first else g.const(0)
     j = g.op("Reshape", g.op("Range", start, g.op("Squeeze", total), g.const(1)), g.const([1, 1, 1, 1, -1]))
+    return _visible(g, j, p, window)
+
+
+def _ring_mask(g: Graph, query_positions: str, total: str, window: int, ring: int) -> str:
+    """Additive mask [1, 1, 1, S, R] over a ring's slots. Slot s holds position total-1 - ((total-1-s) mod R):
+    the newest position that maps to it and was written (a negative value: a slot not written yet). Slots
+    holding rows past the cache length (rolled-back drafts, pad rows) are taken for positions R earlier,
+    which no query can see as long as a call writes at most R - window rows (runtime: KVCache.max_rows).
+    Masked slots add exact zeros to the softmax sums, provided their contents are finite (buffers start
+    zeroed; K is normed, V RMS-scaled, so rows never overflow even in float16)."""
+    p = g.op("Reshape", query_positions, g.const([1, 1, 1, -1, 1]))
+    last = g.op("Sub", total, g.const([1]))
+    held = g.op("Sub", last, g.op("Mod", g.op("Sub", last, g.const(np.arange(ring))), g.const([ring])))
+    held = g.op("Reshape", held, g.const([1, 1, 1, 1, -1]))
+    return _visible(g, held, p, window, g.op("GreaterOrEqual", held, g.const(0)))
+
+
+def _visible(g: Graph, j: str, p: str, window: int, written: str | None = None) -> str:
+    """0 where key position j may be seen from query position p (j <= p; sliding: j > p - window), else -inf."""
     seen = g.op("LessOrEqual", j, p)
     if window:
         seen = g.op("And", seen, g.op("Greater", j, g.op("Sub", p, g.const(window))))
+    if written:
+        seen = g.op("And", seen, written)
     return g.op("Where", seen, g.const(np.float32(0), np.float32), g.const(np.float32(-np.inf), np.float32))
 
 
@@ -307,25 +370,31 @@ def _common_inputs(g: Graph) -> None:
     g.input("total_sequence_length", I32, [])
 
 
+def _kv_shape(layer: LayerPlan) -> list:
+    return [1, layer.kv_heads, layer.ring or "max_context", layer.head_dim]
+
+
+def _kv_type(g: Graph) -> int:
+    return F16 if g.profile.kv_fp16 else F32
+
+
 def _kv_inputs(g: Graph, plan_layers: list[LayerPlan]) -> None:
     for layer in plan_layers:
         pk, pv, _, _ = kv_names(layer.index)
-        shape = [1, layer.kv_heads, "max_context", layer.head_dim]
-        g.input(pk, F32, shape)
-        g.input(pv, F32, shape)
+        g.input(pk, _kv_type(g), _kv_shape(layer))
+        g.input(pv, _kv_type(g), _kv_shape(layer))
 
 
 def _kv_outputs(g: Graph, layer: LayerPlan, step: str = "") -> None:
     _, _, ok, ov = kv_names(layer.index, step)
-    shape = [1, layer.kv_heads, "max_context", layer.head_dim]
-    g.outputs.append(_vi(ok, shape))
-    g.outputs.append(_vi(ov, shape))
+    g.outputs.append(_vi(ok, _kv_shape(layer), _kv_type(g)))
+    g.outputs.append(_vi(ov, _kv_shape(layer), _kv_type(g)))
 
 
-def _vi(name, shape):
+def _vi(name, shape, elem_type: int = F32):
     from onnx import helper
 
-    return helper.make_tensor_value_info(name, F32, shape)
+    return helper.make_tensor_value_info(name, elem_type, shape)
 
 
 # -- target ---------------------------------------------------------------------------------------------
@@ -333,11 +402,12 @@ def _vi(name, shape):
 
 def build_target_graph(w: Weights, cfg, quant: Quant, out_dir, shared: WeightFile,
                        untied_lm_head: Tensor | None = None, profile: Profile = PROFILES["cpu"],
-                       max_context: int = 0) -> tuple[Graph, TargetPlan, PLETable | None]:
+                       max_context: int = 0, ring: int = 0) -> tuple[Graph, TargetPlan, PLETable | None]:
     """`w`: the text model's weights (embed_tokens, layers.N..., norm), read one tensor at a time.
     Returns the graph, its plan, and the host-side PLE table (token component, scale folded in).
-    max_context: positions the RoPE tables cover (profiles with rope_tables)."""
-    plan = plan_target(cfg)
+    max_context: positions the RoPE tables cover (profiles with rope_tables). ring: sliding layers' ring
+    length (kv_ring), 0 for full-length buffers."""
+    plan = plan_target(cfg, ring)
     scales = TextScales.of(cfg)
     g = Graph("target", out_dir, shared, profile=profile)
     lin = Linears(g, quant)
@@ -397,9 +467,10 @@ def build_target_graph(w: Weights, cfg, quant: Quant, out_dir, shared: WeightFil
 
 def assistant_plan(cfg, target_plan: TargetPlan) -> list[LayerPlan]:
     """`cfg`: the assistant's text config."""
+    rings = {t.index: t.ring for t in target_plan.layers}
     return [
         LayerPlan(j, kind, cfg.per_layer_config[j].head_dim, cfg.per_layer_config[j].num_key_value_heads, True,
-                  target_plan.store_layers[kind])
+                  target_plan.store_layers[kind], rings[target_plan.store_layers[kind]])
         for j, kind in enumerate(cfg.layer_types)
     ]
 

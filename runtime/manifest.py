@@ -7,7 +7,8 @@ target graph (prefill, verify and decode; S new tokens, the cache holds `past` p
        (webgpu profile: logits_start [1] int64 = -N instead)
        per_layer_inputs [1,S,L,P] float32 = rows of the PLE table for input_ids (if model.ple)
        seqlens_k [1] int32 = past+S-1 · total_sequence_length [] int32 = past+S
-       past_key.{i} / past_value.{i} [1,kv_heads,max_context,head_dim] float32 for every KV buffer i
+       past_key.{i} / past_value.{i} [1,kv_heads,length,head_dim] for every KV buffer i (KVBuffer: length
+       max_context, or a ring of R slots holding position p at slot p mod R; dtype float32 or float16)
   out  logits [1,N,V] (softcapped) · last_hidden [1,N,H] (post-norm) for the last N positions
        present_key.{j} / present_value.{j}: written in place; bind each to the buffer `kv_aliases` names
 assistant graph (one draft step; the cache holds P accepted, processed positions):
@@ -29,7 +30,10 @@ from pathlib import Path
 
 from edgegen.runtime.errors import EdgegenError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 bundles had no KVBuffer length/dtype: every buffer was max_context rows of float32, which is what
+# the defaults say, so they still load.
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
 
@@ -66,6 +70,10 @@ class KVBuffer:
     kind: str  # sliding_attention | full_attention
     kv_heads: int
     head_dim: int
+    # Rows: "max_context" (position p at row p), or R, a ring (sliding layers: position p at slot p mod R;
+    # the attention masks slots by the position they hold, runtime/kv.py limits the rows a call may write).
+    length: int | str = "max_context"
+    dtype: str = "float32"  # or float16 (--kv-dtype fp16: stored half, attended in float32)
 
 
 @dataclass
@@ -148,10 +156,10 @@ def load_manifest(bundle: str | Path) -> Manifest:
     if not isinstance(raw, dict):
         raise EdgegenError(f"{path} is not an edgegen manifest; re-export the bundle")
     version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise EdgegenError(
-            f"bundle schema version {version!r} is not supported (this edgegen reads {SCHEMA_VERSION}); "
-            "re-export it with this edgegen"
+            f"bundle schema version {version!r} is not supported (this edgegen reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); re-export it with this edgegen"
         )
     try:
         manifest = Manifest.from_dict(raw)
@@ -168,6 +176,7 @@ def load_manifest(bundle: str | Path) -> Manifest:
 # -- field checks: a manifest from an untrusted source must not be able to crash the loader ---------------
 
 LAYER_KINDS = ("sliding_attention", "full_attention")
+KV_DTYPES = ("float32", "float16")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BUFFER = re.compile(r"past_key\.\d+")
 
@@ -197,7 +206,9 @@ def _first_problem(m: Manifest) -> str | None:
                                            for k, v in model.store_layers.items())),
         ("model.kv_buffers", lambda: 0 < len(model.kv_buffers) <= len(model.layer_types) and all(
             isinstance(b.name, str) and _BUFFER.fullmatch(b.name) and _int(b.layer, 0) and b.kind in LAYER_KINDS
-            and _int(b.kv_heads, 1, 1 << 12) and _int(b.head_dim, 1, 1 << 14) for b in model.kv_buffers)),
+            and _int(b.kv_heads, 1, 1 << 12) and _int(b.head_dim, 1, 1 << 14)
+            and (b.length == "max_context" or _int(b.length, 1, model.max_context)) and b.dtype in KV_DTYPES
+            for b in model.kv_buffers)),
         ("model.final_logit_softcapping", lambda: model.final_logit_softcapping is None or (
             isinstance(model.final_logit_softcapping, (int, float))
             and not isinstance(model.final_logit_softcapping, bool))),

@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from edgegen.runtime import integrity, osinfo, providers
 from edgegen.runtime.errors import EdgegenError
-from edgegen.runtime.kv import KVCache
+from edgegen.runtime.kv import KVCache, cache_bytes
 from edgegen.runtime.manifest import GraphSpec, Manifest, PLESpec, load_manifest
 
 
@@ -134,18 +134,25 @@ class Target(_Graph):
         self.max_chunk = max_chunk
 
     def forward(self, cache: KVCache, ids: list[int] | np.ndarray, logits_to_keep: int = 1):
-        """Run ids at positions cache.length.. ; returns (logits [N,V], hidden [N,H]) for the last N."""
+        """Run ids at positions cache.length.. ; returns (logits [N,V], hidden [N,H]) for the last N.
+        Calls are split where one call may not write all rows: the webgpu chunks, and ring buffers
+        (cache.max_rows: a call writing more would overwrite keys its own first rows still need)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         s = ids.shape[1]
         if cache.length + s > cache.max_context:
             raise EdgegenError(
                 f"context full: {cache.length + s} positions exceed the bundle's max context {cache.max_context}"
             )
-        if not self.max_chunk or (s <= self.max_chunk and (logits_to_keep == s or not s & (s - 1))):
+        whole = not self.max_chunk or (s <= self.max_chunk and (logits_to_keep == s or not s & (s - 1)))
+        if whole and (not cache.max_rows or max(s, self.min_rows) <= cache.max_rows):
             return self._forward(cache, ids, logits_to_keep)
         logits, hidden, start = [], [], 0
         while start < s:
-            n = min(self.max_chunk, 1 << ((s - start).bit_length() - 1))
+            n = s - start
+            if self.max_chunk:
+                n = min(self.max_chunk, 1 << (n.bit_length() - 1))
+            if cache.max_rows:
+                n = min(n, cache.max_rows)
             wanted = min(n, logits_to_keep - (s - start - n))  # this chunk's share of the last N positions
             lo, hi = self._forward(cache, ids[:, start:start + n], max(wanted, 1))
             if wanted > 0:
@@ -180,6 +187,7 @@ class Target(_Graph):
             feeds["per_layer_inputs"] = self.ple(ids)
         out = self.run(feeds, cache)
         cache.length = past + s
+        cache.wrote(past + s)
         return out["logits"][0], out["last_hidden"][0]
 
 
@@ -273,12 +281,18 @@ class Bundle:
 
             return StaticCache(self.manifest.model.kv_buffers, self.manifest.model.max_context,
                                encodings(self.manifest, "target"))
-        max_context = max_context or self.manifest.model.max_context
-        need = 8 * max_context * sum(b.kv_heads * b.head_dim for b in self.manifest.model.kv_buffers)
+        model = self.manifest.model
+        max_context = max_context or model.max_context
+        need = cache_bytes(model.kv_buffers, max_context)
         if need > _physical_memory():
-            raise EdgegenError(f"the KV cache for {max_context} positions needs {need / 2**30:.1f} GiB, more than "
-                               "this machine has; use a bundle exported with a smaller --max-context")
-        return KVCache(self.manifest.model.kv_buffers, max_context)
+            raise EdgegenError(
+                f"the KV cache for {max_context} positions needs {need / 2**30:.1f} GiB "
+                f"({', '.join(sorted({b.dtype for b in model.kv_buffers}))}), more than this machine's "
+                f"{_physical_memory() / 2**30:.1f} GiB; use a smaller max context, or export the bundle with a "
+                "smaller --max-context or with --kv-dtype fp16")
+        # Checked in full although np.zeros commits pages only as rows are written: a long conversation must
+        # not run out of memory halfway.
+        return KVCache(model.kv_buffers, max_context, model.sliding_window)
 
 
 def _physical_memory() -> int:

@@ -118,9 +118,7 @@ def _assistant_diffs(bundle: Bundle, target: torch.nn.Module, assistant: torch.n
     cache = bundle.new_cache()
     for kind, (k, v) in ref.shared_kv_states.items():
         for name, t in ((f"past_key.{stores[kind]}", k), (f"past_value.{stores[kind]}", v)):
-            buf = cache.values[name].numpy()
-            buf[:, :, :p] = t[:, :, :p].numpy()
-            cache.values[name].update_inplace(buf)
+            cache.write(name, t[:, :, :p].numpy())
     cache.length = p
     first = {"sliding_attention": max(0, p - window), "full_attention": 0}
     visible = {kind: (k[:, :, first[kind]:p], v[:, :, first[kind]:p])
@@ -196,6 +194,41 @@ def test_fp32_bundle_matches_pytorch(bundle_dir, load, preset: str, centroid_hea
     assert vs["assistant"]["max_abs_projected_hidden"] == checks["assistant_projected_hidden"]["value"]
     assert vs["target"]["greedy_equal"] is True
     assert parity["prompt_tokens"] > window
+
+
+LONG_CONTEXT, LONG_PROMPT = 1024, 700  # e2b-like: window 16, rings of 256 slots, wrapped 2.7 times
+
+
+def test_fp32_bundle_matches_pytorch_past_several_ring_wraps(bundle_dir, load) -> None:
+    """Sliding layers on ring buffers: the target's logits and hidden states at the last 60 of 700 positions
+    (a prefill the runtime splits into calls of R - window rows, a verify call of 5, decodes), and the
+    assistant's draft steps at positions after one, two and 2.7 wraps, against PyTorch within its own fp32
+    error, as for short prompts."""
+    pair = load("e2b-like")
+    bundle = Bundle(bundle_dir("e2b-like", max_context=LONG_CONTEXT))
+    rings = {b.length for b in bundle.manifest.model.kv_buffers if b.kind == "sliding_attention"}
+    assert rings == {256} and LONG_PROMPT > 2 * 256
+    ids = np.random.default_rng(7).integers(0, pair.text_config.vocab_size, LONG_PROMPT).tolist()
+    ref, ref64 = _reference(pair.target, ids), _reference(_float64(pair.target), ids)
+    cache, compared = bundle.new_cache(), 60
+    calls = [(0, LONG_PROMPT - 7), (LONG_PROMPT - 7, LONG_PROMPT - 2), (LONG_PROMPT - 2, LONG_PROMPT - 1),
+             (LONG_PROMPT - 1, LONG_PROMPT)]
+    out = [bundle.target.forward(cache, ids[a:b], logits_to_keep=b - max(a, LONG_PROMPT - compared))
+           for a, b in calls]
+    logits, hidden = np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+    last = slice(LONG_PROMPT - compared, LONG_PROMPT)
+    for what, got, want, want64 in (("logits", logits, ref.logits[0, last], ref64.logits[0, last]),
+                                    ("hidden", hidden, ref.hidden_states[-1][0, last],
+                                     ref64.hidden_states[-1][0, last])):
+        noise = _maxdiff(want, want64)
+        assert _maxdiff(got, want) <= _bound(noise), f"target {what}: {_maxdiff(got, want)} vs noise {noise}"
+
+    assistant64 = _float64(pair.assistant)
+    diffs = [d for p in (300, 520, LONG_PROMPT - 1)
+             for d in _assistant_diffs(bundle, pair.target, pair.assistant, ref, ids, p, assistant64)]
+    noise_logits, noise_hidden = max(d[2] for d in diffs), max(d[3] for d in diffs)
+    assert max(d[0] for d in diffs) <= _bound(noise_logits)
+    assert max(d[1] for d in diffs) <= _bound(noise_hidden)
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])

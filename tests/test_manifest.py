@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from edgegen.export.graphs import PROFILES
+from edgegen.export.graphs import PROFILES, ring_length
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.manifest import MANIFEST, load_manifest
 
@@ -70,6 +70,14 @@ def _future_schema(tmp: Path, good: dict) -> Path:
     return _write(tmp, json.dumps({**good, "schema_version": 999}))
 
 
+def _kv_buffers(**change) -> Callable[[Path, dict], Path]:
+    def make(tmp: Path, good: dict) -> Path:
+        model = {**good["model"], "kv_buffers": [{**b, **change} for b in good["model"]["kv_buffers"]]}
+        return _write(tmp, json.dumps({**good, "model": model}))
+
+    return make
+
+
 def _no_model(tmp: Path, good: dict) -> Path:
     return _write(tmp, json.dumps({k: v for k, v in good.items() if k != "model"}))
 
@@ -83,6 +91,9 @@ BAD_MANIFESTS: dict[str, tuple[Callable[[Path, dict], Path], tuple[str, ...]]] =
     "json list": (_json_list, ("not an edgegen manifest",)),
     "schema version 999": (_future_schema, ("999", "not supported")),
     "no model key": (_no_model, ("'model'", "re-export")),
+    "kv buffer dtype": (_kv_buffers(dtype="int8"), ("model.kv_buffers", "re-export")),
+    "kv ring longer than the context": (_kv_buffers(length=1 << 20), ("model.kv_buffers", "re-export")),
+    "kv length neither rows nor max_context": (_kv_buffers(length="all"), ("model.kv_buffers", "re-export")),
 }
 
 
@@ -96,6 +107,17 @@ def test_unreadable_manifest_is_one_line(case: str, bundle_dir, tmp_path: Path) 
     assert message and "\n" not in message
     for fragment in fragments:
         assert fragment in message
+
+
+def test_schema_1_bundles_load_with_full_length_float32_buffers(bundle_dir, tmp_path: Path) -> None:
+    """Schema 1 had no KV buffer length or dtype: such a manifest still loads, as max_context rows of
+    float32 (what its graphs were exported with)."""
+    good = json.loads((bundle_dir("e2b-like") / MANIFEST).read_text())
+    assert good["schema_version"] == 2
+    old = [{k: v for k, v in b.items() if k not in ("length", "dtype")} for b in good["model"]["kv_buffers"]]
+    manifest = load_manifest(_write(tmp_path, json.dumps({**good, "schema_version": 1,
+                                                          "model": {**good["model"], "kv_buffers": old}})))
+    assert {(b.length, b.dtype) for b in manifest.model.kv_buffers} == {("max_context", "float32")}
 
 
 # -- the manifest tells the truth about the bundle ---------------------------------------------------------
@@ -142,6 +164,24 @@ def test_kv_aliases_bind_every_present_output_to_a_target_buffer(bundle: Path) -
     assert {int(past.split(".")[1]) for past in assistant.kv_aliases.values()} <= stores
     if PROFILES[manifest.ep_profile].standard_attention:
         assert not assistant.kv_aliases
+
+
+def test_kv_buffers_match_the_graph_inputs(bundle: Path) -> None:
+    """Each buffer's length and dtype are the graphs' input shape and type: sliding layers' rings (the cpu
+    profile at a context longer than the ring), full layers' max_context rows."""
+    manifest = load_manifest(bundle)
+    model = manifest.model
+    for name, spec in manifest.graphs.items():
+        inputs = {t.name: t for t in spec.inputs}
+        for b in model.kv_buffers:
+            for buffer in (b.name, b.name.replace("past_key", "past_value")):
+                if buffer in inputs:
+                    assert inputs[buffer].shape == [1, b.kv_heads, b.length, b.head_dim], (name, buffer)
+                    assert inputs[buffer].dtype == b.dtype, (name, buffer)
+    ring = ring_length(model.sliding_window)
+    assert ring < model.max_context
+    assert {b.length for b in model.kv_buffers} == {ring, "max_context"}
+    assert all((b.length == ring) == (b.kind == "sliding_attention") for b in model.kv_buffers)
 
 
 def test_store_layers_are_the_last_non_shared_layer_of_each_kind(bundle: Path) -> None:

@@ -25,30 +25,35 @@ ROW_EXACT = PROFILES["cpu"]  # the default CPU profile is the row-exact one
 
 
 class Attention:
-    """One standard-op attention layer over an in-place [1, 1, MAX_CTX, d] K/V buffer pair."""
+    """One standard-op attention layer over an in-place [1, 1, MAX_CTX, d] K/V buffer pair, or a ring of
+    `ring` slots (float16 with fp16)."""
 
-    def __init__(self, tmp, d: int, sliding: bool, threads: int):
-        layer = LayerPlan(0, "sliding_attention" if sliding else "full_attention", d, 1, False, 0)
+    def __init__(self, tmp, d: int, sliding: bool, threads: int, ring: int = 0, fp16: bool = False,
+                 window: int = WINDOW):
+        layer = LayerPlan(0, "sliding_attention" if sliding else "full_attention", d, 1, False, 0, ring)
         shared = WeightFile(tmp / "shared.weights")
-        g = Graph("attn", tmp, shared, profile=ROW_EXACT)
+        profile = dataclasses.replace(ROW_EXACT, kv_fp16=fp16)
+        g = Graph("attn", tmp, shared, profile=profile)
         q, k, v = (g.input(n, F32, [1, "S", w]) for n, w in (("q", HEADS * d), ("k", d), ("v", d)))
         g.input("position_ids", I64, [1, "S"])
         g.input("total_sequence_length", I32, [])
-        shape = [1, 1, "max_context", d]
+        kv_type, rows = (TensorProto.FLOAT16 if fp16 else F32), ring or MAX_CTX
+        shape = [1, 1, ring or "max_context", d]
         for name in ("past_key", "past_value"):
-            g.input(name, F32, shape)
+            g.input(name, kv_type, shape)
         q, k, v = (g.op("Reshape", t, g.const([1, -1, n, d])) for t, n in ((q, HEADS), (k, 1), (v, 1)))
         keys = _scatter_rows(g, "past_key", k, "present_key", layer)
         values = _scatter_rows(g, "past_value", v, "present_value", layer)
-        g.output(_standard_attention(g, q, keys, values, layer, HEADS, WINDOW, "position_ids"), "attn", F32)
-        g.outputs += [helper.make_tensor_value_info(n, F32, shape) for n in ("present_key", "present_value")]
+        g.output(_standard_attention(g, q, keys, values, layer, HEADS, window, "position_ids"), "attn", F32)
+        g.outputs += [helper.make_tensor_value_info(n, kv_type, shape) for n in ("present_key", "present_value")]
         g.save(tmp)
         g.data.close()
         shared.close()
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(tmp / "attn.onnx"), so, providers=["CPUExecutionProvider"])
-        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, MAX_CTX, d), np.float32)) for _ in "kv"]
+        dtype = np.float16 if fp16 else np.float32
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, 1, rows, d), dtype)) for _ in "kv"]
 
     def fill(self, rows: list[np.ndarray]) -> None:
         for buf, r in zip(self.buffers, rows, strict=True):
@@ -85,6 +90,48 @@ def test_rows_alone_equal_rows_in_a_verify_call(tmp_path, d, sliding, threads):
         attn.fill(context)
         together = attn(q, k, v, past)
         assert np.array_equal(alone, together), f"past={past}: max diff {np.abs(alone - together).max()}"
+
+
+RING_WINDOW, RING = 100, 256  # ring_length(100): the window plus a call's 128 rows, rounded up to 128
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ring_rows_alone_equal_rows_in_a_verify_call_over_wraps(tmp_path, fp16, threads):
+    """A sliding layer on a ring: the same stream of K/V rows written by 1-row decodes and by calls of up to
+    R - window rows gives bit-identical outputs at every position, over several wraps of the ring (R = 256,
+    1100 positions); rows rolled back and rewritten (rejected drafts) leave no trace; and the output equals
+    plain attention over the last `window` positions (the ring's masking is the sliding window)."""
+    from edgegen.export.graphs import ring_length
+
+    assert ring_length(RING_WINDOW) == RING
+    d, n = 256, 1100
+    ring = Attention(tmp_path, d, True, threads, ring=RING, fp16=fp16, window=RING_WINDOW)
+    rng = np.random.default_rng(threads)
+    q = rng.standard_normal((n, HEADS * d), dtype=np.float32)
+    k, v = (rng.standard_normal((n, d), dtype=np.float32) for _ in "kv")
+    alone = np.stack([ring(q[p:p + 1], k[p:p + 1], v[p:p + 1], p)[0] for p in range(n)])
+    ring.fill([np.zeros((RING, d), np.float32)] * 2)
+    calls, p = [], 0
+    sizes = [3, 1, 156, 5, 2, 100, 1, 7, 33]
+    while p < n:
+        s = min(sizes[len(calls) % len(sizes)], n - p)
+        if s >= 2:  # a rejected draft first: rows written at p.., then overwritten by the real ones
+            garbage = rng.standard_normal((s, d), dtype=np.float32)
+            ring(q[p:p + s], garbage, garbage, p)
+        calls.append(ring(q[p:p + s], k[p:p + s], v[p:p + s], p))
+        p += s
+    together = np.concatenate(calls)
+    assert np.array_equal(alone, together), f"max diff {np.abs(alone - together).max()}"
+    # The same math as attention over the last `window` keys (K/V rounded to float16 where stored so).
+    kr, vr = (t.astype(np.float16).astype(np.float32) if fp16 else t for t in (k, v))
+    for p in (0, 5, RING_WINDOW + 3, RING + 17, n - 1):
+        lo = max(0, p - RING_WINDOW + 1)
+        qh = q[p].reshape(HEADS, d)
+        scores = qh @ kr[lo:p + 1].T
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        expect = (probs / probs.sum(-1, keepdims=True)) @ vr[lo:p + 1]
+        np.testing.assert_allclose(alone[p].reshape(HEADS, d), expect, rtol=2e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize(("quant", "compute"), [("int4", "int8"), ("fp32", "exact")])

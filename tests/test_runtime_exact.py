@@ -119,6 +119,61 @@ def test_sliding_window_far_beyond_the_window(oracle) -> None:
     assert result.stats.drafted > 0
 
 
+LONG_CONTEXT, LONG_PROMPT = 1024, 700  # e2b-like: window 16, ring 256 slots; the prompt wraps it 2.7 times
+
+
+@pytest.fixture(scope="module")
+def long_oracle(pair_dir, bundle_dir) -> Callable[[str], Oracle]:
+    """`long_oracle(kv_dtype)`: the e2b-like pair with a bundle of LONG_CONTEXT positions (ring buffers)."""
+    cache: dict[str, Oracle] = {}
+
+    def get(kv_dtype: str) -> Oracle:
+        if kv_dtype not in cache:
+            target_dir, assistant_dir = pair_dir("e2b-like", True)
+            bundle = bundle_dir("e2b-like", True, max_context=LONG_CONTEXT, kv_dtype=kv_dtype)
+            cache[kv_dtype] = Oracle(load_pair(str(target_dir), str(assistant_dir)), bundle)
+        return cache[kv_dtype]
+
+    return get
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp32", "fp16"])
+def test_greedy_past_several_ring_wraps(long_oracle, kv_dtype: str) -> None:
+    """Sliding layers on 256-slot rings (window 16), full layers on full-length buffers: a 700-token prompt
+    (prefilled in calls of at most R - window = 240 rows) and 60 new tokens. Speculative decoding (the fused
+    k = 4 round, k = 2 single steps) equals plain decoding bit for bit, with float32 and with float16 K/V;
+    float32 equals transformers' greedy output."""
+    o = long_oracle(kv_dtype)
+    buffers = o.bundle.manifest.model.kv_buffers
+    assert {b.length for b in buffers if b.kind == "sliding_attention"} == {256}
+    assert {b.length for b in buffers if b.kind == "full_attention"} == {"max_context"}
+    assert {b.dtype for b in buffers} == {{"fp32": "float32", "fp16": "float16"}[kv_dtype]}
+    cache = o.bundle.new_cache()
+    assert cache.max_rows == 256 - o.bundle.manifest.model.sliding_window
+    ids = random_prompt(LONG_PROMPT, 4711, o.vocab)
+    plain = o.runtime_greedy(ids, 60)
+    for k in (FUSED_K, 2):
+        result = Generator(o.bundle, draft_tokens=k).generate(ids, max_new_tokens=60)
+        assert result.token_ids == plain, f"k={k}"
+        assert result.stats.drafted > 0
+    if kv_dtype == "fp32":
+        assert plain == o.hf_greedy(ids, 60)
+
+
+def test_oracle_drafter_past_several_ring_wraps(monkeypatch, long_oracle) -> None:
+    """Accepted and rejected drafts (a 70%-correct drafter) while the rings wrap: the output is the plain
+    greedy output, which is transformers'."""
+    o = long_oracle("fp32")
+    ids = random_prompt(LONG_PROMPT - 100, 4242, o.vocab)
+    max_new, k = 120, FUSED_K
+    reference = o.runtime_greedy(ids, max_new + k + 2)
+    assert reference[:max_new] == o.hf_greedy(ids, max_new)
+    expected = until_eos(reference[:max_new], o.eos_ids)
+    result, _ = run_with_oracle(monkeypatch, o, ids, reference, max_new, k, correct_rate=0.7, seed=5)
+    assert result.token_ids == expected
+    assert 0 < result.stats.accepted < result.stats.drafted
+
+
 # -- oracle drafter: the accept / rollback paths -------------------------------------------------------
 
 
