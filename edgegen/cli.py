@@ -374,17 +374,18 @@ def _stream_out(events, stats: bool, think: bool = False) -> None:
         last = event
     sys.stdout.write("\n")
     if stats and last is not None:
-        _print_stats(last.stats)
+        _print_stats(last.stats, last.stop_reason)
 
 
-def _print_stats(st) -> None:
+def _print_stats(st, stop_reason: str | None) -> None:
     from edgegen.runtime.adaptive import describe
 
     d = st.as_dict()
     typer.echo(
         f"[{d['new_tokens']} tokens, {d['tokens_per_second']:.1f} tok/s, {d['tokens_per_target_call']:.2f} "
         f"tokens/target call, first token {1000 * d['time_to_first_token_s']:.0f} ms, "
-        f"accepted {d['accepted']}/{d['drafted']} drafts, by position {d['acceptance_by_position']}]\n"
+        f"accepted {d['accepted']}/{d['drafted']} drafts, by position {d['acceptance_by_position']}, "
+        f"stopped by {stop_reason}]\n"
         f"[{describe(d['drafting'])}]",
         err=True,
     )
