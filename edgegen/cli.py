@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from edgegen.runtime.errors import EdgegenError
+from edgegen.runtime.providers import EPS
 
 # Plain help (rich_markup_mode=None): typer's rich panels read "[default: ...]" in help texts as markup and
 # drop it, and print a "<bool>" value column for flags that take no value. click's own formatter does neither.
@@ -30,24 +31,14 @@ class QuantKind(str, Enum):
     int4 = "int4"
 
 
-class ExportEP(str, Enum):
-    cpu = "cpu"
-    qnn = "qnn"
-    webgpu = "webgpu"
-    openvino = "openvino"
+# Execution providers: the names are runtime/providers.py's list (the one place that knows them).
+ExportEP = Enum("ExportEP", {name: name for name in EPS}, type=str)
+RunEP = Enum("RunEP", {name: name for name in ("auto", *EPS)}, type=str)
 
 
 class Compute(str, Enum):
     exact = "exact"
     int8 = "int8"
-
-
-class RunEP(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    qnn = "qnn"
-    webgpu = "webgpu"
-    openvino = "openvino"
 
 
 def _quiet_ort() -> None:
@@ -180,7 +171,7 @@ def bench(
     plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here (needs matplotlib) "
                                           "[default: no plot]"),
     ep: str = typer.Option("cpu", "--ep", metavar="<ep[,ep...]>",
-                           help="Execution provider (cpu, qnn, webgpu, openvino, auto), or several separated by "
+                           help=f"Execution provider ({', '.join((*EPS, 'auto'))}), or several separated by "
                                 "commas: cpu,webgpu"),
 ) -> None:
     """Measure plain vs speculative decoding on a bundle, side by side (per execution provider)."""
@@ -244,7 +235,7 @@ def bench(
 
 def _bench_eps(ep: str) -> list[str]:
     """`--ep cpu,webgpu` -> ["cpu", "webgpu"]; each name must be known (checked before any bundle work)."""
-    from edgegen.runtime.providers import EPS, check_name
+    from edgegen.runtime.providers import check_name
 
     several = "or several separated by commas (e.g. cpu,webgpu)"
     names = [e.strip() for e in ep.split(",")]
