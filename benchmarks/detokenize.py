@@ -1,4 +1,4 @@
-"""Streaming detokenization cost per token: incremental (the runtime's TextStream, tokenizers' DecodeStream)
+"""Streaming detokenization cost per token: incremental (the runtime's Detokenizer, tokenizers' DecodeStream)
 vs decoding the whole output again at every token.
 
     python benchmarks/detokenize.py [--tokens 4000]
@@ -23,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from edgegen.export.testing import write_gemma4_tokenizer
-    from edgegen.runtime.detokenize import TextStream
+    from edgegen.runtime.detokenize import Detokenizer
     from edgegen.runtime.tokenizer import TextTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -36,7 +36,7 @@ def main() -> None:
     ids = ids[: args.tokens]
 
     t0 = time.perf_counter()
-    stream = TextStream(tok)
+    stream = Detokenizer(tok)
     streamed = "".join(stream.push(i)[1] for i in ids) + stream.finish()[1]
     incremental = time.perf_counter() - t0
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from edgegen.runtime.errors import EdgegenError
+from edgegen.runtime.providers import EPS
 
 # Plain help (rich_markup_mode=None): typer's rich panels read "[default: ...]" in help texts as markup and
 # drop it, and print a "<bool>" value column for flags that take no value. click's own formatter does neither.
@@ -30,11 +31,9 @@ class QuantKind(str, Enum):
     int4 = "int4"
 
 
-class ExportEP(str, Enum):
-    cpu = "cpu"
-    qnn = "qnn"
-    webgpu = "webgpu"
-    openvino = "openvino"
+# Execution providers: the names are runtime/providers.py's list (the one place that knows them).
+ExportEP = Enum("ExportEP", {name: name for name in EPS}, type=str)
+RunEP = Enum("RunEP", {name: name for name in ("auto", *EPS)}, type=str)
 
 
 class Compute(str, Enum):
@@ -45,14 +44,6 @@ class Compute(str, Enum):
 class KVDtype(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
-
-
-class RunEP(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    qnn = "qnn"
-    webgpu = "webgpu"
-    openvino = "openvino"
 
 
 def _quiet_ort() -> None:
@@ -189,7 +180,7 @@ def bench(
     plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here (needs matplotlib) "
                                           "[default: no plot]"),
     ep: str = typer.Option("cpu", "--ep", metavar="<ep[,ep...]>",
-                           help="Execution provider (cpu, qnn, webgpu, openvino, auto), or several separated by "
+                           help=f"Execution provider ({', '.join((*EPS, 'auto'))}), or several separated by "
                                 "commas: cpu,webgpu"),
 ) -> None:
     """Measure plain vs speculative decoding on a bundle, side by side (per execution provider)."""
@@ -253,7 +244,7 @@ def bench(
 
 def _bench_eps(ep: str) -> list[str]:
     """`--ep cpu,webgpu` -> ["cpu", "webgpu"]; each name must be known (checked before any bundle work)."""
-    from edgegen.runtime.providers import EPS, check_name
+    from edgegen.runtime.providers import check_name
 
     several = "or several separated by commas (e.g. cpu,webgpu)"
     names = [e.strip() for e in ep.split(",")]
@@ -383,17 +374,18 @@ def _stream_out(events, stats: bool, think: bool = False) -> None:
         last = event
     sys.stdout.write("\n")
     if stats and last is not None:
-        _print_stats(last.stats)
+        _print_stats(last.stats, last.stop_reason)
 
 
-def _print_stats(st) -> None:
+def _print_stats(st, stop_reason: str | None) -> None:
     from edgegen.runtime.adaptive import describe
 
     d = st.as_dict()
     typer.echo(
         f"[{d['new_tokens']} tokens, {d['tokens_per_second']:.1f} tok/s, {d['tokens_per_target_call']:.2f} "
         f"tokens/target call, first token {1000 * d['time_to_first_token_s']:.0f} ms, "
-        f"accepted {d['accepted']}/{d['drafted']} drafts, by position {d['acceptance_by_position']}]\n"
+        f"accepted {d['accepted']}/{d['drafted']} drafts, by position {d['acceptance_by_position']}, "
+        f"stopped by {stop_reason}]\n"
         f"[{describe(d['drafting'])}]",
         err=True,
     )

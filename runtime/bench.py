@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgegen.runtime.generate import Generator, Stats
+from edgegen.runtime.loop import Stats, TokenLoop
 from edgegen.runtime.model import Bundle
 from edgegen.runtime.osinfo import peak_rss_mb
+from edgegen.runtime.tokenizer import TextTokenizer
 
 BENCH_PROMPTS = (
     "def parse_args(argv=None):\n    \"\"\"Parse the command line.\"\"\"\n",
@@ -66,17 +67,16 @@ def _pad(xs: list[int], n: int) -> np.ndarray:
     return out
 
 
-def run_mode(gen: Generator, name: str, prompts: list[list[int]], max_new_tokens: int, use_assistant: bool,
+def run_mode(loop: TokenLoop, name: str, prompts: list[list[int]], max_new_tokens: int, use_assistant: bool,
              draft_tokens: int | str) -> ModeResult:
     stats, ttft, prefill, tokens, decode = [], [], [], 0, 0.0
     for ids in prompts:
-        gen.reset()
+        loop.reset()
         t0 = time.perf_counter()
-        events = gen.stream_ids(ids, max_new_tokens, use_assistant=use_assistant, draft_tokens=draft_tokens)
         n, last = 0, None
-        for ev in events:
+        for token in loop.stream_ids(ids, max_new_tokens, use_assistant=use_assistant, draft_tokens=draft_tokens):
             n += 1
-            last = ev.stats
+            last = token.stats
         total = time.perf_counter() - t0
         stats.append(last)
         ttft.append(last.time_to_first_token_s)
@@ -89,13 +89,13 @@ def run_mode(gen: Generator, name: str, prompts: list[list[int]], max_new_tokens
 def bench(bundle_path, max_new_tokens: int = 128, draft_tokens: int | str = "auto", threads: int | None = None,
           prompts: list[str] | None = None, repeats: int = 1, ep: str = "cpu") -> dict:
     bundle = Bundle(bundle_path, threads=threads, ep=ep, report_placement=True)
-    gen = Generator(bundle, draft_tokens=draft_tokens)
-    tok = gen.tokenizer
+    loop = TokenLoop(bundle, draft_tokens=draft_tokens)
+    tok = TextTokenizer(bundle.path, bundle.manifest.tokenizer)
     ids = [tok.encode(p) for p in (prompts or BENCH_PROMPTS)] * repeats
-    run_mode(gen, "warmup", ids[:1], 8, True, draft_tokens)  # first runs pay one-time allocation costs
-    modes = {"plain": run_mode(gen, "plain", ids, max_new_tokens, False, 0)}
-    if gen.bundle.assistant is not None:
-        modes["speculative"] = run_mode(gen, "speculative", ids, max_new_tokens, True, draft_tokens)
+    run_mode(loop, "warmup", ids[:1], 8, True, draft_tokens)  # first runs pay one-time allocation costs
+    modes = {"plain": run_mode(loop, "plain", ids, max_new_tokens, False, 0)}
+    if bundle.assistant is not None:
+        modes["speculative"] = run_mode(loop, "speculative", ids, max_new_tokens, True, draft_tokens)
     result = {"bundle": str(bundle_path), "max_new_tokens": max_new_tokens, "prompts": len(ids),
               "draft_tokens": draft_tokens, "ep": bundle.ep, "ep_reason": bundle.ep_reason,
               "ep_profile": bundle.manifest.ep_profile, "placement": bundle.placement_report(),

@@ -78,7 +78,7 @@ class _Segment:
         return text
 
 
-class TextStream:
+class Detokenizer:
     """`push(token_id) -> (thinking, answer)`: the text this token adds to each; `finish()` at the end."""
 
     def __init__(self, tok: TextTokenizer):

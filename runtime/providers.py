@@ -25,11 +25,15 @@ import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import onnxruntime as ort
+from typing import TYPE_CHECKING
 
 from edgegen.runtime.errors import EdgegenError
 
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+# The one list of execution-provider names: the CLI's choices (run, bench, export) come from it. Importing
+# this module does not load onnxruntime, so the CLI's help stays quick; the functions that talk to it do.
 EPS = ("cpu", "qnn", "webgpu", "openvino")
 # `auto`: a bundle exported for an EP runs there when it loads (qnn bundles: the NPU, first). Otherwise a GPU
 # before OpenVINO (another CPU backend on most machines). QNN is not tried for other bundles: its HTP runs
@@ -80,6 +84,8 @@ def _register(ep: str) -> str:
         if ep == "webgpu":
             # Without a GPU the plugin offers no device unless a software adapter (lavapipe) is allowed.
             os.environ.setdefault("ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER", "1")
+        import onnxruntime as ort
+
         ort_name = module.get_ep_name()
         try:
             ort.register_execution_provider_library(ort_name, module.get_library_path())
@@ -93,6 +99,8 @@ def _register(ep: str) -> str:
 
 def devices(ep: str) -> list:
     """The ORT EP devices of `ep` (registering its plugin first); raises EdgegenError if there are none."""
+    import onnxruntime as ort
+
     check_name(ep, allow_auto=False)
     ort_name = CPU_EP if ep == "cpu" else _register(ep)
     found = [d for d in ort.get_ep_devices() if d.ep_name == ort_name]
@@ -163,6 +171,8 @@ def available() -> dict[str, str | None]:
 def _is_accelerator(ep: str) -> bool:
     """A GPU or NPU device. Emulated ones (the QNN HTP simulator, a software Vulkan adapter) and
     OpenVINO's CPU device report the CPU, and run slower than ORT's CPU EP."""
+    import onnxruntime as ort
+
     return any(d.device.type != ort.OrtHardwareDeviceType.CPU for d in devices(ep))
 
 

@@ -70,6 +70,10 @@ class StaticCache(KVCache):
                     self.encoding[name] = enc
                     self.values[name] = np.full(shape, enc[1], enc[2])  # the zero point encodes 0.0
 
+    def reusable(self, length: int) -> int:
+        """Every position below the length stays held (no ring buffers): any prefix can be resumed."""
+        return length
+
     def write(self, new: dict[str, np.ndarray], rows: int) -> None:
         """Put the first `rows` rows of each new_key/new_value output (float) at positions length.. ."""
         a = self.length

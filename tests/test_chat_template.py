@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from edgegen.runtime.errors import EdgegenError
-from edgegen.runtime.generate import Event, Generator, Stats
+from edgegen.runtime.generate import Generator, Stats, Token
 from edgegen.runtime.tokenizer import TextTokenizer
 
 SPEC = {"files": ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"],
@@ -143,18 +143,20 @@ def test_template_errors_are_one_line(tmp_path: Path, gemma4_tokenizer_dir: Path
 
 
 class ScriptedModel:
-    """Stands in for the draft/verify loop: records each prompt and emits the given token ids."""
+    """Stands in for the token loop: records each prompt and emits the given token ids, the last one with
+    its stop reason (an EOS id of the e2b-like bundle, or the budget)."""
 
     def __init__(self, outputs: list[list[int]]):
         self.outputs, self.prompts = list(outputs), []
 
-    def __call__(self, prompt_ids, max_new_tokens=128, sampling=None, use_assistant=True, draft_tokens=None,
-                 stop_strings=()):
+    def __call__(self, prompt_ids, max_new_tokens=128, sampling=None, use_assistant=True, draft_tokens=None):
         self.prompts.append(list(prompt_ids))
         stats = Stats(prompt_tokens=len(prompt_ids))
-        for i, t in enumerate(self.outputs.pop(0)[:max_new_tokens]):
+        ids = self.outputs.pop(0)[:max_new_tokens]
+        for i, t in enumerate(ids):
             stats.new_tokens = i + 1
-            yield Event(t, "", stats)
+            last = i == len(ids) - 1
+            yield Token(t, False, stats, ("eos" if t in (1, 106) else "max_new_tokens") if last else None)
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +181,7 @@ def test_chat_turns_with_system_tools_and_thinking(monkeypatch, chat_gen, tok, h
     events = list(gen.chat("Weather in Paris?", system="Be brief.", enable_thinking=True, tools=[WEATHER]))
     assert "".join(e.thinking for e in events) == thought
     assert "".join(e.text for e in events) == answer + call
-    assert events[-1].token_id in (106, -1)
-    assert gen.last_stop_reason == "eos"
+    assert events[-1].token_id == 106 and events[-1].stop_reason == "eos"
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
     assert model.prompts[0] == list(hf.apply_chat_template(messages, tools=[WEATHER], enable_thinking=True,
                                                            add_generation_prompt=True, tokenize=True,
@@ -209,7 +210,7 @@ def test_chat_stop_strings_cut_the_answer_not_the_thinking(monkeypatch, chat_gen
     events = list(gen.chat("count", enable_thinking=True, stop_strings=("STOP",)))
     assert "".join(e.thinking for e in events) == "STOP is just a word"
     assert "".join(e.text for e in events) == "one two "
-    assert gen.last_stop_reason == "stop_string"
+    assert events[-1].stop_reason == "stop_string"
 
 
 def test_generate_result_separates_thinking(monkeypatch, chat_gen, tok) -> None:

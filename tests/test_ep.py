@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import pytest
 
 from edgegen.demo import DEMO_PAIR
@@ -212,8 +213,8 @@ def test_openvino_without_a_device_names_the_cpu_or_the_install(cpu, hardware, m
     """No OpenVINO device on a non-Intel CPU is the hardware (one line naming the CPU, `auto` passes it by);
     on an Intel CPU, or an unknown one, it is a broken install. Needs no plugin: the registration is faked."""
     monkeypatch.setitem(providers._registered, "openvino", "OpenVINOExecutionProvider")
-    cpu_only = [d for d in providers.ort.get_ep_devices() if d.ep_name == providers.CPU_EP]
-    monkeypatch.setattr(providers.ort, "get_ep_devices", lambda: cpu_only)
+    cpu_only = [d for d in onnxruntime.get_ep_devices() if d.ep_name == providers.CPU_EP]
+    monkeypatch.setattr(onnxruntime, "get_ep_devices", lambda: cpu_only)
     monkeypatch.setattr(providers, "cpu_model", lambda: cpu)
     expected = "only on Intel CPUs, GPUs and NPUs; this CPU is AuthenticAMD \\(AMD EPYC\\)" if hardware \
         else "OpenVINO found no device; check the onnxruntime-ep-openvino install"
@@ -237,7 +238,7 @@ def test_cli_openvino_without_a_device_is_one_line(demo_bundles) -> None:
 @pytest.mark.parametrize("ep", [pytest.param("webgpu", marks=needs("webgpu"))])
 def test_no_adapter_names_the_vulkan_driver(ep: str, monkeypatch) -> None:
     providers.devices(ep)  # registered for real first
-    monkeypatch.setattr(providers.ort, "get_ep_devices", lambda: [])
+    monkeypatch.setattr(onnxruntime, "get_ep_devices", lambda: [])
     with pytest.raises(EdgegenError, match="no Vulkan adapter.*setup-ep.sh"):
         providers.devices(ep)
 

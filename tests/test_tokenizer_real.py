@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgegen.runtime.detokenize import TextStream
+from edgegen.runtime.detokenize import Detokenizer
 from edgegen.runtime.tokenizer import TextTokenizer
 
 DATA = Path(__file__).parent / "data" / "gemma4-tokenizer"
@@ -36,7 +36,7 @@ def tok(gemma4_tokenizer_dir: Path) -> TextTokenizer:
 
 
 def stream_text(tok: TextTokenizer, ids: list[int]) -> tuple[list[tuple[str, str]], tuple[str, str]]:
-    s = TextStream(tok)
+    s = Detokenizer(tok)
     pieces = [s.push(i) for i in ids]
     return pieces, s.finish()
 
@@ -107,7 +107,7 @@ def test_random_ids_stream_to_the_full_decode(tok) -> None:
             else:
                 ids.append(special[int(rng.integers(0, len(special)))])
         full = tok.decode(ids)
-        s = TextStream(tok)
+        s = Detokenizer(tok)
         so_far = ""
         for i in ids:
             thinking, piece = s.push(i)
