@@ -164,7 +164,8 @@ def load_manifest(bundle: str | Path) -> Manifest:
     try:
         manifest = Manifest.from_dict(raw)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise EdgegenError(f"{path} is missing or has a malformed field ({exc}); re-export the bundle") from None
+        detail = " ".join(str(exc).split())  # a damaged key may hold a newline: the message stays one line
+        raise EdgegenError(f"{path} is missing or has a malformed field ({detail}); re-export the bundle") from None
     if "target" not in manifest.graphs:
         raise EdgegenError(f"{path} lists no target graph; re-export the bundle")
     problem = _first_problem(manifest)
