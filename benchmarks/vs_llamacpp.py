@@ -169,20 +169,38 @@ def ensure_gguf(llama: LlamaCpp, work: Path, target: Path, assistant: Path, outt
     if not _built(out, source):
         print(f"converting the pair to GGUF in {out} ...", file=sys.stderr, flush=True)
         tmp = _partial(out)
-        # llama.cpp's converter reads the tokenizer from the model directory; the assistant ships without
-        # one (it shares the target's), so it is converted from a directory of links to both.
-        staged = tmp / "assistant-hf"
-        staged.mkdir()
-        for f in assistant.iterdir():
-            (staged / f.name).symlink_to(f.resolve())
-        for name in TOKENIZER_FILES:
-            if (target / name).is_file() and not (staged / name).exists():
-                (staged / name).symlink_to((target / name).resolve())
-        llama.convert(target, tmp / names[0], outtype, target_type, tmp)
-        llama.convert(staged, tmp / names[1], outtype, assistant_type, tmp)
-        shutil.rmtree(staged)
+        for model_dir, name, quant in ((target, names[0], target_type), (assistant, names[1], assistant_type)):
+            staged = stage_for_converter(model_dir, target, tmp / "hf")
+            llama.convert(staged, tmp / name, outtype, quant, tmp)
+            shutil.rmtree(staged)
         _finish(tmp, out, source)
     return out / names[0], out / names[1]
+
+
+ARCHITECTURES = {"gemma4_text": "Gemma4ForCausalLM", "gemma4_assistant": "Gemma4AssistantForCausalLM",
+                 "gemma4": "Gemma4ForConditionalGeneration"}
+
+
+def stage_for_converter(model_dir: Path, target: Path, out: Path) -> Path:
+    """A directory of links to `model_dir`'s files, as llama.cpp's converter needs it: with the tokenizer
+    (the assistant ships without one; it shares the target's) and with `architectures` in config.json (the
+    converter picks its model class from it; configs saved without a model, like the full-size stand-ins',
+    lack it)."""
+    out.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f.resolve())
+    for name in TOKENIZER_FILES:
+        if (target / name).is_file() and not (out / name).exists():
+            (out / name).symlink_to((target / name).resolve())
+    config = json.loads((model_dir / "config.json").read_text())
+    if not config.get("architectures"):
+        if config.get("model_type") not in ARCHITECTURES:
+            raise BenchError(f"'{model_dir}/config.json' has model_type {config.get('model_type')!r}; "
+                             "expected a Gemma 4 target or assistant")
+        config["architectures"] = [ARCHITECTURES[config["model_type"]]]
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return out
 
 
 def ensure_bundle(work: Path, target: Path, assistant: Path, flags: list[str]) -> Path:
