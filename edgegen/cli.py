@@ -38,6 +38,7 @@ class ExportEP(str, Enum):
 
 
 class Compute(str, Enum):
+    auto = "auto"
     exact = "exact"
     int8 = "int8"
 
@@ -71,9 +72,12 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists"),
     ep: ExportEP = typer.Option(ExportEP.cpu, "--ep",
                                 help="Export profile: cpu, qnn (static shapes, QDQ, NPU), webgpu or openvino"),
-    compute: Compute = typer.Option(Compute.exact, "--compute",
-                                    help="Quantized matmuls: exact (matches PyTorch), or int8 activations "
-                                         "(faster int4/int8 on CPU, verified by top-1 agreement)"),
+    compute: Compute = typer.Option(
+        Compute.auto, "--compute",
+        help="Quantized matmuls: int8 activations (fast on CPU; speculative == plain bit for bit at block size 32; "
+             "checked against PyTorch by top-1 agreement), exact (fp32 activations: matches PyTorch to ~1e-5, "
+             "~2x slower decode, speculative output can differ from plain at near-ties), or auto: int8 for "
+             "--quant int8/int4 with --ep cpu and block size 32, else exact"),
     soc_model: str | None = typer.Option(None, "--soc-model",
                                          help="qnn: precompile QNN context binaries for this SoC model number "
                                               "[default: none; the QNN EP compiles the graphs at load]"),

@@ -43,7 +43,7 @@ def pair_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., PairDirs
 
 @pytest.fixture(scope="session")
 def bundle_dir(pair_dir, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """`bundle_dir(preset, centroid_head=True, quant="fp32", assistant_quant=None) -> Path`.
+    """`bundle_dir(preset, centroid_head=True, quant="fp32", assistant_quant=None, compute="auto") -> Path`.
 
     Exported (and verified) once per session; tests must not modify the returned bundle.
     """
@@ -52,13 +52,14 @@ def bundle_dir(pair_dir, tmp_path_factory: pytest.TempPathFactory) -> Callable[.
     cache: dict[tuple, Path] = {}
 
     def make(preset: str, centroid_head: bool = True, quant: str = "fp32", assistant_quant: str | None = None,
-             max_context: int = 512) -> Path:
-        key = (preset, centroid_head, quant, assistant_quant, max_context)
+             max_context: int = 512, compute: str = "auto") -> Path:
+        key = (preset, centroid_head, quant, assistant_quant, max_context, compute)
         if key not in cache:
             target, assistant = pair_dir(preset, centroid_head)
-            name = f"{preset}-c{int(centroid_head)}-{quant}-{assistant_quant}"
+            name = f"{preset}-c{int(centroid_head)}-{quant}-{assistant_quant}-{compute}"
             out = tmp_path_factory.mktemp("bundles") / name
-            options = ExportOptions(quant=quant, assistant_quant=assistant_quant, max_context=max_context)
+            options = ExportOptions(quant=quant, assistant_quant=assistant_quant, max_context=max_context,
+                                    compute=compute)
             export_bundle(str(target), str(assistant), out, options)
             cache[key] = out
         return cache[key]

@@ -200,8 +200,9 @@ def test_fp32_bundle_matches_pytorch(bundle_dir, load, preset: str, centroid_hea
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_bundle_matches_a_same_rounding_copy(bundle_dir, load, quant: str) -> None:
+    """`--compute exact` (fp32 activations): the graphs compute what PyTorch computes with the same rounding."""
     pair = load("e2b-like")
-    bundle = Bundle(bundle_dir("e2b-like", quant=quant))
+    bundle = Bundle(bundle_dir("e2b-like", quant=quant, compute="exact"))
     graphs = bundle.manifest.graphs
     assistant_quant = ExportOptions(quant=quant).assistant_quant_resolved()
     assert graphs["target"].quantization["kind"] == quant
