@@ -43,7 +43,11 @@ def pair_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., PairDirs
 
 @pytest.fixture(scope="session")
 def bundle_dir(pair_dir, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """`bundle_dir(preset, centroid_head=True, quant="fp32", assistant_quant=None, compute="auto") -> Path`.
+    """`bundle_dir(preset, centroid_head=True, quant="fp32", assistant_quant=None, compute="exact") -> Path`.
+
+    Quantized bundles compute exactly by default here: they are verified at export, and int8 activations
+    flip near-tied top-1 choices of these random tiny models (top-1 0.88-0.94 < 0.98 against the
+    same-rounding reference); int8 compute is tested with a trained pair and in test_row_exact.py.
 
     Exported (and verified) once per session; tests must not modify the returned bundle.
     """
@@ -52,7 +56,7 @@ def bundle_dir(pair_dir, tmp_path_factory: pytest.TempPathFactory) -> Callable[.
     cache: dict[tuple, Path] = {}
 
     def make(preset: str, centroid_head: bool = True, quant: str = "fp32", assistant_quant: str | None = None,
-             max_context: int = 512, compute: str = "auto") -> Path:
+             max_context: int = 512, compute: str = "exact") -> Path:
         key = (preset, centroid_head, quant, assistant_quant, max_context, compute)
         if key not in cache:
             target, assistant = pair_dir(preset, centroid_head)

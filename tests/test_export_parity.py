@@ -238,7 +238,9 @@ def test_quantized_bundle_matches_a_same_rounding_copy(bundle_dir, load, quant: 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_bundle_generates(bundle_dir, quant: str) -> None:
-    bundle = Bundle(bundle_dir("e2b-like", quant=quant))
+    # Verified at export, so exact compute: int8 activations flip near-ties of this random tiny model (top-1
+    # 0.91 against the same-rounding reference); their speculation is checked in test_row_exact.py.
+    bundle = Bundle(bundle_dir("e2b-like", quant=quant, compute="exact"))
     prompt = np.random.default_rng(1).integers(0, bundle.manifest.model.vocab_size, 20).tolist()
     outputs = []
     for use_assistant in (True, False):

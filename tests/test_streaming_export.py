@@ -112,8 +112,9 @@ def test_bf16_multimodal_checkpoint_exports_without_reading_the_towers(tmp_path:
         return original(self, entry, start, count)
 
     monkeypatch.setattr(Checkpoint, "_read", spy)
-    manifest = export_bundle(str(target), str(assistant), tmp_path / "bundle", ExportOptions(quant="int4",
-                                                                                            max_context=256))
+    # exact compute: verified at export, and int8 activations flip this random model's near-tied top-1 choices
+    manifest = export_bundle(str(target), str(assistant), tmp_path / "bundle",
+                             ExportOptions(quant="int4", max_context=256, compute="exact"))
     assert all(check["passed"] for check in manifest.parity["checks"].values()), manifest.parity["checks"]
     from_target = {name for directory, name in read if directory == target}
     assert "model.language_model.embed_tokens_per_layer.weight" in from_target
