@@ -74,10 +74,11 @@ def export(
                                 help="Export profile: cpu, qnn (static shapes, QDQ, NPU), webgpu or openvino"),
     compute: Compute = typer.Option(
         Compute.auto, "--compute",
-        help="Quantized matmuls: int8 activations (fast on CPU; speculative == plain bit for bit at block size 32; "
-             "checked against PyTorch by top-1 agreement), exact (fp32 activations: matches PyTorch to ~1e-5, "
-             "~2x slower decode, speculative output can differ from plain at near-ties), or auto: int8 for "
-             "--quant int8/int4 with --ep cpu and block size 32, else exact"),
+        help="Quantized matmuls: int8 activations (fast on CPU; checked against PyTorch by top-1 agreement; "
+             "speculative == plain bit for bit at block size 32, not at other sizes), exact (fp32 activations: "
+             "matches PyTorch to ~1e-5; ~2-3x slower decode, whose calls are padded to two rows so that "
+             "speculative == plain), or auto: int8 for --quant int8/int4 with --ep cpu and block size 32, "
+             "else exact"),
     soc_model: str | None = typer.Option(None, "--soc-model",
                                          help="qnn: precompile QNN context binaries for this SoC model number "
                                               "[default: none; the QNN EP compiles the graphs at load]"),
