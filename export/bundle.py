@@ -309,6 +309,10 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
             failed = [f"{k} {v['value']:.3g} > {v['tolerance']:.3g}" if "tolerance" in v else
                       f"{k} {v['value']:.3g} < {v['minimum']:.3g}" if "minimum" in v else k
                       for k, v in manifest.parity.get("checks", {}).items() if not v["passed"]]
+            if failed and level == 4:  # int8 activations are judged by top-1: near-tied logits can flip it
+                raise EdgegenError(f"export failed verification against PyTorch ({'; '.join(failed)}) with int8 "
+                                   "activations; export with --compute exact (fp32 activations), or report "
+                                   "this model")
             if failed:
                 raise EdgegenError(f"export failed verification against PyTorch ({'; '.join(failed)}); "
                                    "please report this model")

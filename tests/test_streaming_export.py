@@ -166,7 +166,9 @@ def test_e2b_int4_export_fits_in_8_gib(tmp_path: Path) -> None:
     target, assistant = realsize_pair("e2b")
     out = tmp_path / "e2b-int4"
     proc = subprocess.Popen([sys.executable, "-m", "edgegen", "export", "--target", str(target), "--assistant",
-                             str(assistant), "--out", str(out), "--quant", "int4"], stderr=subprocess.PIPE, text=True)
+                             str(assistant), "--out", str(out), "--quant", "int4", "--compute", "exact"],
+                            stderr=subprocess.PIPE, text=True)  # exact: int8 activations flip the random
+                                                                # stand-in's near-tied top-1 (0.906 < 0.98)
     stderr = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, as /usr/bin/time -v reports it
     assert os.waitstatus_to_exitcode(status) == 0, stderr
