@@ -253,7 +253,8 @@ class Bundle:
             return open_session(self.path, spec, threads, self.ep, strict, self.placement)
 
         self.target = Target(session(m.graphs["target"]), m.graphs["target"], ple,
-                             16 if "webgpu" in (self.ep, m.ep_profile) else 0, _min_rows(m.graphs["target"]))
+                             16 if "webgpu" in (self.ep, m.ep_profile) else 0,
+                             _min_rows(m.graphs["target"]) if self.ep == m.ep_profile == "cpu" else 1)
         self.assistant = self.draft_round = None
         if "assistant" in m.graphs:
             self.assistant = Assistant(session(m.graphs["assistant"]), m.graphs["assistant"])
@@ -286,7 +287,8 @@ def _min_rows(spec: GraphSpec) -> int:
     on another path than several, so one-row decode calls are padded to two rows; then a decode row has the
     bits of a verify row and greedy speculation stays exact (measured at E2B shapes: 40 of 40 rows
     bit-equal with the padding, 0 of 40 without, max |dlogits| 2.8e-3). It costs a two-row call per decode
-    step. int8 compute (the default for int4/int8) computes rows alike and needs none."""
+    step. int8 compute (the default for int4/int8) computes rows alike and needs none. CPU EP only: row
+    exactness is measured there."""
     q = spec.quantization
     return 2 if q.get("kind", "fp32") != "fp32" and q.get("compute") == "exact" else 1
 
