@@ -1,6 +1,6 @@
 """Decode cost on the E2B-shaped slice against the machine's memory roofline, and what it predicts.
 
-    python benchmarks/e2b_roofline.py [--quant int4] [--compute exact|int8] [--threads 2] [--contexts 64,2048]
+    python benchmarks/e2b_roofline.py [--quant int4] [--compute int8|exact] [--threads 2] [--contexts 64,2048]
     python benchmarks/e2b_roofline.py --bundle E2B_BUNDLE --contexts 128,8192   # any exported bundle, e.g. the
                                             # full-size E2B stand-in's (benchmarks/realsize_export.py --out)
 
@@ -35,15 +35,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from context_scaling import REPO, ensure_bundle  # noqa: E402
 
 
-def ensure_int8_compute_bundle(preset: str, quant: str, max_context: int) -> Path:
-    """The same pair exported with `--compute int8` (MatMulNBits with int8 activations), cached."""
+def ensure_compute_bundle(preset: str, quant: str, max_context: int, compute: str) -> Path:
+    """The pair exported with `--compute int8` (MatMulNBits with int8 activations) or `exact`, cached."""
     from edgegen.export.bundle import ExportOptions, export_bundle
+    from edgegen.export.testing import save_pair
 
-    pair = ensure_bundle(preset, quant, max_context).parent / f"pair-{preset}"
-    bundle = REPO / "build" / "bench" / f"bundle-{preset}-{quant}-int8compute-{max_context}"
+    pair = REPO / "build" / "bench" / f"pair-{preset}"
+    if not (pair / "assistant" / "config.json").is_file():
+        save_pair(pair, preset)
+    bundle = REPO / "build" / "bench" / f"bundle-{preset}-{quant}-{compute}compute-{max_context}"
     if not (bundle / "manifest.json").is_file():
         export_bundle(str(pair / "target"), str(pair / "assistant"), bundle,
-                      ExportOptions(quant=quant, max_context=max_context, verify=False, force=True, compute="int8"))
+                      ExportOptions(quant=quant, max_context=max_context, verify=False, force=True, compute=compute))
     return bundle
 
 
@@ -141,7 +144,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="e2b-slice")
     ap.add_argument("--quant", default="int4", choices=["fp32", "int8", "int4"])
-    ap.add_argument("--compute", default="exact", choices=["exact", "int8"])
+    ap.add_argument("--compute", default="int8", choices=["exact", "int8"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--contexts", default="64,2048")
     ap.add_argument("--draft-tokens", type=int, default=4)
@@ -157,8 +160,8 @@ def main() -> None:
     max_context = max(4096, max(contexts) + 64)
     if args.bundle:
         path = args.bundle
-    elif args.compute == "int8":
-        path = ensure_int8_compute_bundle(args.preset, args.quant, max_context)
+    elif args.quant != "fp32":
+        path = ensure_compute_bundle(args.preset, args.quant, max_context, args.compute)
     else:
         path = ensure_bundle(args.preset, args.quant, max_context)
     bundle = Bundle(path, threads=args.threads)

@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=None, help="where stand-ins are built [default: the edgegen cache]")
     ap.add_argument("--out", type=Path, default=None, help="bundle directory [default: a temp dir, removed after]")
     ap.add_argument("--no-verify", action="store_true")
+    ap.add_argument("--compute", default="auto", choices=["auto", "exact", "int8"],
+                    help="export --compute [default: auto, the export's own default]")
     ap.add_argument("--max-context", type=int, default=4096, help="positions the bundle holds (its K/V buffers)")
     ap.add_argument("--run", action="store_true", help="also generate 8 tokens with the bundle and measure that")
     args = ap.parse_args()
@@ -64,7 +66,8 @@ def main() -> None:
         out = scratch / "bundle"
     try:
         cmd = [sys.executable, "-m", "edgegen", "export", "--target", str(target), "--assistant", str(assistant),
-               "--out", str(out), "--quant", args.quant, "--max-context", str(args.max_context), "--force", "--stats"]
+               "--out", str(out), "--quant", args.quant, "--max-context", str(args.max_context), "--force", "--stats",
+               "--compute", args.compute]
         if args.no_verify:
             cmd.append("--no-verify")
         code, seconds, peak, log = run_measured(cmd)

@@ -37,6 +37,7 @@ RunEP = Enum("RunEP", {name: name for name in ("auto", *EPS)}, type=str)
 
 
 class Compute(str, Enum):
+    auto = "auto"
     exact = "exact"
     int8 = "int8"
 
@@ -69,9 +70,13 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists"),
     ep: ExportEP = typer.Option(ExportEP.cpu, "--ep",
                                 help="Export profile: cpu, qnn (static shapes, QDQ, NPU), webgpu or openvino"),
-    compute: Compute = typer.Option(Compute.exact, "--compute",
-                                    help="Quantized matmuls: exact (matches PyTorch), or int8 activations "
-                                         "(faster int4/int8 on CPU, verified by top-1 agreement)"),
+    compute: Compute = typer.Option(
+        Compute.auto, "--compute",
+        help="Quantized matmuls: int8 activations (fast on CPU; checked against PyTorch by top-1 agreement; "
+             "speculative == plain bit for bit at block size 32, not at other sizes), exact (fp32 activations: "
+             "matches PyTorch to ~1e-5; ~2-3x slower decode, whose calls are padded to two rows so that "
+             "speculative == plain), or auto: int8 for --quant int8/int4 with --ep cpu and block size 32, "
+             "else exact"),
     soc_model: str | None = typer.Option(None, "--soc-model",
                                          help="qnn: precompile QNN context binaries for this SoC model number "
                                               "[default: none; the QNN EP compiles the graphs at load]"),

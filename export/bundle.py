@@ -57,8 +57,17 @@ class ExportOptions:
     draft_tokens: int | None = None  # steps of the fused draft_round graph [default: the assistant's own]
     ep: str = "cpu"  # execution-provider profile of the graphs: cpu, qnn, webgpu, openvino (graphs.PROFILES)
     soc_model: str | None = None  # qnn: precompile EP context binaries for this Qualcomm SoC model number
-    compute: str = "exact"  # quantized matmuls: exact (fp32 compute) or int8 (int8 activations, faster on CPU)
+    # Quantized matmuls: exact (fp32 compute), int8 (int8 activations: faster on CPU, and at block size 32 a
+    # verify row equals a decode row bit for bit), or auto: int8 for int8/int4 weights on the cpu profile at
+    # block size 32, else exact (see compute_resolved).
+    compute: str = "auto"
     kv_dtype: str = "fp32"  # K/V buffers: fp32, or fp16 (half the KV memory; cpu profile)
+
+    def compute_resolved(self) -> str:
+        if self.compute != "auto":
+            return self.compute
+        quantized = self.quant != "fp32" or self.assistant_quant_resolved() != "fp32"
+        return "int8" if quantized and self.ep == "cpu" and self.block_size == 32 else "exact"
 
     def draft_tokens_resolved(self, pair) -> int:
         return self.draft_tokens or int(pair.assistant.generation_config.num_assistant_tokens)
@@ -123,8 +132,10 @@ def _specs(vis) -> list[TensorSpec]:
 
 
 def _graph_spec(g: Graph, file: str, aliases: dict[str, str], quant: Quant) -> GraphSpec:
-    return GraphSpec(file, _specs(g.inputs), _specs(g.outputs), aliases,
-                     {"kind": quant.kind, "block_size": quant.block_size if quant.bits else 0})
+    quantization = {"kind": quant.kind, "block_size": quant.block_size if quant.bits else 0}
+    if quant.bits:  # MatMulNBits compute: int8 activations (accuracy_level 4) or fp32
+        quantization["compute"] = "int8" if quant.accuracy_level == 4 else "exact"
+    return GraphSpec(file, _specs(g.inputs), _specs(g.outputs), aliases, quantization)
 
 
 def _aliases(layers, profile, steps: int | None = None) -> dict[str, str]:
@@ -228,8 +239,8 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
         raise EdgegenError("--ep qnn quantizes to QDQ itself (uint16 activations, int8 weights); "
                            "drop --quant / --assistant-quant")
     profile = PROFILES.get(opts.ep)  # None for qnn: its static graphs are built by export/qnn.py
-    if opts.compute not in ("exact", "int8"):
-        raise EdgegenError(f"--compute {opts.compute} is unknown; use exact or int8")
+    if opts.compute not in ("auto", "exact", "int8"):
+        raise EdgegenError(f"--compute {opts.compute} is unknown; use auto, exact or int8")
     all_fp32 = opts.quant == "fp32" and opts.assistant_quant_resolved() == "fp32"
     if opts.compute == "int8" and (opts.ep != "cpu" or all_fp32):
         raise EdgegenError("--compute int8 speeds up int8/int4 weights on the cpu profile; "
@@ -240,7 +251,7 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
         raise EdgegenError(f"--kv-dtype fp16 is for the cpu profile; drop it with --ep {opts.ep}")
     if opts.kv_dtype == "fp16":
         profile = replace(profile, kv_fp16=True)
-    level = 4 if opts.compute == "int8" else 0
+    level = 4 if opts.compute_resolved() == "int8" else 0
     tquant = Quant(opts.quant, opts.block_size, level)
     aquant = Quant(opts.assistant_quant_resolved(), opts.block_size, level)
 
@@ -318,6 +329,10 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
             failed = [f"{k} {v['value']:.3g} > {v['tolerance']:.3g}" if "tolerance" in v else
                       f"{k} {v['value']:.3g} < {v['minimum']:.3g}" if "minimum" in v else k
                       for k, v in manifest.parity.get("checks", {}).items() if not v["passed"]]
+            if failed and level == 4:
+                raise EdgegenError(f"export failed verification against PyTorch ({'; '.join(failed)}) with int8 "
+                                   "activations; export with --compute exact (fp32 activations), or report "
+                                   "this model")
             if failed:
                 raise EdgegenError(f"export failed verification against PyTorch ({'; '.join(failed)}); "
                                    "please report this model")

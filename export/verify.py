@@ -284,6 +284,8 @@ def _report(case: Case, got_t, got_a, fused: bool, tquant: Quant, aquant: Quant,
     same["target"]["greedy_equal"] = case.greedy[tag] == case.continuation
     report: dict = {"prompt_tokens": len(case.ids), "draft_positions": case.positions,
                     "quant": {"target": tquant.kind, "assistant": aquant.kind},
+                    # quantized matmuls' compute: exact = fp32 activations, int8 = int8 activations
+                    "compute": {"target": _compute(tquant), "assistant": _compute(aquant)},
                     "vs_same_rounding" if quantized else "vs_pytorch": same}
     same["target"]["pytorch_self_noise"] = case.noise[tag]
     same["target"]["pytorch_fp64_error"] = case.fp64_error[tag]
@@ -315,6 +317,10 @@ def _report(case: Case, got_t, got_a, fused: bool, tquant: Quant, aquant: Quant,
     if quantized:
         report["vs_fp32"] = _scores(got_t, case.target_logits["fp32"], got_a, case.assistant["fp32"])
     return report
+
+
+def _compute(quant: Quant) -> str:
+    return "int8" if quant.bits and quant.accuracy_level == 4 else "exact"
 
 
 def rounded_copy(model: torch.nn.Module, quant: Quant, ple_scale: float | None = None) -> torch.nn.Module:

@@ -125,8 +125,8 @@ class Target(_Graph):
         # Calls of fewer rows are padded to `min_rows` (the pad rows' outputs are dropped and their K/V rows,
         # past the cache length, are overwritten later). MatMulNBits with fp32 compute (accuracy_level 0)
         # takes another path for a single row on the CPU, so with 2 a decode step computes its row with the
-        # same bits as a verify call (with row-exact attention, benchmarks/row_exactness.py); it costs ~3x a
-        # one-row decode there. int8 compute (level 4, block 32) needs no padding.
+        # same bits as a verify call (with row-exact attention, benchmarks/row_exactness.py); Bundle sets it
+        # from the manifest (_min_rows). int8 compute (level 4, block 32) needs no padding.
         self.min_rows = min_rows
         # webgpu profile: feed at most `max_chunk` tokens a call, in power-of-two chunks. Each new input
         # length compiles shaders, so few lengths is faster; and the WebGPU EP's GroupQueryAttention gives
@@ -261,7 +261,8 @@ class Bundle:
             return open_session(self.path, spec, threads, self.ep, strict, self.placement)
 
         self.target = Target(session(m.graphs["target"]), m.graphs["target"], ple,
-                             16 if "webgpu" in (self.ep, m.ep_profile) else 0)
+                             16 if "webgpu" in (self.ep, m.ep_profile) else 0,
+                             _min_rows(m.graphs["target"]) if self.ep == m.ep_profile == "cpu" else 1)
         self.assistant = self.draft_round = None
         if "assistant" in m.graphs:
             self.assistant = Assistant(session(m.graphs["assistant"]), m.graphs["assistant"])
@@ -293,6 +294,17 @@ class Bundle:
         # Checked in full although np.zeros commits pages only as rows are written: a long conversation must
         # not run out of memory halfway.
         return KVCache(model.kv_buffers, max_context, model.sliding_window)
+
+
+def _min_rows(spec: GraphSpec) -> int:
+    """2 for quantized weights with fp32 compute (`export --compute exact`): MatMulNBits computes a single row
+    on another path than several, so one-row decode calls are padded to two rows; then a decode row has the
+    bits of a verify row and greedy speculation stays exact (measured at E2B shapes: 40 of 40 rows
+    bit-equal with the padding, 0 of 40 without, max |dlogits| 2.8e-3). It costs a two-row call per decode
+    step. int8 compute (the default for int4/int8) computes rows alike and needs none. CPU EP only: row
+    exactness is measured there."""
+    q = spec.quantization
+    return 2 if q.get("kind", "fp32") != "fp32" and q.get("compute") == "exact" else 1
 
 
 def _physical_memory() -> int:

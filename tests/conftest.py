@@ -44,7 +44,7 @@ def pair_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., PairDirs
 @pytest.fixture(scope="session")
 def bundle_dir(pair_dir, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """`bundle_dir(preset, centroid_head=True, quant="fp32", assistant_quant=None, max_context=512,
-    kv_dtype="fp32") -> Path`.
+    kv_dtype="fp32", compute="auto") -> Path`.
 
     Exported (and verified) once per session; tests must not modify the returned bundle.
     """
@@ -53,14 +53,14 @@ def bundle_dir(pair_dir, tmp_path_factory: pytest.TempPathFactory) -> Callable[.
     cache: dict[tuple, Path] = {}
 
     def make(preset: str, centroid_head: bool = True, quant: str = "fp32", assistant_quant: str | None = None,
-             max_context: int = 512, kv_dtype: str = "fp32") -> Path:
-        key = (preset, centroid_head, quant, assistant_quant, max_context, kv_dtype)
+             max_context: int = 512, kv_dtype: str = "fp32", compute: str = "auto") -> Path:
+        key = (preset, centroid_head, quant, assistant_quant, max_context, kv_dtype, compute)
         if key not in cache:
             target, assistant = pair_dir(preset, centroid_head)
-            name = f"{preset}-c{int(centroid_head)}-{quant}-{assistant_quant}-{max_context}-{kv_dtype}"
+            name = f"{preset}-c{int(centroid_head)}-{quant}-{assistant_quant}-{max_context}-{kv_dtype}-{compute}"
             out = tmp_path_factory.mktemp("bundles") / name
             options = ExportOptions(quant=quant, assistant_quant=assistant_quant, max_context=max_context,
-                                    kv_dtype=kv_dtype)
+                                    kv_dtype=kv_dtype, compute=compute)
             export_bundle(str(target), str(assistant), out, options)
             cache[key] = out
         return cache[key]

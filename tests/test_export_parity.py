@@ -233,8 +233,9 @@ def test_fp32_bundle_matches_pytorch_past_several_ring_wraps(bundle_dir, load) -
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_bundle_matches_a_same_rounding_copy(bundle_dir, load, quant: str) -> None:
+    """`--compute exact` (fp32 activations): the graphs compute what PyTorch computes with the same rounding."""
     pair = load("e2b-like")
-    bundle = Bundle(bundle_dir("e2b-like", quant=quant))
+    bundle = Bundle(bundle_dir("e2b-like", quant=quant, compute="exact"))
     graphs = bundle.manifest.graphs
     assistant_quant = ExportOptions(quant=quant).assistant_quant_resolved()
     assert graphs["target"].quantization["kind"] == quant
@@ -270,7 +271,9 @@ def test_quantized_bundle_matches_a_same_rounding_copy(bundle_dir, load, quant: 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_bundle_generates(bundle_dir, quant: str) -> None:
-    bundle = Bundle(bundle_dir("e2b-like", quant=quant))
+    # Verified at export, so exact compute: int8 activations flip near-ties of this random tiny model (top-1
+    # 0.91 against the same-rounding reference); their speculation is checked in test_row_exact.py.
+    bundle = Bundle(bundle_dir("e2b-like", quant=quant, compute="exact"))
     prompt = np.random.default_rng(1).integers(0, bundle.manifest.model.vocab_size, 20).tolist()
     outputs = []
     for use_assistant in (True, False):

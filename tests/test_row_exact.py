@@ -170,3 +170,86 @@ def test_verify_rows_equal_decode_rows_at_e2b_head_dims(tmp_path, quant: str, co
     reference = gen.generate(prompt, max_new_tokens=40, use_assistant=False).token_ids
     for k in (1, 2, 4):
         assert gen.generate(prompt, max_new_tokens=40, draft_tokens=k).token_ids == reference, f"k={k}"
+
+
+@pytest.fixture(scope="module")
+def e2b_shaped_pair(tmp_path_factory):
+    """E2B's per-layer shapes (hidden 1536, MLP 6144 / 12288, head dims 256 / 512, window 512, 10 layers of
+    which 5 KV-shared): the MatMulNBits shapes whose kernels decide row-exactness. Vocabulary 4,096 keeps the
+    export and the runs to seconds; random weights."""
+    from edgegen.export.testing import PRESETS, save_pair
+
+    preset = dataclasses.replace(PRESETS["e2b-slice"], vocab_size=4096)
+    return save_pair(tmp_path_factory.mktemp("e2b-shaped") / "pair", preset), preset
+
+
+def _greedy_runs(bundle, prompt: list[int], new: int = 40, runs: int = 3) -> tuple[list[int], dict]:
+    """Plain greedy output, and {(run, k): speculative output} for k = 1, 2, 4, auto, `runs` times in a row."""
+    from edgegen.runtime.generate import Generator
+
+    gen = Generator(bundle)
+    gen.eos_ids = set()  # random weights: all `new` tokens, whatever they are
+    plain = gen.generate(prompt, max_new_tokens=new, use_assistant=False).token_ids
+    return plain, {(run, k): gen.generate(prompt, max_new_tokens=new, draft_tokens=k).token_ids
+                   for run in range(runs) for k in (1, 2, 4, "auto")}
+
+
+@pytest.mark.parametrize("compute", ["auto", "int8"])
+def test_int8_compute_speculation_equals_plain_at_e2b_shapes(tmp_path, e2b_shaped_pair, compute: str):
+    """The default for int4 on the cpu profile (auto = int8 activations at block 32): greedy speculation gives
+    the plain tokens for every k, `auto` included, three runs in a row, before and past the sliding window."""
+    from edgegen.export.bundle import ExportOptions, export_bundle
+    from edgegen.runtime.model import Bundle
+
+    (target, assistant), preset = e2b_shaped_pair
+    export_bundle(str(target), str(assistant), tmp_path / "b",
+                  ExportOptions(quant="int4", max_context=1024, compute=compute, verify=False))
+    bundle = Bundle(tmp_path / "b", threads=2)
+    assert bundle.manifest.graphs["target"].quantization == {"kind": "int4", "block_size": 32, "compute": "int8"}
+    for n in (16, 700):
+        prompt = [int(t) for t in np.random.default_rng(n).integers(4, preset.vocab_size, n)]
+        plain, speculative = _greedy_runs(bundle, prompt)
+        assert len(plain) == 40
+        assert all(tokens == plain for tokens in speculative.values()), \
+            {key: tokens for key, tokens in speculative.items() if tokens != plain}
+
+
+def test_exact_compute_pads_decode_to_two_rows_and_stays_exact(tmp_path, e2b_shaped_pair):
+    """`--compute exact` (fp32 activations): MatMulNBits computes one row on another path than several, so a
+    verify row differs from the decode row (measured max |dlogits| ~2e-3). The runtime pads decode calls of
+    such bundles to two rows (Target.min_rows): then every verify row equals its decode row bit for bit and
+    greedy speculation gives the plain tokens, three runs in a row."""
+    from edgegen.export.bundle import ExportOptions, export_bundle
+    from edgegen.runtime.model import Bundle
+
+    (target, assistant), preset = e2b_shaped_pair
+    export_bundle(str(target), str(assistant), tmp_path / "b",
+                  ExportOptions(quant="int4", max_context=1024, compute="exact", verify=False))
+    bundle = Bundle(tmp_path / "b", threads=2)
+    assert bundle.manifest.graphs["target"].quantization["compute"] == "exact"
+    assert bundle.target.min_rows == 2
+    prompt = [int(t) for t in np.random.default_rng(7).integers(4, preset.vocab_size, 600)]
+
+    def rows(min_rows: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(decode logits, 5-row verify logits) of the plain continuation's 20 positions."""
+        bundle.target.min_rows = min_rows
+        cache = bundle.new_cache()
+        logits, _ = bundle.target.forward(cache, prompt)
+        tokens, plain = [int(logits[-1].argmax())], []
+        while len(tokens) < 21:
+            logits, _ = bundle.target.forward(cache, [tokens[-1]])
+            tokens.append(int(logits[-1].argmax()))
+            plain.append(logits[-1].copy())
+        cache.reset()
+        bundle.target.forward(cache, prompt)
+        verified = []
+        for i in range(0, 20, 5):
+            verified += [r.copy() for r in bundle.target.forward(cache, tokens[i:i + 5], logits_to_keep=5)[0]]
+        return plain, verified
+
+    plain, verified = rows(1)
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, verified, strict=True))  # why the padding exists
+    plain, verified = rows(2)
+    assert all(np.array_equal(a, b) for a, b in zip(plain, verified, strict=True))
+    plain, speculative = _greedy_runs(bundle, prompt[:16], new=24)
+    assert all(tokens == plain for tokens in speculative.values())

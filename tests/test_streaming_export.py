@@ -112,8 +112,8 @@ def test_bf16_multimodal_checkpoint_exports_without_reading_the_towers(tmp_path:
         return original(self, entry, start, count)
 
     monkeypatch.setattr(Checkpoint, "_read", spy)
-    manifest = export_bundle(str(target), str(assistant), tmp_path / "bundle", ExportOptions(quant="int4",
-                                                                                            max_context=256))
+    manifest = export_bundle(str(target), str(assistant), tmp_path / "bundle",
+                             ExportOptions(quant="int4", max_context=256))
     assert all(check["passed"] for check in manifest.parity["checks"].values()), manifest.parity["checks"]
     from_target = {name for directory, name in read if directory == target}
     assert "model.language_model.embed_tokens_per_layer.weight" in from_target
@@ -165,7 +165,8 @@ def test_e2b_int4_export_fits_in_8_gib(tmp_path: Path) -> None:
     target, assistant = realsize_pair("e2b")
     out = tmp_path / "e2b-int4"
     proc = subprocess.Popen([sys.executable, "-m", "edgegen", "export", "--target", str(target), "--assistant",
-                             str(assistant), "--out", str(out), "--quant", "int4"], stderr=subprocess.PIPE, text=True)
+                             str(assistant), "--out", str(out), "--quant", "int4"],  # the default: int8 compute
+                            stderr=subprocess.PIPE, text=True)
     stderr = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS, as /usr/bin/time -v reports it
     assert os.waitstatus_to_exitcode(status) == 0, stderr
