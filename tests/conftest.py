@@ -44,7 +44,12 @@ def pair_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., PairDirs
 @pytest.fixture(scope="session")
 def bundle_dir(pair_dir, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """`bundle_dir(preset, centroid_head=True, quant="fp32", assistant_quant=None, max_context=512,
-    kv_dtype="fp32", compute="auto") -> Path`.
+    kv_dtype="fp32", compute="exact") -> Path`.
+
+    Quantized bundles compute exactly by default here: they are verified at export, and these random tiny
+    models amplify any rounding (int8 weights alone: 7-20 dB against fp32), so int8 activations score 12-23 dB
+    against the same-rounding reference, under the export's 25 dB bar for int8 compute (trained demo pair:
+    45 dB; the E2B stand-in: 32 dB). int8 compute is tested with a trained pair and in test_row_exact.py.
 
     Exported (and verified) once per session; tests must not modify the returned bundle.
     """
@@ -53,7 +58,7 @@ def bundle_dir(pair_dir, tmp_path_factory: pytest.TempPathFactory) -> Callable[.
     cache: dict[tuple, Path] = {}
 
     def make(preset: str, centroid_head: bool = True, quant: str = "fp32", assistant_quant: str | None = None,
-             max_context: int = 512, kv_dtype: str = "fp32", compute: str = "auto") -> Path:
+             max_context: int = 512, kv_dtype: str = "fp32", compute: str = "exact") -> Path:
         key = (preset, centroid_head, quant, assistant_quant, max_context, kv_dtype, compute)
         if key not in cache:
             target, assistant = pair_dir(preset, centroid_head)
