@@ -196,7 +196,8 @@ def run_mode(gen, prompt: list[int], new_tokens: int, mode: str, accept: list[in
     decode = total - s.time_to_first_token_s
     target = s.target_s - s.prefill_s
     rounds = max(s.target_calls, 1)
-    return {"mode": mode, "tokens": s.new_tokens - 1, "decode_s": decode, "ms_per_token": 1e3 * decode / (s.new_tokens - 1),
+    return {"mode": mode, "tokens": s.new_tokens - 1, "decode_s": decode,
+            "ms_per_token": 1e3 * decode / (s.new_tokens - 1),
             "target_calls": s.target_calls, "tokens_per_call": (s.new_tokens - 1) / rounds,
             "target_ms_per_call": 1e3 * target / rounds,
             "draft_ms_per_round": 1e3 * s.draft_s / max(s.drafted_by_position[:1] or [1]),
@@ -243,6 +244,11 @@ def main() -> int:
         print(f"  prompt {i}: real demo loop k=4 {tpc(k4):.2f} tok/call ({len(k4)} rounds), auto {tpc(auto):.2f} "
               f"tok/call; oracle reproduces {a4}/{n4} k=4 rounds, {aa}/{na} auto drafting rounds")
 
+    all_k4 = [r for p in rec["prompts"] for r in p["rounds_k4"]]
+    agree = [sum(p[f"oracle_agrees_{m}"][j] for p in rec["prompts"]) for m in ("k4", "auto") for j in (0, 1)]
+    print(f"  all prompts: real demo loop k=4 {sum(m + 1 for _, m in all_k4) / len(all_k4):.2f} tok/call; oracle "
+          f"reproduces {agree[0]}/{agree[1]} k=4 rounds and {agree[2]}/{agree[3]} auto drafting rounds exactly")
+
     from e2b_roofline import bandwidth_gbs, step_bytes
 
     from edgegen.runtime.generate import Generator
@@ -259,14 +265,15 @@ def main() -> int:
     disk = sum(f.stat().st_size for f in Path(args.bundle).iterdir() if f.is_file())
     tok = gen.tokenizer
     vocab = bundle.manifest.model.vocab_size
-    filler = [int(t) for t in np.random.default_rng(0).integers(4, vocab, max(int(c) for c in args.contexts.split(",")))]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    filler = [int(t) for t in np.random.default_rng(0).integers(4, vocab, max(contexts))]
     prompts = [tok.encode(p["prompt"]) for p in rec["prompts"]]
     modes = args.modes.split(",")
     gen.generate(prompts[0], max_new_tokens=4)  # warm-up: first calls pay one-time allocations
     gen.generate(prompts[0], max_new_tokens=4, draft_tokens=4)
 
     results = {}
-    for ctx in [int(c) for c in args.contexts.split(",")]:
+    for ctx in contexts:
         gen.reset()
         gen._auto = None  # auto learns costs at this context from scratch
         rows = {m: [] for m in modes}
@@ -290,38 +297,53 @@ def main() -> int:
     def med(rs, key):
         return statistics.median(r[key] for r in rs)
 
+    def per_repeat(rs):
+        """{repeat: (ms/token over all prompts, tokens per target call over all prompts)}"""
+        out = {}
+        for rep in sorted({r["repeat"] for r in rs}):
+            mine = [r for r in rs if r["repeat"] == rep]
+            tokens = sum(r["tokens"] for r in mine)
+            out[rep] = (1e3 * sum(r["decode_s"] for r in mine) / tokens, tokens / sum(r["target_calls"] for r in mine))
+        return out
+
     print()
     print(METHOD)
     print(f"E2B bundle {args.bundle} ({disk / 2**30:.2f} GiB on disk; KV cache {kv_bytes / 2**30:.2f} GiB for "
           f"{gen.cache.max_context} positions); memory bandwidth (fp32 GEMV) {bw:.1f} GB/s; uptime after: {uptime}")
+    print(f"ms/token: all {len(prompts)} prompts' decode time / tokens, median of {args.repeats} interleaved "
+          "repeats; speedup: plain / mode within each repeat, median; per-call costs: medians over runs")
     summary = {}
     for ctx, rows in results.items():
         weights, kv = step_bytes(bundle, ctx)
         roof = (weights + kv) / bw / 1e6
-        plain = med(rows["plain"], "ms_per_token") if "plain" in rows else None
-        decode_call = med(rows["plain"], "target_ms_per_call") if "plain" in rows else None
+        plain = per_repeat(rows["plain"]) if "plain" in rows else None
+        decode_call = med(rows["plain"], "target_ms_per_call") if plain else None
         print(f"context {ctx}: roofline {roof:.1f} ms/token ({weights / 1e6:.0f} MB weights + {kv / 1e6:.1f} MB K/V)")
         summary[ctx] = {"roofline_ms": roof, "bytes": {"weights": weights, "kv": kv}}
         for mode, rs in rows.items():
-            ms = med(rs, "ms_per_token")
-            line = (f"  {mode:5s}: {ms:7.1f} ms/token ({1e3 / ms:.2f} tok/s), {med(rs, 'tokens_per_call'):.2f} tok/call, "
-                    f"host {100 * med(rs, 'host_share'):.1f}%, RSS while generating {max(r['rss_mb'] or 0 for r in rs):.0f} MiB")
-            entry = {"ms_per_token": ms, "tokens_per_call": med(rs, "tokens_per_call"),
-                     "host_share": med(rs, "host_share"), "runs": rs}
+            reps = per_repeat(rs)
+            ms = statistics.median(v[0] for v in reps.values())
+            tpc = statistics.median(v[1] for v in reps.values())
+            rss = max(r["rss_mb"] or 0 for r in rs)
+            line = (f"  {mode:5s}: {ms:6.1f} ms/token ({1e3 / ms:5.2f} tok/s), {tpc:.2f} tok/call, "
+                    f"host {100 * med(rs, 'host_share'):.1f}%, RSS while generating <= {rss:.0f} MiB")
+            entry = {"ms_per_token": ms, "tokens_per_call": tpc, "host_share": med(rs, "host_share"),
+                     "rss_mb": rss, "runs": rs}
             if mode == "plain":
                 line += f"; {ms / roof:.2f}x roofline"
                 entry["vs_roofline"] = ms / roof
             elif plain:
-                line += (f"; speedup {plain / ms:.2f}x; verify call {med(rs, 'target_ms_per_call'):.1f} ms = "
-                         f"{med(rs, 'target_ms_per_call') / decode_call:.2f}x decode")
-                entry["speedup"] = plain / ms
-                entry["verify_over_decode"] = med(rs, "target_ms_per_call") / decode_call
+                speedup = statistics.median(plain[rep][0] / reps[rep][0] for rep in reps)
+                verify = med(rs, "target_ms_per_call")
+                line += f"; speedup {speedup:.2f}x; verify call {verify:.1f} ms = {verify / decode_call:.2f}x decode"
+                entry.update(speedup=speedup, verify_ms=verify, decode_ms=decode_call,
+                             verify_over_decode=verify / decode_call)
                 if mode == "k4":
-                    line += (f", draft round {med(rs, 'draft_ms_per_round'):.1f} ms = "
-                             f"{med(rs, 'draft_ms_per_round') / decode_call:.2f}x decode")
-                    entry["draft_over_decode"] = med(rs, "draft_ms_per_round") / decode_call
+                    draft = med(rs, "draft_ms_per_round")
+                    line += f", 4-step draft round {draft:.1f} ms = {draft / decode_call:.2f}x decode"
+                    entry.update(draft_ms=draft, draft_over_decode=draft / decode_call)
                 else:
-                    line += f", mean k {med(rs, 'k_used'):.2f}"
+                    line += f", mean drafts per round {med(rs, 'k_used'):.2f}"
             summary[ctx][mode] = entry
             print(line)
     goal = disk + kv_bytes + 2**30
