@@ -109,16 +109,26 @@ def oracle_agreement(accept: list[int], rounds: list[tuple[int, int]]) -> tuple[
     return agree, total
 
 
-def record_demo(new_tokens: int, threads: int | None) -> dict:
+def demo_prompts(which: str, tokenizer) -> list[tuple[str | None, list[int]]]:
+    """(text, demo token ids): `bench` = runtime/bench.py's prompts; `heldout:N` = N windows of 64 tokens of
+    the demo corpus's held-out split (benchmarks/demo_acceptance.py, seed 0; no text, the ids are the prompt)."""
+    if which == "bench":
+        from edgegen.runtime.bench import BENCH_PROMPTS
+
+        return [(t, tokenizer.encode(t)) for t in BENCH_PROMPTS]
+    from demo_acceptance import heldout_prompts
+
+    return [(None, ids) for ids in heldout_prompts(int(which.split(":")[1]), 64, 0)]
+
+
+def record_demo(new_tokens: int, threads: int | None, which: str) -> dict:
     from edgegen.demo import demo_bundle
-    from edgegen.runtime.bench import BENCH_PROMPTS
     from edgegen.runtime.generate import Generator
 
     gen = Generator(demo_bundle(), threads=threads, draft_tokens=4)
     gen.eos_ids = set()  # the E2B replay decodes new_tokens per prompt; the recording covers them all
     out = []
-    for text in BENCH_PROMPTS:
-        ids = gen.tokenizer.encode(text)
+    for text, ids in demo_prompts(which, gen.tokenizer):
         accept = acceptance_oracle(gen.bundle, ids, new_tokens)
         fixed = record_rounds(gen, ids, new_tokens, 4)
         gen._auto = None  # each prompt's auto run starts unmeasured, like a fresh Generator
@@ -127,7 +137,7 @@ def record_demo(new_tokens: int, threads: int | None) -> dict:
                     "rounds_k4": fixed, "rounds_auto": auto,
                     "oracle_agrees_k4": oracle_agreement(accept, fixed),
                     "oracle_agrees_auto": oracle_agreement(accept, auto)})
-    return {"bundle": str(gen.bundle.path), "new_tokens": new_tokens, "prompts": out}
+    return {"bundle": str(gen.bundle.path), "new_tokens": new_tokens, "prompt_set": which, "prompts": out}
 
 
 # -- 2. the replay on the E2B bundle -----------------------------------------------------------------------
@@ -214,12 +224,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--modes", default="plain,k4,auto")
+    ap.add_argument("--prompts", default="bench", help="demo prompts: bench (runtime/bench.py's 4) or heldout:N")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--record-only", type=Path, help=argparse.SUPPRESS)  # the child process: write the oracle
     args = ap.parse_args()
 
     if args.record_only:
-        args.record_only.write_text(json.dumps(record_demo(args.new_tokens, args.threads)) + "\n")
+        args.record_only.write_text(json.dumps(record_demo(args.new_tokens, args.threads, args.prompts)) + "\n")
         return 0
     if args.bundle is None:
         ap.error("--bundle is required")
@@ -227,14 +238,14 @@ def main() -> int:
     # 1. the oracle, in a child process (its memory and sessions are not this process's)
     rec_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"spec_e2b_oracle_{os.getpid()}.json"
     subprocess.run([sys.executable, __file__, "--record-only", str(rec_path), "--new-tokens",
-                    str(args.new_tokens), "--threads", str(args.threads)], check=True)
+                    str(args.new_tokens), "--threads", str(args.threads), "--prompts", args.prompts], check=True)
     rec = json.loads(rec_path.read_text())
     rec_path.unlink()
 
     print(METHOD)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; uptime: "
           f"{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
-    print(f"demo pair {rec['bundle']}: {len(rec['prompts'])} bench prompts x {args.new_tokens} greedy tokens")
+    print(f"demo pair {rec['bundle']}: {len(rec['prompts'])} {args.prompts} prompts x {args.new_tokens} greedy tokens")
     for i, p in enumerate(rec["prompts"]):
         k4 = p["rounds_k4"]
         auto = p["rounds_auto"]
@@ -267,10 +278,13 @@ def main() -> int:
     vocab = bundle.manifest.model.vocab_size
     contexts = [int(c) for c in args.contexts.split(",")]
     filler = [int(t) for t in np.random.default_rng(0).integers(4, vocab, max(contexts))]
-    prompts = [tok.encode(p["prompt"]) for p in rec["prompts"]]
+    # The E2B prompt's content does not matter (random weights), its length does: the bench text in E2B's
+    # tokenizer (none for held-out windows) after random filler up to the context.
+    prompts = [tok.encode(p["prompt"]) if p["prompt"] else [] for p in rec["prompts"]]
     modes = args.modes.split(",")
-    gen.generate(prompts[0], max_new_tokens=4)  # warm-up: first calls pay one-time allocations
-    gen.generate(prompts[0], max_new_tokens=4, draft_tokens=4)
+    warm = prompts[0] or filler[:16]
+    gen.generate(warm, max_new_tokens=4)  # warm-up: first calls pay one-time allocations
+    gen.generate(warm, max_new_tokens=4, draft_tokens=4)
 
     results = {}
     for ctx in contexts:
