@@ -19,12 +19,12 @@ takes the acceptance from the demo pair and the cost from the E2B bundle:
    greedy decoding this is exactly what a round starting at P accepts with k drafts: min(a(P), k). The oracle
    is checked against the real loop: the demo Generator is run with k=4 and with `auto`, each round's
    (k, accepted) is recorded, and the oracle's prediction for those rounds is compared.
-2. Replay (E2B bundle, opened once in this process). The runtime's own loop (Generator._rounds, unchanged)
-   runs on the E2B bundle: the real policy (fixed k=4, or `auto` fed E2B timings), the real fused draft round
+2. Replay (E2B bundle, opened once in this process). The runtime's own loop (TokenLoop._round in runtime/loop.py,
+   unchanged) runs on the E2B bundle: the real policy (fixed k=4, or `auto` fed E2B timings), the real fused draft round
    (draft_round graph) or assistant steps, the real (k+1)-token verify call, the real greedy comparison, the
    real cache rollback (KVCache.trim) and all per-round host work. One thing is substituted: the number of
    drafts accepted is replaced by the oracle's min(a(P), k) for the demo prompt being replayed (the real
-   comparison still runs, so its cost is paid). This is done by wrapping `accept_greedy` in the generate
+   comparison still runs, so its cost is paid). This is done by wrapping `accept_greedy` in the loop
    module for the duration of a replayed run; EOS ids are cleared so every run decodes `--new-tokens`.
    Plain decoding is the same Generator with the assistant off, interleaved with the speculative runs.
 3. Cost ratios come from the same loop's timings (Stats): one target decode call, one (k+1)-token verify
@@ -85,7 +85,9 @@ def acceptance_oracle(bundle, prompt_ids: list[int], new_tokens: int) -> list[in
 def record_rounds(gen, prompt_ids: list[int], new_tokens: int, draft_tokens) -> list[tuple[int, int]]:
     """The real loop on the demo pair; each round's (k, accepted), read through the policy's update call."""
     rounds: list[tuple[int, int]] = []
-    policy = gen._policy(draft_tokens)
+    from edgegen.runtime.sampling import Sampling
+
+    policy = gen._policy(draft_tokens, Sampling(), True)  # greedy, with the assistant
     real_update = policy.update
 
     def update(k, accepted, draft_s, verify_s):
@@ -93,7 +95,7 @@ def record_rounds(gen, prompt_ids: list[int], new_tokens: int, draft_tokens) -> 
         real_update(k, accepted, draft_s, verify_s)
 
     policy.update = update
-    gen._policy = lambda _choice: policy  # the same policy object the loop would have built
+    gen._policy = lambda *_args: policy  # the same policy object the loop would have built
     try:
         gen.reset()
         for _ in gen.stream_ids(prompt_ids, new_tokens, draft_tokens=draft_tokens):
@@ -148,17 +150,17 @@ def record_demo(new_tokens: int, threads: int | None, which: str) -> dict:
 
 # -- 2. the replay on the E2B bundle -----------------------------------------------------------------------
 class ReplayedAcceptance:
-    """Wraps generate.accept_greedy: the real comparison runs (its cost is paid), then the accepted count is
-    replaced by the oracle's for the round's position. Position = rounds' emitted tokens so far."""
+    """Wraps loop.accept_greedy (runtime/loop.py): the real comparison runs (its cost is paid), then the
+    accepted count is replaced by the oracle's for the round's position. Position = rounds' emitted tokens so far."""
 
     def __init__(self, accept: list[int]):
         self.accept, self.pos = accept, 0
 
     def __enter__(self):
-        import edgegen.runtime.generate as generate
+        import edgegen.runtime.loop as loop
 
-        self._module, self._real = generate, generate.accept_greedy
-        generate.accept_greedy = self._accept
+        self._module, self._real = loop, loop.accept_greedy
+        loop.accept_greedy = self._accept
         return self
 
     def __exit__(self, *exc):
