@@ -3,8 +3,9 @@
 With per-position acceptance rates a_1..a_K (conditional: a_i = P(draft i accepted | drafts < i were)),
 a round with k drafts yields E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j tokens and costs k*c_draft +
 c_verify(k). `AutoDraft` measures all of these as it goes (exponential moving averages), picks the k
-with the best E(k)/cost(k) — k = 0 is plain decoding — and, while drafting is off, probes with one
-round of drafting now and then so it notices when the text becomes predictable again.
+with the best E(k)/cost(k) — k = 0 is plain decoding — and probes now and then: while drafting is off,
+with one round of drafting, so it notices when the text becomes predictable again; while drafting fewer
+than k_max, alternately with a plain step and a full-length round, so deeper positions' rates are learned.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class AutoDraft:
     draft_s: dict[int, deque] = field(default_factory=dict)  # by k: a fused k-step round is cheaper than k steps
     _rounds: int = 0
     _gap: int = 0
+    _probes: int = 0
 
     def __post_init__(self):
         self.accept = [self.prior_accept] * self.k_max
@@ -91,7 +93,12 @@ class AutoDraft:
         k = self.best(cap)
         if self._rounds >= self._gap:
             self._rounds = 0
-            return 1 if k == 0 else 0
+            if k == 0:
+                return 1
+            # Drafting k < cap judges only positions <= k+1, so deeper rates would keep their prior forever:
+            # probes alternate between a plain step (its cost drifts) and a full-length round.
+            self._probes += 1
+            return cap if k < cap and self._probes % 2 else 0
         return k
 
     def explain(self) -> dict:

@@ -53,3 +53,24 @@ def test_the_decision_follows_the_costs_and_names_them(plain_ms: float, draft_ms
 def test_fixed_and_off_policies_describe_themselves() -> None:
     assert describe(FixedDraft(4).explain()) == "fixed 4 drafts per round"
     assert describe(FixedDraft(0).explain()) == "drafting off (plain decoding)"
+
+
+def test_probes_learn_positions_deeper_than_the_rounds_it_drafts() -> None:
+    """Drafting k=1 judges only position 1; if deeper drafts would all be accepted, a probe with a
+    full-length round must find out (before: probes tried only a plain step, so k stayed at 1)."""
+    policy = AutoDraft(4)
+    policy.accept = [0.9, 0.1, 0.1, 0.1]  # a pessimistic start for positions 2-4
+
+    def run(k: int) -> None:  # verify grows 1 ms per row, drafts cost 0.5 ms each, every draft accepted
+        policy.update(k, k, 0.5 * k * MS, (10.0 + k) * MS)
+
+    run(4)
+    policy.accept = [0.9, 0.1, 0.1, 0.1]
+    run(0)
+    chosen = []
+    for _ in range(200):
+        k = policy.choose(4)
+        chosen.append(k)
+        run(k)
+    assert chosen[0] == 1  # what the start says
+    assert policy.best(4) == 4 and chosen[-20:].count(4) >= 19
