@@ -76,6 +76,24 @@ class Attention:
         return b.get_outputs()[2].numpy()[0]
 
 
+
+def decoded_and_verified(bundle, prompt: list[int], n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Logits of the plain greedy continuation's n positions computed one row a call (decode), then the same
+    positions recomputed in 5-row calls (verify) after the same prompt."""
+    cache = bundle.new_cache()
+    logits, _ = bundle.target.forward(cache, prompt)
+    tokens, plain = [int(logits[-1].argmax())], []
+    while len(tokens) <= n:
+        logits, _ = bundle.target.forward(cache, [tokens[-1]])
+        tokens.append(int(logits[-1].argmax()))
+        plain.append(logits[-1].copy())
+    cache.reset()
+    bundle.target.forward(cache, prompt)
+    verified = []
+    for i in range(0, n, 5):
+        verified += [row.copy() for row in bundle.target.forward(cache, tokens[i:i + 5], logits_to_keep=5)[0]]
+    return plain, verified
+
 @pytest.mark.parametrize("d,sliding", [(256, True), (512, False)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_rows_alone_equal_rows_in_a_verify_call(tmp_path, d, sliding, threads):
@@ -152,20 +170,8 @@ def test_verify_rows_equal_decode_rows_at_e2b_head_dims(tmp_path, quant: str, co
                   ExportOptions(quant=quant, max_context=512, compute=compute, verify=False))
     bundle = Bundle(tmp_path / "b", threads=2)
     prompt = [int(t) for t in np.random.default_rng(1).integers(4, preset.vocab_size, 150)]
-    cache = bundle.new_cache()
-    logits, _ = bundle.target.forward(cache, prompt)
-    tokens, plain = [int(logits[-1].argmax())], [logits[-1].copy()]
-    while len(tokens) < 41:
-        logits, _ = bundle.target.forward(cache, [tokens[-1]])
-        tokens.append(int(logits[-1].argmax()))
-        plain.append(logits[-1].copy())
-    cache.reset()
-    bundle.target.forward(cache, prompt)
-    verified = []
-    for i in range(0, 40, 5):
-        logits, _ = bundle.target.forward(cache, tokens[i:i + 5], logits_to_keep=5)
-        verified += [row.copy() for row in logits]
-    assert all(np.array_equal(a, b) for a, b in zip(verified, plain[1:], strict=True))
+    plain, verified = decoded_and_verified(bundle, prompt, 40)
+    assert all(np.array_equal(a, b) for a, b in zip(verified, plain, strict=True))
     gen = Generator(bundle)
     reference = gen.generate(prompt, max_new_tokens=40, use_assistant=False).token_ids
     for k in (1, 2, 4):
@@ -233,19 +239,7 @@ def test_exact_compute_pads_decode_to_two_rows_and_stays_exact(tmp_path, e2b_sha
     def rows(min_rows: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(decode logits, 5-row verify logits) of the plain continuation's 20 positions."""
         bundle.target.min_rows = min_rows
-        cache = bundle.new_cache()
-        logits, _ = bundle.target.forward(cache, prompt)
-        tokens, plain = [int(logits[-1].argmax())], []
-        while len(tokens) < 21:
-            logits, _ = bundle.target.forward(cache, [tokens[-1]])
-            tokens.append(int(logits[-1].argmax()))
-            plain.append(logits[-1].copy())
-        cache.reset()
-        bundle.target.forward(cache, prompt)
-        verified = []
-        for i in range(0, 20, 5):
-            verified += [r.copy() for r in bundle.target.forward(cache, tokens[i:i + 5], logits_to_keep=5)[0]]
-        return plain, verified
+        return decoded_and_verified(bundle, prompt, 20)
 
     plain, verified = rows(1)
     assert not all(np.array_equal(a, b) for a, b in zip(plain, verified, strict=True))  # why the padding exists
