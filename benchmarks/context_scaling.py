@@ -20,13 +20,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 
 
-def ensure_bundle(preset: str, quant: str, max_context: int, verify: bool = False) -> Path:
+def ensure_bundle(preset: str, quant: str, max_context: int, verify: bool = False, tag: str = "") -> Path:
+    """The preset's pair and its bundle, exported once and cached under build/bench/ (`tag`: a name suffix for
+    bundles a caller exports differently)."""
     from edgegen.export.bundle import ExportOptions, export_bundle
     from edgegen.export.testing import save_pair
 
     root = REPO / "build" / "bench"
     pair = root / f"pair-{preset}"
-    bundle = root / f"bundle-{preset}-{quant}-{max_context}"
+    bundle = root / f"bundle-{preset}-{quant}-{max_context}{tag}"
     if not (pair / "assistant" / "config.json").is_file():
         save_pair(pair, preset)
     if not (bundle / "manifest.json").is_file():

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
 LAYOUTS = {"full fp32": (False, "float32"), "ring fp32": (True, "float32"), "ring fp16": (True, "float16")}
 
 
@@ -78,24 +77,17 @@ def memory(contexts: list[int]) -> list[dict]:
 
 
 def ensure_bundle(preset: str, max_context: int, ring: bool) -> Path:
-    from edgegen.export import graphs
-    from edgegen.export.bundle import ExportOptions, export_bundle
-    from edgegen.export.testing import save_pair
+    """context_scaling's cached int4 bundle, exported with the cpu profile's rings on or off."""
+    from context_scaling import ensure_bundle as cached_bundle
 
-    root = REPO / "build" / "bench"
-    pair = root / f"pair-{preset}"
-    bundle = root / f"bundle-{preset}-int4-{max_context}-{'ring' if ring else 'full'}"
-    if not (pair / "assistant" / "config.json").is_file():
-        save_pair(pair, preset)
-    if not (bundle / "manifest.json").is_file():
-        cpu = graphs.PROFILES["cpu"]
-        graphs.PROFILES["cpu"] = dataclasses.replace(cpu, ring_kv=ring)
-        try:
-            export_bundle(str(pair / "target"), str(pair / "assistant"), bundle,
-                          ExportOptions(quant="int4", max_context=max_context, verify=False, force=True))
-        finally:
-            graphs.PROFILES["cpu"] = cpu
-    return bundle
+    from edgegen.export import graphs
+
+    cpu = graphs.PROFILES["cpu"]
+    graphs.PROFILES["cpu"] = dataclasses.replace(cpu, ring_kv=ring)
+    try:
+        return cached_bundle(preset, "int4", max_context, tag="-ring" if ring else "-full")
+    finally:
+        graphs.PROFILES["cpu"] = cpu
 
 
 def filled_cache(bundle, context: int, rng: np.random.Generator):
