@@ -94,7 +94,7 @@ def bench(bundle_path, max_new_tokens: int = 128, draft_tokens: int | str = "aut
     ids = [tok.encode(p) for p in (prompts or BENCH_PROMPTS)] * repeats
     run_mode(loop, "warmup", ids[:1], 8, True, draft_tokens)  # first runs pay one-time allocation costs
     modes = {"plain": run_mode(loop, "plain", ids, max_new_tokens, False, 0)}
-    if bundle.assistant is not None:
+    if bundle.has_assistant:
         modes["speculative"] = run_mode(loop, "speculative", ids, max_new_tokens, True, draft_tokens)
     result = {"bundle": str(bundle_path), "max_new_tokens": max_new_tokens, "prompts": len(ids),
               "draft_tokens": draft_tokens, "ep": bundle.ep, "ep_reason": bundle.ep_reason,

@@ -150,7 +150,7 @@ class TokenLoop:
             pending = out[-1][0]
             # Never draft past the token budget or the context.
             room = min(max_new_tokens - stats.new_tokens - 1, self.cache.max_context - self.cache.length - 2)
-            k = policy.choose(max(room, 0)) if self.bundle.assistant is not None else 0
+            k = policy.choose(max(room, 0)) if self.bundle.has_assistant else 0
             accepted, bonus, h = self._round(pending, h, k, s, rng, stats, policy)
             out = [*((d, True) for d in accepted), (bonus, False)]
 
@@ -194,18 +194,19 @@ class TokenLoop:
 
     def _draft(self, k: int, token: int, hidden: np.ndarray, s: Sampling, rng: np.random.Generator):
         """k draft tokens (and, when sampling, the drafter's distributions q). One session call when the
-        bundle's fused round has exactly k steps and the sampling rule fits in it; else k step calls."""
+        bundle's fused round has at least k steps and the sampling rule fits in it (its first k drafts are
+        the ones k steps would give); else k step calls."""
         if not k:
             return [], []
         fused = self.bundle.draft_round
-        if fused is not None and fused.steps == k and s.top_k == 0 and s.top_p == 1.0:
+        if fused is not None and k <= fused.steps and s.top_k == 0 and s.top_p == 1.0:
             if s.greedy:
-                tokens, logits = fused.run_round(self.cache, token, hidden)
+                tokens, logits = fused.run_round(self.cache, token, hidden, k=k)
                 check_finite(logits, "assistant")
                 return tokens, []
-            u = rng.random((k, fused.vocab))
+            u = rng.random((fused.steps, fused.vocab))
             tokens, logits = fused.run_round(self.cache, token, hidden, 1.0 / s.temperature,
-                                             -np.log(-np.log(np.clip(u, 1e-20, 1.0 - 1e-7))))
+                                             -np.log(-np.log(np.clip(u, 1e-20, 1.0 - 1e-7))), k=k)
             check_finite(logits, "assistant")
             return tokens, [probabilities(row, s) for row in logits]
         drafts, qs = [], []
@@ -247,7 +248,7 @@ class TokenLoop:
             return self._auto
         if isinstance(choice, bool) or not str(choice).isdigit():
             raise EdgegenError(f"draft tokens {choice!r} is invalid; use 'auto' or a count >= 0")
-        if int(choice) and self.bundle.assistant is None:
+        if int(choice) and not self.bundle.has_assistant:
             raise EdgegenError("this bundle has no assistant graph; run with --no-assistant")
         return FixedDraft(int(choice))
 

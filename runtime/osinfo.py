@@ -5,14 +5,17 @@ Four facts edgegen needs and the standard library only gives on POSIX: peak resi
 Windows, not the time of the last change), and whether a process is alive (`os.kill(pid, 0)`: on Windows
 signal 0 is CTRL_C_EVENT, which would interrupt that process's console group). On Windows they come from
 the Win32 API through ctypes; when an answer cannot be had, the functions return None (or the safe answer)
-and callers fall back to the safe choice.
+and callers fall back to the safe choice. Also: a memory map with the OS's random-access hint (`map_npy`).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 WINDOWS = os.name == "nt"
 
@@ -27,6 +30,27 @@ def peak_rss_mb() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # macOS: bytes; Linux, BSD: KiB
+
+
+def map_npy(path: Path) -> np.ndarray:
+    """A read-only memory map of a .npy file whose rows are read in random order (the per-layer embedding
+    table: a few rows a step out of 262,144). Readahead is switched off where the OS allows it: with it, every
+    row touched pulled its neighbours into memory as well (measured on E2B: 615 MiB of the table resident
+    after an 8K-token prompt, for ~70 MiB of rows read)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+        if fortran or dtype.hasobject:
+            raise ValueError(f"{path.name} is not a plain C-ordered array")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_RANDOM"):  # POSIX; Windows maps without the hint
+        mm.madvise(mmap.MADV_RANDOM)
+    try:
+        return np.ndarray(shape, dtype, buffer=mm, offset=offset)
+    except TypeError:  # numpy's word for a buffer shorter than the header says
+        raise ValueError(f"{path.name} is truncated") from None
 
 
 def physical_memory() -> int | None:

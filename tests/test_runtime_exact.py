@@ -211,8 +211,8 @@ class OracleDrafter:
             self.i += 1
         return logits, self.propose(cache.length, self.i), projected
 
-    def run_round(self, cache, token: int, hidden: np.ndarray, *args):
-        tokens, logits = self.real_round(cache, token, hidden, *args)
+    def run_round(self, cache, token: int, hidden: np.ndarray, *args, k: int | None = None):
+        tokens, logits = self.real_round(cache, token, hidden, *args, k=k)
         self.round_calls += 1
         return [self.propose(cache.length, i) for i in range(len(tokens))], logits
 
@@ -228,8 +228,8 @@ def run_with_oracle(monkeypatch, o: Oracle, ids: list[int], reference: list[int]
         gen.eos_ids = eos_ids
     result = gen.generate(ids, max_new_tokens=max_new)
     monkeypatch.undo()
-    if k == FUSED_K:  # the fused round drafted (the budget may still clip late rounds to single steps)
-        assert drafter.round_calls > 0
+    if k <= FUSED_K:  # the fused round drafts any k up to its steps (greedy); single steps only beyond
+        assert drafter.round_calls > 0 and drafter.step_calls == 0
     else:
         assert drafter.round_calls == 0 and drafter.step_calls > 0
     return result, drafter
@@ -290,7 +290,7 @@ def test_perfect_drafter_and_a_budget_inside_the_burst(monkeypatch, oracle) -> N
     assert max(drafter.drafted_output_positions) < 7
 
 
-@pytest.mark.parametrize("k", [FUSED_K, 3])
+@pytest.mark.parametrize("k", [FUSED_K, 3, FUSED_K + 1])
 def test_eos_inside_accepted_drafts_ends_the_output(monkeypatch, oracle, k: int) -> None:
     """A token that first appears in the middle of an accepted burst is made an EOS id: the output must
     end exactly there, although the drafts after it were accepted too."""

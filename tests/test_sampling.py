@@ -335,10 +335,10 @@ def run_many(bundle: Path, s: Sampling, n: int, use_assistant: bool, seed0: int)
     fused_calls = 0
     real_round = gen.bundle.draft_round.run_round
 
-    def counted_round(*args):
+    def counted_round(*args, **kwargs):
         nonlocal fused_calls
         fused_calls += 1
-        return real_round(*args)
+        return real_round(*args, **kwargs)
 
     gen.bundle.draft_round.run_round = counted_round
     counts: Counter = Counter()
