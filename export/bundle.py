@@ -231,14 +231,14 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     _remove_stale_partials(out)
     if opts.max_context < 16:
         raise EdgegenError(f"--max-context {opts.max_context} is too small; use at least 16")
-    if opts.ep not in ("cpu", "qnn", "webgpu", "openvino"):
-        raise EdgegenError(f"--ep {opts.ep} is unknown; use cpu, qnn, webgpu or openvino")
+    if opts.ep not in PROFILES:
+        raise EdgegenError(f"--ep {opts.ep} is unknown; use one of {', '.join(PROFILES)}")
     if opts.soc_model and opts.ep != "qnn":
         raise EdgegenError("--soc-model precompiles QNN context binaries; use it with --ep qnn")
     if opts.ep == "qnn" and (opts.quant != "fp32" or opts.assistant_quant):
         raise EdgegenError("--ep qnn quantizes to QDQ itself (uint16 activations, int8 weights); "
                            "drop --quant / --assistant-quant")
-    profile = PROFILES.get(opts.ep)  # None for qnn: its static graphs are built by export/qnn.py
+    profile = PROFILES[opts.ep]
     if opts.compute not in ("auto", "exact", "int8"):
         raise EdgegenError(f"--compute {opts.compute} is unknown; use auto, exact or int8")
     all_fp32 = opts.quant == "fp32" and opts.assistant_quant_resolved() == "fp32"

@@ -64,12 +64,18 @@ class Profile:
     ring_kv: bool = False
     # K/V buffers stored as float16 and cast to float32 for attention (export option --kv-dtype fp16).
     kv_fp16: bool = False
+    # Static shapes for an NPU (QNN HTP): every query length fixed at export, no com.microsoft op, no int64
+    # position arithmetic. The host feeds RoPE cos/sin rows and additive masks per call and writes the new K/V
+    # rows the target returns into its buffers (runtime/qnn.py); the graphs are QDQ-quantized after export.
+    static_shapes: bool = False
 
 
+# One profile per execution provider, keyed by runtime/providers.py's EPS (tests/test_ep.py checks they agree).
 PROFILES = {
     # Row-exact standard-op attention on the CPU: a verify row computes the same bits as a decode row, so
     # greedy speculation equals plain decoding (with fp32 or int8-compute weights; export/row_exact.py).
     "cpu": Profile("cpu", standard_attention=True, row_exact=True, ring_kv=True),
+    "qnn": Profile("qnn", standard_attention=True, static_shapes=True),
     "webgpu": Profile("webgpu", rope_tables=True, logits_start_input=True, device_ids=True),
     "openvino": Profile("openvino", standard_norm=True, standard_attention=True),
 }

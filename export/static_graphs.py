@@ -123,7 +123,7 @@ def build_static_target(w: Weights, cfg, out_dir, max_context: int, rows: int,
                         untied_lm_head: Tensor | None = None) -> tuple[Graph, TargetPlan, PLETable | None]:
     """fp32 static target graph with `rows` query rows; returns graph, plan, host PLE table."""
     plan = plan_target(cfg)
-    g = Graph("target", out_dir, WeightFile(out_dir / "unused_shared.weights"), profile=PROFILES["cpu"])
+    g = Graph("target", out_dir, WeightFile(out_dir / "unused_shared.weights"), profile=PROFILES["qnn"])
     lin = Linears(g, Quant("fp32"))
     eps, keys = cfg.rms_norm_eps, max_context + rows
     ids = g.input("input_ids", I64, [1, rows])
@@ -176,7 +176,7 @@ def build_static_assistant(aw: Weights, config, target_w: Weights, target_cfg, t
     """fp32 one-step assistant graph: one query row over the store layers' buffers."""
     cfg = config.get_text_config()
     layers = assistant_plan(cfg, target_plan)
-    g = Graph("assistant", out_dir, WeightFile(out_dir / "unused_shared.weights"), profile=PROFILES["cpu"])
+    g = Graph("assistant", out_dir, WeightFile(out_dir / "unused_shared.weights"), profile=PROFILES["qnn"])
     lin = Linears(g, Quant("fp32"))
     eps, vocab = cfg.rms_norm_eps, cfg.vocab_size
     tok = g.input("token", I64, [1, 1])

@@ -243,6 +243,16 @@ def test_no_adapter_names_the_vulkan_driver(ep: str, monkeypatch) -> None:
         providers.devices(ep)
 
 
+def test_one_list_of_eps() -> None:
+    """providers.EPS names the EPs; the export profiles and the CLI's choices are keyed by it."""
+    from edgegen.cli import ExportEP, RunEP
+    from edgegen.export.graphs import PROFILES
+
+    assert tuple(PROFILES) == providers.EPS
+    assert tuple(e.value for e in ExportEP) == providers.EPS
+    assert tuple(e.value for e in RunEP) == ("auto", *providers.EPS)
+
+
 def test_unknown_ep_and_placement_log_parsing() -> None:
     with pytest.raises(EdgegenError, match="unknown; use one of"):
         providers.check_name("tpu")
