@@ -201,7 +201,7 @@ def _calibrate(staging: Path, pair, manifest: Manifest) -> tuple[dict[str, list[
 def _quantize(src: Path, dst: Path, calls: list[dict], kv_ranges: dict[str, tuple[float, float]]) -> None:
     """QDQ with the QNN config. K/V buffer inputs get the range of everything the target wrote and read
     (not each graph's own calibration), so target and assistant share one encoding per buffer and the
-    host can keep its buffers quantized (runtime/static.py)."""
+    host can keep its buffers quantized (runtime/qnn.py)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
@@ -333,19 +333,21 @@ def _compare_qdq(staging: Path, bundle: Path, manifest: Manifest) -> tuple[dict,
 def compile_context_binaries(bundle: Path, soc_model: str) -> dict[str, str]:
     """Precompile each QDQ graph with the QNN EP for `soc_model` into `<name>_ctx.onnx` (EP context model:
     the HTP binary embedded), so the device skips graph preparation at load."""
-    from edgegen.runtime.static import placement, static_session
+    from edgegen.runtime.manifest import load_manifest
+    from edgegen.runtime.model import open_session
+    from edgegen.runtime.providers import ort_name, placement
 
+    graphs = load_manifest(bundle).graphs
     out = {}
     for name in ("target", "assistant"):
         ctx = bundle / f"{name}_ctx.onnx"
-        session = static_session(bundle / f"{name}.onnx", "qnn", None, provider_options={"soc_model": str(soc_model)},
-                                 config={"ep.context_enable": "1", "ep.context_file_path": str(ctx),
-                                         "ep.context_embed_mode": "1"})
-        if set(placement(session)) != {"QNNExecutionProvider"} and not ctx.is_file():
+        session = open_session(bundle, graphs[name], None, "qnn", options={"soc_model": str(soc_model)},
+                               config={"ep.context_enable": "1", "ep.context_file_path": str(ctx),
+                                       "ep.context_embed_mode": "1"})
+        if set(placement(session).nodes) != {ort_name("qnn")} and not ctx.is_file():
             raise EdgegenError(f"the QNN EP did not compile '{name}' for SoC {soc_model}")
         del session
         if not ctx.is_file():
             raise EdgegenError(f"the QNN EP wrote no context binary for '{name}' (SoC model {soc_model})")
         out[name] = ctx.name
     return out
-

@@ -31,33 +31,35 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 
 def open_session(bundle: Path, spec: GraphSpec, threads: int | None, ep: str = "cpu", strict: bool = False,
-                 placements: dict | None = None):
-    """A session for one graph on `ep` (see providers.py). strict: fail if any node would fall back to the
-    CPU EP. placements: if given, receives the graph's node placement under its file name."""
-    path = bundle / spec.file
+                 placements: dict | None = None, file: str | None = None, options: dict | None = None,
+                 config: dict | None = None) -> ort.InferenceSession:
+    """The one place a session is opened: one graph of `bundle` on `ep` (see providers.py). strict: fail if any
+    node would fall back to the CPU EP. placements: if given, receives the graph's node placement under its
+    file name. file: load this file instead of spec.file (a QNN EP context binary); options: provider options
+    on top of the EP's own; config: session config entries (e.g. to write an EP context binary)."""
+    path = bundle / (file or spec.file)
     if not path.is_file():
-        raise EdgegenError(f"bundle file '{spec.file}' is missing from '{bundle}'; re-export the bundle")
+        raise EdgegenError(f"bundle file '{path.name}' is missing from '{bundle}'; re-export the bundle")
     so = session_options(threads)
-    providers.add_to_session(so, ep, strict)  # EP errors are the user's to fix: raised before the try
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
+    providers.add_to_session(so, ep, strict, options)  # EP errors are the user's to fix: raised before the try
 
     try:
         session = ort.InferenceSession(str(path), so)
-        if placements is not None:
-            report = session_options(threads)
-            providers.add_to_session(report, ep, strict)
-            placements[spec.file] = providers.placement(lambda o: ort.InferenceSession(str(path), o), report)
-        return session
-    except EdgegenError:
-        raise
     except Exception as exc:  # onnxruntime raises several types for a damaged model
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         if strict and "fallback to CPU EP has been explicitly disabled" in first:
-            raise EdgegenError(f"'{spec.file}' has nodes that cannot run on {ep} (strict placement); "
+            raise EdgegenError(f"'{path.name}' has nodes that cannot run on {ep} (strict placement); "
                                f"export the bundle with --ep {ep} or run without strict placement") from None
         if ep != "cpu":
-            raise EdgegenError(f"cannot load '{spec.file}' on {ep} ({first}); export the bundle with --ep {ep}, "
+            raise EdgegenError(f"cannot load '{path.name}' on {ep} ({first}); export the bundle with --ep {ep}, "
                                "or run it with --ep cpu") from None
-        raise EdgegenError(f"cannot load '{spec.file}' from '{bundle}' ({first}); re-export the bundle") from None
+        raise EdgegenError(f"cannot load '{path.name}' from '{bundle}' ({first}); re-export the bundle") from None
+    session.disable_fallback()  # a failing EP run must fail, not quietly rerun on the CPU
+    if placements is not None:
+        placements[spec.file] = providers.placement(session)
+    return session
 
 
 class PLETable:
@@ -237,7 +239,7 @@ class Bundle:
                  report_placement: bool = False, hashes: str = "cached"):
         """ep: cpu, qnn, webgpu, openvino or auto (the bundle's own profile if its EP loads here, else an
         accelerator, else cpu; `ep_reason` says why). strict: every node must run on the EP.
-        report_placement: fill `placement` (graph file -> Placement) from onnxruntime's placement log.
+        report_placement: fill `placement` (graph file -> Placement) from onnxruntime's graph assignment.
         hashes: check files' sha256 "cached" (once per file change, see integrity.py), "always" or "never"
         (sizes only). Paths are always checked before any file is opened."""
         self.path = Path(path)
@@ -250,15 +252,16 @@ class Bundle:
         self.ep, self.ep_reason = providers.choose(ep, m.ep_profile)
         self.placement: dict[str, providers.Placement] | None = {} if report_placement else None
         ple = PLETable(self.path, m.model.ple) if m.model.ple else None
-        if m.ep_profile == "qnn":  # static shapes, host-side K/V (runtime/static.py)
-            from edgegen.runtime.static import open_static
 
-            self.target, self.assistant = open_static(self.path, m, threads, self.ep, ple, strict)
+        def session(spec: GraphSpec, **kwargs):
+            return open_session(self.path, spec, threads, self.ep, strict, self.placement, **kwargs)
+
+        if m.ep_profile == "qnn":  # static shapes, host-side K/V (runtime/qnn.py)
+            from edgegen.runtime.qnn import open_qnn
+
+            self.target, self.assistant = open_qnn(m, self.ep, ple, session)
             self.draft_round = None
             return
-
-        def session(spec: GraphSpec):
-            return open_session(self.path, spec, threads, self.ep, strict, self.placement)
 
         self.target = Target(session(m.graphs["target"]), m.graphs["target"], ple,
                              16 if "webgpu" in (self.ep, m.ep_profile) else 0,
@@ -278,7 +281,7 @@ class Bundle:
 
     def new_cache(self, max_context: int | None = None) -> KVCache:
         if self.manifest.ep_profile == "qnn":
-            from edgegen.runtime.static import StaticCache, encodings
+            from edgegen.runtime.qnn import StaticCache, encodings
 
             return StaticCache(self.manifest.model.kv_buffers, self.manifest.model.max_context,
                                encodings(self.manifest, "target"))

@@ -1,4 +1,4 @@
-"""Static-shape graphs (ep_profile "qnn"): the host side of export/static_graphs.py.
+"""The qnn profile's host side (static shapes, QDQ): what the host does for the graphs of export/static_graphs.py.
 
 The NPU graph has fixed shapes and no position arithmetic, so the host does three things per call:
   - RoPE cos/sin rows for the call's positions (frequencies from the manifest);
@@ -14,7 +14,7 @@ the Generator's loop runs unchanged on them.
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -23,8 +23,6 @@ from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.kv import KVCache
 from edgegen.runtime.manifest import GraphSpec, KVBuffer, Manifest
 
-QNN_EP = "QNNExecutionProvider"
-QNN_PROVIDER_OPTIONS = {"backend_type": "htp", "htp_performance_mode": "burst"}
 PAD_ID = 0
 
 
@@ -221,61 +219,21 @@ class StaticAssistant(_StaticGraph):
 # -- sessions ----------------------------------------------------------------------------------------------
 
 
-def qnn_devices() -> list:
-    """The QNN EP's devices, registering the plugin library (onnxruntime-qnn) on first use."""
-    from edgegen.runtime import providers
-
-    return providers.devices("qnn")
-
-
-def static_session(path: Path, ep: str, threads: int | None, strict: bool = False,
-                   provider_options: dict | None = None, config: dict | None = None) -> ort.InferenceSession:
-    """A session for a static graph on `ep` ("qnn": the HTP backend; "cpu"). `strict`: fail instead of
-    placing any node on the CPU (session.disable_cpu_ep_fallback); graph assignment is recorded."""
-    from edgegen.runtime.model import session_options
-
-    so = session_options(threads)
-    so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    for key, value in (config or {}).items():
-        so.add_session_config_entry(key, value)
-    if ep == "qnn":
-        so.add_provider_for_devices(qnn_devices(), {**QNN_PROVIDER_OPTIONS, **(provider_options or {})})
-        if strict:
-            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    elif ep != "cpu":
+def open_qnn(manifest: Manifest, ep: str, ple, session: Callable[..., ort.InferenceSession]):
+    """(target, assistant or None) for a qnn-profile bundle; `session(spec, file=..., options=...)` opens a
+    graph (runtime/model.py open_session). On QNN, precompiled EP context graphs are used when the bundle has
+    them, with the EP configured for their SoC (binaries are compiled for one; one simulator per process)."""
+    if ep not in ("qnn", "cpu"):
         raise EdgegenError(f"execution provider '{ep}' cannot run a static (qnn profile) bundle; use qnn or cpu")
-    if not path.is_file():
-        raise EdgegenError(f"bundle file '{path.name}' is missing from '{path.parent}'; re-export the bundle")
-    try:
-        session = ort.InferenceSession(str(path), so)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise EdgegenError(f"cannot load '{path.name}' on {ep} ({first})") from None
-    session.disable_fallback()  # a failing EP run must fail, not quietly rerun on the CPU
-    return session
-
-
-def placement(session: ort.InferenceSession) -> dict[str, int]:
-    """Nodes per execution provider, as the session assigned them."""
-    counts: dict[str, int] = {}
-    for sub in session.get_provider_graph_assignment_info():
-        counts[sub.ep_name] = counts.get(sub.ep_name, 0) + len(sub.get_nodes())
-    return counts
-
-
-def open_static(bundle: Path, manifest: Manifest, threads: int | None, ep: str, ple, strict: bool = False):
-    """(target, assistant or None) for a static bundle. On QNN, precompiled EP context graphs are used
-    when the bundle has them."""
     binaries = manifest.static.get("context_binaries", {}) if ep == "qnn" else {}
-    # Binaries are compiled for one SoC; the EP is configured for it too (one simulator per process).
-    options = {"soc_model": manifest.static["soc_model"]} if binaries and manifest.static.get("soc_model") else None
+    soc = manifest.static.get("soc_model") if binaries else None
+    options = {"soc_model": soc} if soc else None
 
-    def session(name: str):
-        path = bundle / binaries.get(name, manifest.graphs[name].file)
-        return static_session(path, ep, threads, strict, provider_options=options)
+    def graph(name: str) -> ort.InferenceSession:
+        return session(manifest.graphs[name], file=binaries.get(name), options=options)
 
-    target = StaticTarget(session("target"), manifest.graphs["target"], manifest, ple)
+    target = StaticTarget(graph("target"), manifest.graphs["target"], manifest, ple)
     assistant = None
     if "assistant" in manifest.graphs:
-        assistant = StaticAssistant(session("assistant"), manifest.graphs["assistant"], manifest)
+        assistant = StaticAssistant(graph("assistant"), manifest.graphs["assistant"], manifest)
     return target, assistant
