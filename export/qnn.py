@@ -1,6 +1,6 @@
 """`edgegen export --ep qnn`: static standard-op graphs, QDQ-quantized for the QNN HTP backend (NPU).
 
-  graphs     fp32 static graphs (static_graphs.py) in a staging bundle `fp32/` inside the export dir
+  graphs     fp32 graphs of the qnn profile (graphs.py: static shapes) in a staging bundle `fp32/` inside the export dir
   calibrate  the staging bundle runs built-in prompts through the real runtime loop (prefill chunks,
              drafting, verify, decode) on the CPU EP; every graph call's inputs are recorded
   quantize   onnxruntime.quantization with the QNN config: uint16 activations, int8 symmetric
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edgegen.export.graphs import MASK_VALUE, PROFILES, build_assistant_graph, build_target_graph, host_inv_freqs
+from edgegen.export.onnx_graph import WeightFile
 from edgegen.export.quantize import Quant
-from edgegen.export.static_graphs import MASK_VALUE, build_static_assistant, build_static_target, inv_freqs
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.manifest import SCHEMA_VERSION, Manifest
 
@@ -82,13 +83,17 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
     rows = opts.draft_tokens_resolved(pair) + 1
     staging = tmp / "fp32"
     staging.mkdir()
-    tgraph, plan, ple_table = build_static_target(pair.weights, cfg, staging, max_context, rows, pair.lm_head)
-    agraph, _ = build_static_assistant(pair.assistant_weights, pair.assistant.config, pair.weights, cfg, plan, staging,
-                                       max_context)
+    # fp32 graphs of the qnn profile (graphs.py): static shapes, host-side positions and K/V rows.
+    fp32, profile = Quant("fp32"), PROFILES["qnn"]
+    shared = WeightFile(staging / "unused_shared.weights")  # a static graph stores its tables itself
+    tgraph, plan, ple_table = build_target_graph(pair.weights, cfg, fp32, staging, shared, pair.lm_head, profile,
+                                                 max_context, rows=rows)
+    agraph, _ = build_assistant_graph(pair.assistant_weights, pair.assistant.config, pair.weights, cfg, plan, fp32,
+                                      fp32, staging, shared, profile=profile, max_context=max_context)
     for g in (tgraph, agraph):
         g.save(staging)
         g.data.close()
-        g.shared.close()
+    shared.close()
     del tgraph, agraph
 
     stage("write")
@@ -111,7 +116,7 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
         generation=_generation_defaults(pair, rows - 1),
         ep_profile="qnn",
         static={"query_rows": rows, "mask_value": MASK_VALUE,
-                "inv_freq": inv_freqs(cfg, pair.assistant.config.get_text_config())},
+                "inv_freq": host_inv_freqs(cfg, pair.assistant.config.get_text_config())},
     )
     for name in ("target", "assistant"):
         manifest.graphs[name] = _graph_spec_from_file(staging / f"{name}.onnx", {}, {"kind": "fp32"})
