@@ -128,7 +128,7 @@ def inv_freqs(cfg) -> dict[str, np.ndarray]:
 @dataclass
 class PLETable:
     """The per-layer-embedding table (token component) as the host reads it: checkpoint rows times `scale`.
-    Written to the bundle by row blocks (bundle._write_ple), never held whole."""
+    Written to the bundle by row blocks (contents.write_ple), never held whole."""
 
     rows: Tensor
     scale: float

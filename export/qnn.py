@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgegen.export import contents
 from edgegen.export.graphs import MASK_VALUE, PROFILES, build_assistant_graph, build_target_graph, host_inv_freqs
 from edgegen.export.onnx_graph import WeightFile
 from edgegen.export.quantize import Quant
@@ -97,39 +98,31 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
     del tgraph, agraph
 
     stage("write")
-    from edgegen.export.bundle import (
-        _copy_tokenizer,
-        _generation_defaults,
-        _graph_spec_from_file,
-        _record_files,
-        _write_ple,
-        model_spec,
-    )
-
-    ple = _write_ple(tmp, ple_table, cfg.num_hidden_layers, Quant("fp32")) if ple_table is not None else None
+    ple = contents.write_ple(tmp, ple_table, cfg.num_hidden_layers, Quant("fp32")) if ple_table is not None else None
 
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
-        model=model_spec(cfg, plan, max_context, ple),
+        model=contents.model_spec(cfg, plan, max_context, ple),
         graphs={},
-        tokenizer=_copy_tokenizer(pair, tmp),
-        generation=_generation_defaults(pair, rows - 1),
+        tokenizer=contents.copy_tokenizer(pair, tmp),
+        generation=contents.generation_defaults(pair, rows - 1),
         ep_profile="qnn",
         static={"query_rows": rows, "mask_value": MASK_VALUE,
                 "inv_freq": host_inv_freqs(cfg, pair.assistant.config.get_text_config())},
     )
+    contents.check_tokenizer(tmp, cfg.vocab_size)
     for name in ("target", "assistant"):
-        manifest.graphs[name] = _graph_spec_from_file(staging / f"{name}.onnx", {}, {"kind": "fp32"})
+        manifest.graphs[name] = contents.graph_spec(staging / f"{name}.onnx", {}, {"kind": "fp32"})
     _link_host_files(tmp, staging, manifest)
-    _record_files(staging, manifest)  # the runtime checks sizes and hashes of what it loads
+    contents.record_files(staging, manifest)  # the runtime checks sizes and hashes of what it loads
 
     calls, kv_ranges, report = _calibrate(staging, pair, manifest)
     stage("verify")
     for name in ("target", "assistant"):
         _quantize(staging / f"{name}.onnx", tmp / f"{name}.onnx", _subsample(calls[name]), kv_ranges)
         manifest.static.setdefault("quantized_io", {})[name] = quantized_io(tmp / f"{name}.onnx")
-        manifest.graphs[name] = _graph_spec_from_file(tmp / f"{name}.onnx", {}, QDQ)
-    _record_files(tmp, manifest)
+        manifest.graphs[name] = contents.graph_spec(tmp / f"{name}.onnx", {}, QDQ)
+    contents.record_files(tmp, manifest)
     qdq, check = _compare_qdq(staging, tmp, manifest)
     report.update(qdq)
     report["checks"].update(check)
@@ -142,6 +135,7 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
               f"{k} {v['value']:.3g} > {v['tolerance']:.3g}" for k, v in report["checks"].items() if not v["passed"]]
     if failed:
         raise EdgegenError(f"qnn export failed verification ({'; '.join(failed)}); please report this model")
+    contents.record_files(tmp, manifest)
     return manifest
 
 

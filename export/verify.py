@@ -101,7 +101,7 @@ def round_in_place(model: torch.nn.Module, quant: Quant, ple_scale: float | None
             done.add(id(w))
             arr = w.detach().float().numpy()
             if getattr(mod, "_edgegen_ple", False) and ple_scale:
-                # The host PLE table is quantized with its scale folded in (see bundle._write_ple).
+                # The host PLE table is quantized with its scale folded in (see contents.write_ple).
                 s = np.float32(ple_scale)
                 arr = dequantize(arr * s, quant.bits, quant.block_for(arr.shape[1])) / s
             else:
