@@ -29,6 +29,9 @@ from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.manifest import (
     SCHEMA_VERSION,
     Manifest,
+    draft_step,
+    past_kv,
+    present_kv,
 )
 from edgegen.runtime.osinfo import peak_rss_mb, process_alive
 
@@ -110,11 +113,11 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def _aliases(layers, profile, steps: int | None = None) -> dict[str, str]:
+    """present output -> the buffer it is bound to (its store layer's), for every layer that writes K/V."""
     out = {}
-    for suffix in [""] if steps is None else [f".s{i}" for i in range(steps)]:
+    for suffix in [""] if steps is None else [draft_step(i) for i in range(steps)]:
         for layer in filter(lambda la: writes_kv(la, profile), layers):
-            out[f"present_key.{layer.index}{suffix}"] = f"past_key.{layer.store}"
-            out[f"present_value.{layer.index}{suffix}"] = f"past_value.{layer.store}"
+            out.update(zip(present_kv(layer.index, suffix), past_kv(layer.store), strict=True))
     return out
 
 

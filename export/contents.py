@@ -13,7 +13,7 @@ from edgegen.export.graphs import PLETable
 from edgegen.export.quantize import Quant, block_rows, pack, quantize_blocks, row_blocks
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.integrity import sha256_file as sha256
-from edgegen.runtime.manifest import MANIFEST, GraphSpec, KVBuffer, Manifest, ModelSpec, PLESpec, TensorSpec
+from edgegen.runtime.manifest import MANIFEST, GraphSpec, KVBuffer, Manifest, ModelSpec, PLESpec, TensorSpec, past_kv
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "generation_config.json")
@@ -126,7 +126,7 @@ def check_tokenizer(tmp: Path, vocab_size: int) -> None:
 def model_spec(cfg, plan, max_context: int, ple, kv_dtype: str = "float32") -> ModelSpec:
     """The manifest's model section: one K/V buffer pair per store (non-shared) layer of the target plan, a
     ring where the plan has one."""
-    buffers = [KVBuffer(f"past_key.{layer.index}", layer.index, layer.kind, layer.kv_heads, layer.head_dim,
+    buffers = [KVBuffer(past_kv(layer.index)[0], layer.index, layer.kind, layer.kv_heads, layer.head_dim,
                         layer.ring or "max_context", kv_dtype)
                for layer in plan.layers if not layer.shared]
     return ModelSpec(cfg.vocab_size, cfg.hidden_size, list(cfg.layer_types), cfg.sliding_window, max_context,

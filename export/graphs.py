@@ -26,8 +26,34 @@ from edgegen.export.onnx_graph import Graph, WeightFile
 from edgegen.export.quantize import Linears, Quant, TiedTable
 from edgegen.export.row_exact import CHUNK, row_exact_scores, window_start
 from edgegen.export.weights import Tensor, Weights
+from edgegen.runtime.manifest import (
+    DTYPES,
+    GUMBEL,
+    HIDDEN,
+    INPUT_IDS,
+    INV_TEMPERATURE,
+    LAST_HIDDEN,
+    LOGITS,
+    LOGITS_START,
+    LOGITS_TO_KEEP,
+    NEXT_TOKEN,
+    PER_LAYER_INPUTS,
+    POSITION_IDS,
+    PROJECTED_HIDDEN,
+    SEQLENS_K,
+    TOKEN,
+    TOKENS,
+    TOTAL_SEQUENCE_LENGTH,
+    draft_step,
+    mask_input,
+    new_kv,
+    past_kv,
+    present_kv,
+    rope_inputs,
+)
 
 F32, F16, I64, I32 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64, TensorProto.INT32
+_ONNX_TYPES = {"float32": F32, "float16": F16, "int64": I64, "int32": I32}  # the manifest's dtypes (DTYPES)
 KINDS = ("sliding_attention", "full_attention")
 # Rows one target call may write into a ring buffer on top of the window it reads (the runtime splits longer
 # calls, runtime/model.py Target.forward): a verify call of k+1 <= 65 rows fits, prefill goes in chunks.
@@ -228,7 +254,7 @@ def mlp(g: Graph, lin: Linears, x: str, w: Weights, prefix: str) -> str:
 def kv_names(i: int, step: str = "") -> tuple[str, str, str, str]:
     """Buffer inputs are named by the layer that owns them; outputs by the layer (and draft step) that
     writes them."""
-    return f"past_key.{i}", f"past_value.{i}", f"present_key.{i}{step}", f"present_value.{i}{step}"
+    return (*past_kv(i), *present_kv(i, step))
 
 
 def project_qkv(g, lin, x, w: Weights, layer: LayerPlan, num_heads: int, cos, sin, eps, prefix):
@@ -372,8 +398,17 @@ def decoder_layer(g, lin, x, w: Weights, layer: LayerPlan, num_heads, window, ro
 
 
 def _common_inputs(g: Graph) -> None:
-    g.input("seqlens_k", I32, [1])
-    g.input("total_sequence_length", I32, [])
+    _input(g, SEQLENS_K, [1])
+    _input(g, TOTAL_SEQUENCE_LENGTH, [])
+
+
+def _input(g: Graph, name: str, shape: list) -> str:
+    """A graph input the manifest names, with its dtype from there."""
+    return g.input(name, _ONNX_TYPES[DTYPES[name]], shape)
+
+
+def _output(g: Graph, value: str, name: str, shape: list) -> str:
+    return g.output(value, name, _ONNX_TYPES[DTYPES[name]], shape)
 
 
 def _kv_shape(layer: LayerPlan, max_context: int | str = "max_context") -> list:
@@ -421,12 +456,12 @@ def build_target_graph(w: Weights, cfg, quant: Quant, out_dir, shared: WeightFil
     eps = cfg.rms_norm_eps
     static = profile.static_shapes
     s, n = (rows, rows) if static else ("S", "N")  # query rows in, rows with logits out
-    ids = g.input("input_ids", I64, [1, s])
+    ids = _input(g, INPUT_IDS, [1, s])
     if not static:
-        pos = g.input("position_ids", I64, [1, s])
+        pos = _input(g, POSITION_IDS, [1, s])
         start = _logits_start(g)
     if plan.ple_dim:
-        g.input("per_layer_inputs", F32, [1, s, cfg.num_hidden_layers, plan.ple_dim])
+        _input(g, PER_LAYER_INPUTS, [1, s, cfg.num_hidden_layers, plan.ple_dim])
     if static:
         rope = _host_position_inputs(g, plan.layers, rows, max_context + rows)
     else:
@@ -441,7 +476,7 @@ def build_target_graph(w: Weights, cfg, quant: Quant, out_dir, shared: WeightFil
 
     new_rows: list[LayerPlan] = []  # static shapes: layers whose new K/V rows are outputs
     attention = StaticAttention(rows, max_context + rows, new_rows) if static else attention_block
-    kv_source: dict = {} if static else {"mask_positions": "position_ids"}
+    kv_source: dict = {} if static else {"mask_positions": POSITION_IDS}
     for layer in plan.layers:
         pli = None
         if per_layer is not None:
@@ -454,15 +489,15 @@ def build_target_graph(w: Weights, cfg, quant: Quant, out_dir, shared: WeightFil
     x = rms_norm(g, x, w.array("norm.weight"), "norm", eps)
     if not static:  # only the last `logits_to_keep` positions need logits and hidden states (prefill: 1, verify: k+1)
         x = g.op("Slice", x, start, g.const([2**62]), g.const([1]))
-    g.output(x, "last_hidden", F32, [1, n, plan.hidden])
+    _output(g, x, LAST_HIDDEN, [1, n, plan.hidden])
     if static:
         lm = table.table if untied_lm_head is None else TiedTable(g, quant, "lm_head", untied_lm_head).table
         logits = gemm_logits(g, lm, x, rows, plan.hidden, plan.vocab)
     else:
         logits = table.logits(x) if untied_lm_head is None else lin(x, "lm_head", untied_lm_head)
-    g.output(softcap(g, logits, cfg.final_logit_softcapping), "logits", F32, [1, n, plan.vocab])
+    _output(g, softcap(g, logits, cfg.final_logit_softcapping), LOGITS, [1, n, plan.vocab])
     for layer in new_rows:
-        for name in (f"new_key.{layer.index}", f"new_value.{layer.index}"):
+        for name in new_kv(layer.index):
             g.outputs.append(_vi(name, [1, layer.kv_heads, rows, layer.head_dim]))
     return g, plan, ple_table
 
@@ -470,8 +505,8 @@ def build_target_graph(w: Weights, cfg, quant: Quant, out_dir, shared: WeightFil
 def _logits_start(g: Graph) -> str:
     """Where the logits slice starts: -N, from the logits_start input or from logits_to_keep (N)."""
     if g.profile.logits_start_input:
-        return g.input("logits_start", I64, [1])
-    keep = g.input("logits_to_keep", I64, [])
+        return _input(g, LOGITS_START, [1])
+    keep = _input(g, LOGITS_TO_KEEP, [])
     return g.op("Neg", g.op("Unsqueeze", keep, g.const([0])))
 
 
@@ -486,7 +521,7 @@ def _per_layer_inputs(g: Graph, lin: Linears, x: str, w: Weights, cfg, plan: Tar
     proj = g.op("Mul", proj, g.const(np.float32(scales.ple_projection), np.float32))
     proj = g.op("Reshape", proj, g.const([1, rows, cfg.num_hidden_layers, plan.ple_dim]))
     proj = rms_norm(g, proj, w.array("per_layer_projection_norm.weight"), "per_layer_projection_norm", eps)
-    per_layer = g.op("Mul", g.op("Add", proj, "per_layer_inputs"), g.const(np.float32(scales.ple_input), np.float32))
+    per_layer = g.op("Mul", g.op("Add", proj, PER_LAYER_INPUTS), g.const(np.float32(scales.ple_input), np.float32))
     return per_layer, PLETable(w["embed_tokens_per_layer.weight"], scales.ple)
 
 
@@ -570,14 +605,14 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
     if static:
         rope, attention = _host_rope(layers), StaticAttention(1, max_context, [])
     else:
-        rope = {kind: rope_tables(g, "position_ids", freq, f"assistant.{kind}", max_context)
+        rope = {kind: rope_tables(g, POSITION_IDS, freq, f"assistant.{kind}", max_context)
                 for kind, freq in inv_freqs(cfg).items()}
         attention = attention_block
     kv_source = _assistant_kv_source(g, stores)
 
     tokens, all_logits = [], []
     for i in range(steps or 1):
-        suffix = "" if steps is None else f".s{i}"
+        suffix = "" if steps is None else draft_step(i)
         emb = target_table.rows(tok, TextScales.of(target_cfg).embed)
         x = lin(g.op("Concat", emb, hidden, axis=-1), "pre_projection", aw["pre_projection.weight"])
         for layer in layers:
@@ -589,19 +624,19 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
         h = rms_norm(g, x, aw.array("model.norm.weight"), "norm", eps)
         hidden = lin(h, "post_projection", aw["post_projection.weight"])
         if static:  # (the head's table comes after the layers' weights in the graph's file)
-            g.output(hidden, "projected_hidden", F32, [1, 1, target_plan.hidden])
+            _output(g, hidden, PROJECTED_HIDDEN, [1, 1, target_plan.hidden])
             own = TiedTable(g, quant, "lm_head", aw[own_head])
         if config.use_ordered_embeddings:
             logits = centroid_logits(g, lin, own, h, aw.sub("masked_embedding"), config, vocab)
         else:
             logits = gemm_logits(g, own.table, h, 1, cfg.hidden_size, vocab) if static else own.logits(h)
         if static:
-            g.output(logits, "logits", F32, [1, 1, vocab])
+            _output(g, logits, LOGITS, [1, 1, vocab])
             break
         if steps is None:
-            g.output(hidden, "projected_hidden", F32, [1, 1, target_plan.hidden])
-            g.output(logits, "logits", F32, [1, 1, vocab])
-            g.output(g.op("ArgMax", logits, axis=-1, keepdims=0), "next_token", I64, [1, 1])
+            _output(g, hidden, PROJECTED_HIDDEN, [1, 1, target_plan.hidden])
+            _output(g, logits, LOGITS, [1, 1, vocab])
+            _output(g, g.op("ArgMax", logits, axis=-1, keepdims=0), NEXT_TOKEN, [1, 1])
             break
         noise = g.op("Gather", gumbel, g.const([i]), axis=0)  # [1, V]
         scored = g.op("Add", g.op("Mul", g.op("Reshape", logits, g.const([1, vocab])), inv_t), noise)
@@ -610,26 +645,26 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
         all_logits.append(g.op("Reshape", logits, g.const([1, vocab])))
     if steps is not None:
         if profile.device_ids:  # the same argmaxes over the stacked scores [1, k, V]: no int64 Concat
-            g.output(g.op("ArgMax", g.op("Concat", *tokens, axis=1), axis=-1, keepdims=0), "tokens", I64, [1, steps])
+            _output(g, g.op("ArgMax", g.op("Concat", *tokens, axis=1), axis=-1, keepdims=0), TOKENS, [1, steps])
         else:
-            g.output(g.op("Concat", *tokens, axis=1), "tokens", I64, [1, steps])
-        g.output(g.op("Concat", *all_logits, axis=0), "logits", F32, [steps, vocab])
+            _output(g, g.op("Concat", *tokens, axis=1), TOKENS, [1, steps])
+        _output(g, g.op("Concat", *all_logits, axis=0), LOGITS, [steps, vocab])
     return g, layers
 
 
 def _assistant_inputs(g: Graph, layers: list[LayerPlan], hidden_size: int, vocab: int, steps: int | None,
                       max_context: int) -> tuple[str, str, str | None, str | None]:
     """token, hidden and, for draft_round, inv_temperature and gumbel; the position inputs the profile takes."""
-    tok = g.input("token", I64, [1, 1])
-    hidden = g.input("hidden", F32, [1, 1, hidden_size])
+    tok = _input(g, TOKEN, [1, 1])
+    hidden = _input(g, HIDDEN, [1, 1, hidden_size])
     if g.profile.static_shapes:
         _host_position_inputs(g, layers, 1, max_context)
     else:
-        g.input("position_ids", I64, [1, 1])
+        _input(g, POSITION_IDS, [1, 1])
         _common_inputs(g)
     if steps is None:
         return tok, hidden, None, None
-    return tok, hidden, g.input("inv_temperature", F32, []), g.input("gumbel", F32, [steps, vocab])
+    return tok, hidden, _input(g, INV_TEMPERATURE, []), _input(g, GUMBEL, [steps, vocab])
 
 
 def _assistant_kv_source(g: Graph, stores: list[LayerPlan]) -> dict:
@@ -643,10 +678,10 @@ def _assistant_kv_source(g: Graph, stores: list[LayerPlan]) -> dict:
         if g.profile.standard_attention:  # attend to the buffers as they are: no row rewritten
             kv_source[tl.index] = (pk, pv)
         else:
-            kv_source[tl.index] = (_row_at(g, pk, "seqlens_k", width), _row_at(g, pv, "seqlens_k", width))
+            kv_source[tl.index] = (_row_at(g, pk, SEQLENS_K, width), _row_at(g, pv, SEQLENS_K, width))
     if g.profile.standard_attention and not g.profile.static_shapes:
         # the drafter's query sits where GQA puts it: the last processed position P-1
-        kv_source["mask_positions"] = g.op("Reshape", g.op("Cast", "seqlens_k", to=I64), g.const([1, 1]))
+        kv_source["mask_positions"] = g.op("Reshape", g.op("Cast", SEQLENS_K, to=I64), g.const([1, 1]))
     return kv_source
 
 
@@ -658,32 +693,26 @@ def _assistant_kv_source(g: Graph, stores: list[LayerPlan]) -> dict:
 #   - the host computes what depends on the position: RoPE cos/sin rows and an additive mask per layer
 #     kind (causal, sliding window, valid cache rows), so the graph holds no int64 arithmetic;
 #   - K/V buffers are plain inputs [1, kv_heads, max_ctx, d]; the target returns only the S new rows of
-#     each store layer (`new_key.{i}`), which the host writes into its buffers (runtime/qnn.py);
+#     each store layer (manifest.new_kv), which the host writes into its buffers (runtime/qnn.py);
 #   - every query length is fixed at export: the target runs S = draft_tokens + 1 rows per call (verify;
 #     prefill goes in chunks of S; a decode step pads), the assistant one row.
-# Graph IO (M = max_context, S = query rows, T = M + S for the target, M for the assistant):
-# target     in  input_ids [1,S] int64 · per_layer_inputs [1,S,L,P] · rope_cos.{kind} / rope_sin.{kind}
-#                [1,S,1,d_kind] · attention_mask.{kind} [1,1,S,T] · past_key.{i} / past_value.{i} [1,kvh,M,d]
-#            out logits [1,S,V] (softcapped) · last_hidden [1,S,H] · new_key.{i} / new_value.{i} [1,kvh,S,d]
-# assistant  in  token [1,1] int64 · hidden [1,1,H] · rope_cos/sin.{kind} [1,1,1,d] ·
-#                attention_mask.{kind} [1,1,1,M] · past_key.{s} / past_value.{s} (store layers)
-#            out logits [1,1,V] · projected_hidden [1,1,H]
+# Their IO is listed in runtime/manifest.py.
 
 MASK_VALUE = -100.0  # additive mask; finite and small so that a uint16 QDQ range keeps score precision
 
 
 def _host_rope(layers: list[LayerPlan]) -> dict[str, tuple[str, str]]:
-    return {layer.kind: (f"rope_cos.{layer.kind}", f"rope_sin.{layer.kind}") for layer in layers}
+    return {layer.kind: rope_inputs(layer.kind) for layer in layers}
 
 
 def _host_position_inputs(g: Graph, layers: list[LayerPlan], rows: int, keys: int) -> dict[str, tuple[str, str]]:
     """RoPE cos/sin rows per layer kind and an additive mask [1, 1, rows, keys] per layer kind, fed by the host."""
     dims = {layer.kind: layer.head_dim for layer in layers}
     for kind, d in dims.items():
-        g.input(f"rope_cos.{kind}", F32, [1, rows, 1, d])
-        g.input(f"rope_sin.{kind}", F32, [1, rows, 1, d])
+        for name in rope_inputs(kind):
+            g.input(name, F32, [1, rows, 1, d])
     for kind in dims:
-        g.input(f"attention_mask.{kind}", F32, [1, 1, rows, keys])
+        g.input(mask_input(kind), F32, [1, 1, rows, keys])
     return _host_rope(layers)
 
 
@@ -724,14 +753,14 @@ class StaticAttention:
         q, k, v = project_qkv(g, lin, x, w, layer, num_heads, cos, sin, eps, prefix)
         if not layer.shared:
             v = g.op("RMSNormalization", v, g.weight(f"ones.{d}", np.ones(d, np.float32)), axis=-1, epsilon=eps)
-            k_new = g.op("Transpose", k, perm=[0, 2, 1, 3], out=f"new_key.{layer.index}")
-            v_new = g.op("Transpose", v, perm=[0, 2, 1, 3], out=f"new_value.{layer.index}")
+            new_k, new_v = new_kv(layer.index)
+            k_new = g.op("Transpose", k, perm=[0, 2, 1, 3], out=new_k)
+            v_new = g.op("Transpose", v, perm=[0, 2, 1, 3], out=new_v)
             self.new_outputs.append(layer)
-            kv_source[layer.index] = (g.op("Concat", f"past_key.{layer.index}", k_new, axis=2),
-                                      g.op("Concat", f"past_value.{layer.index}", v_new, axis=2))
+            past_k, past_v = past_kv(layer.index)
+            kv_source[layer.index] = (g.op("Concat", past_k, k_new, axis=2), g.op("Concat", past_v, v_new, axis=2))
         k_all, v_all = kv_source[layer.store]
-        out = masked_attention(g, num_heads, layer.kv_heads, d, q, k_all, v_all, f"attention_mask.{layer.kind}",
-                               s, self.keys)
+        out = masked_attention(g, num_heads, layer.kv_heads, d, q, k_all, v_all, mask_input(layer.kind), s, self.keys)
         return lin(out, f"{prefix}.o_proj", w["o_proj.weight"])
 
 

@@ -24,7 +24,7 @@ from edgegen.export.graphs import MASK_VALUE, PROFILES, build_assistant_graph, b
 from edgegen.export.onnx_graph import WeightFile
 from edgegen.export.quantize import Quant
 from edgegen.runtime.errors import EdgegenError
-from edgegen.runtime.manifest import SCHEMA_VERSION, Manifest
+from edgegen.runtime.manifest import SCHEMA_VERSION, Manifest, buffer_of, is_buffer
 
 CALIBRATION_PROMPTS = (
     "The quick brown fox jumps over the lazy dog. Speculative decoding lets a small drafter propose "
@@ -45,13 +45,13 @@ class _Recorder:
 
     def __init__(self, session):
         self.session, self.calls = session, []
-        self.kv_ranges: dict[str, tuple[float, float]] = {}  # buffer (past_key.i) -> (min, max) seen
+        self.kv_ranges: dict[str, tuple[float, float]] = {}  # K/V buffer -> (min, max) seen
 
     def run(self, names, feeds):
         self.calls.append({k: np.array(v, copy=True) for k, v in feeds.items()})
         outputs = self.session.run(names, feeds)
-        seen = [(k, v) for k, v in feeds.items() if k.startswith("past_")]
-        seen += [(k.replace("new_", "past_"), v) for k, v in zip(names, outputs, strict=True) if k.startswith("new_")]
+        seen = [(k, v) for k, v in feeds.items() if is_buffer(k)]
+        seen += [(buffer_of(k), v) for k, v in zip(names, outputs, strict=True) if buffer_of(k)]
         for name, value in seen:
             lo, hi = self.kv_ranges.get(name, (0.0, 0.0))
             self.kv_ranges[name] = (min(lo, float(value.min())), max(hi, float(value.max())))

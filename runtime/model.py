@@ -15,7 +15,28 @@ import onnxruntime as ort
 from edgegen.runtime import integrity, osinfo, providers
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.kv import KVCache, cache_bytes
-from edgegen.runtime.manifest import GraphSpec, Manifest, PLESpec, load_manifest
+from edgegen.runtime.manifest import (
+    GUMBEL,
+    HIDDEN,
+    INPUT_IDS,
+    INV_TEMPERATURE,
+    LAST_HIDDEN,
+    LOGITS,
+    LOGITS_START,
+    LOGITS_TO_KEEP,
+    NEXT_TOKEN,
+    PER_LAYER_INPUTS,
+    POSITION_IDS,
+    PROJECTED_HIDDEN,
+    SEQLENS_K,
+    TOKEN,
+    TOKENS,
+    TOTAL_SEQUENCE_LENGTH,
+    GraphSpec,
+    Manifest,
+    PLESpec,
+    load_manifest,
+)
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -176,32 +197,32 @@ class Target(_Graph):
     def _run(self, cache: KVCache, ids: np.ndarray, logits_to_keep: int):
         past, s = cache.length, ids.shape[1]
         feeds = {
-            "input_ids": ids,
-            "position_ids": np.arange(past, past + s, dtype=np.int64).reshape(1, -1),
-            "seqlens_k": np.array([past + s - 1], dtype=np.int32),
-            "total_sequence_length": np.array(past + s, dtype=np.int32),
+            INPUT_IDS: ids,
+            POSITION_IDS: np.arange(past, past + s, dtype=np.int64).reshape(1, -1),
+            SEQLENS_K: np.array([past + s - 1], dtype=np.int32),
+            TOTAL_SEQUENCE_LENGTH: np.array(past + s, dtype=np.int32),
         }
-        if "logits_start" in self.input_names:  # the webgpu profile takes the slice start, -N
-            feeds["logits_start"] = np.array([-logits_to_keep], dtype=np.int64)
+        if LOGITS_START in self.input_names:  # the webgpu profile takes the slice start, -N
+            feeds[LOGITS_START] = np.array([-logits_to_keep], dtype=np.int64)
         else:
-            feeds["logits_to_keep"] = np.array(logits_to_keep, dtype=np.int64)
+            feeds[LOGITS_TO_KEEP] = np.array(logits_to_keep, dtype=np.int64)
         if self.ple is not None:
-            feeds["per_layer_inputs"] = self.ple(ids)
+            feeds[PER_LAYER_INPUTS] = self.ple(ids)
         out = self.run(feeds, cache)
         cache.length = past + s
         cache.wrote(past + s)
-        return out["logits"][0], out["last_hidden"][0]
+        return out[LOGITS][0], out[LAST_HIDDEN][0]
 
 
 def _draft_feeds(cache: KVCache, token: int, hidden: np.ndarray) -> dict[str, np.ndarray]:
     """Inputs of a draft step at the constant position P = cache.length (see manifest.py)."""
     p = cache.length
     return {
-        "token": np.array([[token]], dtype=np.int64),
-        "hidden": np.asarray(hidden, dtype=np.float32).reshape(1, 1, -1),
-        "position_ids": np.array([[p]], dtype=np.int64),
-        "seqlens_k": np.array([p - 1], dtype=np.int32),
-        "total_sequence_length": np.array(p, dtype=np.int32),
+        TOKEN: np.array([[token]], dtype=np.int64),
+        HIDDEN: np.asarray(hidden, dtype=np.float32).reshape(1, 1, -1),
+        POSITION_IDS: np.array([[p]], dtype=np.int64),
+        SEQLENS_K: np.array([p - 1], dtype=np.int32),
+        TOTAL_SEQUENCE_LENGTH: np.array(p, dtype=np.int32),
     }
 
 
@@ -209,7 +230,7 @@ class Assistant(_Graph):
     def step(self, cache: KVCache, token: int, hidden: np.ndarray):
         """One draft step at position cache.length; returns (logits [V], next_token, projected hidden [H])."""
         out = self.run(_draft_feeds(cache, token, hidden), cache)
-        return out["logits"][0, 0], int(out["next_token"].reshape(-1)[0]), out["projected_hidden"][0, 0]
+        return out[LOGITS][0, 0], int(out[NEXT_TOKEN].reshape(-1)[0]), out[PROJECTED_HIDDEN][0, 0]
 
 
 class DraftRound(_Graph):
@@ -217,18 +238,18 @@ class DraftRound(_Graph):
 
     def __init__(self, session, spec: GraphSpec):
         super().__init__(session, spec)
-        self.steps = next(o.shape[1] for o in spec.outputs if o.name == "tokens")
-        self.vocab = next(o.shape[1] for o in spec.outputs if o.name == "logits")
+        self.steps = next(o.shape[1] for o in spec.outputs if o.name == TOKENS)
+        self.vocab = next(o.shape[1] for o in spec.outputs if o.name == LOGITS)
         self._zeros = np.zeros((self.steps, self.vocab), np.float32)
 
     def run_round(self, cache: KVCache, token: int, hidden: np.ndarray, inv_temperature: float = 1.0,
                   gumbel: np.ndarray | None = None):
         """Returns (tokens [k], logits [k, V]). Greedy: no noise; sampling: Gumbel noise, one row a step."""
         feeds = _draft_feeds(cache, token, hidden)
-        feeds["inv_temperature"] = np.array(inv_temperature, dtype=np.float32)
-        feeds["gumbel"] = self._zeros if gumbel is None else gumbel.astype(np.float32, copy=False)
+        feeds[INV_TEMPERATURE] = np.array(inv_temperature, dtype=np.float32)
+        feeds[GUMBEL] = self._zeros if gumbel is None else gumbel.astype(np.float32, copy=False)
         out = self.run(feeds, cache)
-        return [int(t) for t in out["tokens"].reshape(-1)], out["logits"]
+        return [int(t) for t in out[TOKENS].reshape(-1)], out[LOGITS]
 
 
 class Bundle:

@@ -21,7 +21,24 @@ import onnxruntime as ort
 
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.kv import KVCache
-from edgegen.runtime.manifest import GraphSpec, KVBuffer, Manifest
+from edgegen.runtime.manifest import (
+    HIDDEN,
+    INPUT_IDS,
+    LAST_HIDDEN,
+    LOGITS,
+    PER_LAYER_INPUTS,
+    PROJECTED_HIDDEN,
+    TOKEN,
+    GraphSpec,
+    KVBuffer,
+    Manifest,
+    buffer_of,
+    is_buffer,
+    mask_input,
+    mask_kind,
+    rope_inputs,
+    value_buffer,
+)
 
 PAD_ID = 0
 
@@ -59,7 +76,7 @@ class StaticCache(KVCache):
         self.encoding: dict[str, Encoding] = {}
         self.values: dict[str, np.ndarray] = {}
         for b in buffers:
-            for name in (f"past_key.{b.layer}", f"past_value.{b.layer}"):
+            for name in (b.name, value_buffer(b.name)):
                 shape = (1, b.kv_heads, max_context, b.head_dim)
                 enc = (quantized or {}).get(name)
                 if enc is None:
@@ -73,10 +90,10 @@ class StaticCache(KVCache):
         return length
 
     def write(self, new: dict[str, np.ndarray], rows: int) -> None:
-        """Put the first `rows` rows of each new_key/new_value output (float) at positions length.. ."""
+        """Put the first `rows` rows of each new-rows output (float; manifest.new_kv) at positions length.. ."""
         a = self.length
         for name, value in new.items():
-            buffer = name.replace("new_", "past_")
+            buffer = buffer_of(name)
             rows_in = value[:, :, :rows]
             enc = self.encoding.get(buffer)
             self.values[buffer][:, :, a:a + rows] = rows_in if enc is None else quantize(rows_in, enc)
@@ -123,12 +140,13 @@ class Rope:
         for kind in kinds:
             freqs = positions.astype(np.float32)[:, None] * self.inv[kind][None, :]
             emb = np.concatenate([freqs, freqs], axis=-1)[None, :, None, :]
-            out[f"rope_cos.{kind}"], out[f"rope_sin.{kind}"] = np.cos(emb), np.sin(emb)
+            cos, sin = rope_inputs(kind)
+            out[cos], out[sin] = np.cos(emb), np.sin(emb)
         return out
 
 
 def _graph_kinds(spec: GraphSpec) -> list[str]:
-    return [t.name.split(".", 1)[1] for t in spec.inputs if t.name.startswith("attention_mask.")]
+    return [mask_kind(t.name) for t in spec.inputs if mask_kind(t.name)]
 
 
 class _StaticGraph:
@@ -140,14 +158,14 @@ class _StaticGraph:
         self.kinds = _graph_kinds(spec)
         self.rope = Rope(manifest.static["inv_freq"], tag)
         self.output_names = [o.name for o in session.get_outputs()]
-        self.kv_inputs = [i.name for i in spec.inputs if i.name.startswith("past_")]
+        self.kv_inputs = [i.name for i in spec.inputs if is_buffer(i.name)]
         # Tensors the graph takes or gives quantized (the host does the boundary Q/DQ; see export/qnn.py).
         self.quantized = encodings(manifest, tag)
 
     def _position_feeds(self, past: int, query_pos: np.ndarray, rope_pos: np.ndarray, new_rows: int) -> dict:
         feeds = self.rope.feeds(rope_pos, self.kinds)
         for kind in self.kinds:
-            feeds[f"attention_mask.{kind}"] = attention_mask(kind == "sliding_attention", self.window, past,
+            feeds[mask_input(kind)] = attention_mask(kind == "sliding_attention", self.window, past,
                                                              query_pos, self.max_context, new_rows,
                                                              self.mask_value)
         return feeds
@@ -169,7 +187,7 @@ class StaticTarget(_StaticGraph):
     def __init__(self, session, spec: GraphSpec, manifest: Manifest, ple):
         super().__init__(session, spec, manifest, "target")
         self.ple = ple
-        self.rows = next(t.shape[1] for t in spec.inputs if t.name == "input_ids")
+        self.rows = next(t.shape[1] for t in spec.inputs if t.name == INPUT_IDS)
 
     def forward(self, cache: StaticCache, ids: list[int] | np.ndarray, logits_to_keep: int = 1):
         """Run ids at positions cache.length.. in chunks of S rows; (logits [N,V], hidden [N,H]) for the last N."""
@@ -180,8 +198,8 @@ class StaticTarget(_StaticGraph):
         logits, hidden = [], []
         for a in range(0, len(ids), self.rows):
             out, n = self._chunk(cache, ids[a:a + self.rows])
-            logits.append(out["logits"][0, :n])
-            hidden.append(out["last_hidden"][0, :n])
+            logits.append(out[LOGITS][0, :n])
+            hidden.append(out[LAST_HIDDEN][0, :n])
             kept = sum(len(x) for x in logits)
             while len(logits) > 1 and kept - len(logits[0]) >= logits_to_keep:  # prefill keeps only the tail
                 kept -= len(logits.pop(0))
@@ -193,11 +211,11 @@ class StaticTarget(_StaticGraph):
         ids = np.array([chunk + [PAD_ID] * (self.rows - n)], np.int64)
         pos = past + np.arange(self.rows)
         feeds = self._position_feeds(past, pos, pos, self.rows)
-        feeds["input_ids"] = ids
+        feeds[INPUT_IDS] = ids
         if self.ple is not None:
-            feeds["per_layer_inputs"] = self.ple(ids)
+            feeds[PER_LAYER_INPUTS] = self.ple(ids)
         out = self._run(feeds, cache)
-        cache.write({k: v for k, v in out.items() if k.startswith("new_")}, n)
+        cache.write({k: v for k, v in out.items() if buffer_of(k)}, n)
         return out, n
 
 
@@ -209,11 +227,11 @@ class StaticAssistant(_StaticGraph):
         """One draft step at the constant position P = cache.length over the accepted rows [0, P)."""
         p = cache.length
         feeds = self._position_feeds(p, np.array([p - 1]), np.array([p]), 0)
-        feeds["token"] = np.array([[token]], np.int64)
-        feeds["hidden"] = np.asarray(hidden, np.float32).reshape(1, 1, -1)
+        feeds[TOKEN] = np.array([[token]], np.int64)
+        feeds[HIDDEN] = np.asarray(hidden, np.float32).reshape(1, 1, -1)
         out = self._run(feeds, cache)
-        logits = out["logits"][0, 0]
-        return logits, int(logits.argmax()), out["projected_hidden"][0, 0]
+        logits = out[LOGITS][0, 0]
+        return logits, int(logits.argmax()), out[PROJECTED_HIDDEN][0, 0]
 
 
 # -- sessions ----------------------------------------------------------------------------------------------
