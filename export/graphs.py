@@ -590,7 +590,7 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
     static = profile.static_shapes
     g = Graph("assistant" if steps is None else "draft_round", out_dir, shared, data=data, profile=profile)
     lin = Linears(g, quant)
-    eps, vocab = cfg.rms_norm_eps, cfg.vocab_size
+    vocab = cfg.vocab_size
     tok, hidden, inv_t, gumbel = _assistant_inputs(g, layers, target_plan.hidden, vocab, steps, max_context)
     stores = [next(tl for tl in target_plan.layers if tl.index == i)
               for i in sorted(set(target_plan.store_layers.values()))]
@@ -608,48 +608,74 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
         rope = {kind: rope_tables(g, POSITION_IDS, freq, f"assistant.{kind}", max_context)
                 for kind, freq in inv_freqs(cfg).items()}
         attention = attention_block
-    kv_source = _assistant_kv_source(g, stores)
+    drafter = _Drafter(g, lin, aw, config, layers, rope, _assistant_kv_source(g, stores), attention, own)
 
-    tokens, all_logits = [], []
-    for i in range(steps or 1):
-        suffix = "" if steps is None else draft_step(i)
-        emb = target_table.rows(tok, TextScales.of(target_cfg).embed)
-        x = lin(g.op("Concat", emb, hidden, axis=-1), "pre_projection", aw["pre_projection.weight"])
-        for layer in layers:
-            x = decoder_layer(g, lin, x, aw.sub(f"model.layers.{layer.index}"), layer, cfg.num_attention_heads,
-                              cfg.sliding_window, rope, eps, f"layers.{layer.index}", kv_source, None, suffix,
-                              attention=attention)
-            if writes_kv(layer, profile):
-                _kv_outputs(g, layer, suffix)
-        h = rms_norm(g, x, aw.array("model.norm.weight"), "norm", eps)
-        hidden = lin(h, "post_projection", aw["post_projection.weight"])
+    embed_scale = TextScales.of(target_cfg).embed
+    if steps is None:
+        h, hidden = drafter.step(target_table.rows(tok, embed_scale), hidden, "")
         if static:  # (the head's table comes after the layers' weights in the graph's file)
             _output(g, hidden, PROJECTED_HIDDEN, [1, 1, target_plan.hidden])
-            own = TiedTable(g, quant, "lm_head", aw[own_head])
-        if config.use_ordered_embeddings:
-            logits = centroid_logits(g, lin, own, h, aw.sub("masked_embedding"), config, vocab)
-        else:
-            logits = gemm_logits(g, own.table, h, 1, cfg.hidden_size, vocab) if static else own.logits(h)
-        if static:
-            _output(g, logits, LOGITS, [1, 1, vocab])
-            break
-        if steps is None:
-            _output(g, hidden, PROJECTED_HIDDEN, [1, 1, target_plan.hidden])
-            _output(g, logits, LOGITS, [1, 1, vocab])
-            _output(g, g.op("ArgMax", logits, axis=-1, keepdims=0), NEXT_TOKEN, [1, 1])
-            break
+            drafter.own = TiedTable(g, quant, "lm_head", aw[own_head])
+            _output(g, drafter.head(h), LOGITS, [1, 1, vocab])
+            return g, layers
+        logits = drafter.head(h)
+        _output(g, hidden, PROJECTED_HIDDEN, [1, 1, target_plan.hidden])
+        _output(g, logits, LOGITS, [1, 1, vocab])
+        _output(g, g.op("ArgMax", logits, axis=-1, keepdims=0), NEXT_TOKEN, [1, 1])
+        return g, layers
+    tokens, all_logits = [], []
+    for i in range(steps):
+        h, hidden = drafter.step(target_table.rows(tok, embed_scale), hidden, draft_step(i))
+        logits = drafter.head(h)
         noise = g.op("Gather", gumbel, g.const([i]), axis=0)  # [1, V]
         scored = g.op("Add", g.op("Mul", g.op("Reshape", logits, g.const([1, vocab])), inv_t), noise)
         tok = g.op("ArgMax", scored, axis=-1, keepdims=1)  # [1, 1]
         tokens.append(g.op("Unsqueeze", scored, g.const([0])) if profile.device_ids else tok)
         all_logits.append(g.op("Reshape", logits, g.const([1, vocab])))
-    if steps is not None:
-        if profile.device_ids:  # the same argmaxes over the stacked scores [1, k, V]: no int64 Concat
-            _output(g, g.op("ArgMax", g.op("Concat", *tokens, axis=1), axis=-1, keepdims=0), TOKENS, [1, steps])
-        else:
-            _output(g, g.op("Concat", *tokens, axis=1), TOKENS, [1, steps])
-        _output(g, g.op("Concat", *all_logits, axis=0), LOGITS, [steps, vocab])
+    if profile.device_ids:  # the same argmaxes over the stacked scores [1, k, V]: no int64 Concat
+        _output(g, g.op("ArgMax", g.op("Concat", *tokens, axis=1), axis=-1, keepdims=0), TOKENS, [1, steps])
+    else:
+        _output(g, g.op("Concat", *tokens, axis=1), TOKENS, [1, steps])
+    _output(g, g.op("Concat", *all_logits, axis=0), LOGITS, [steps, vocab])
     return g, layers
+
+
+@dataclass
+class _Drafter:
+    """What one draft step is built from: the assistant's layers after its input projection, and its head
+    (`own`: its lm_head table)."""
+
+    g: Graph
+    lin: Linears
+    aw: Weights
+    config: object  # Gemma4AssistantConfig
+    layers: list[LayerPlan]
+    rope: dict
+    kv_source: dict
+    attention: object  # attention_block or StaticAttention
+    own: TiedTable | None
+
+    def step(self, emb: str, hidden: str, suffix: str) -> tuple[str, str]:
+        """(normed hidden state, projected hidden state) of one draft step from the token's embedding."""
+        g, lin, aw, cfg = self.g, self.lin, self.aw, self.config.get_text_config()
+        x = lin(g.op("Concat", emb, hidden, axis=-1), "pre_projection", aw["pre_projection.weight"])
+        for layer in self.layers:
+            x = decoder_layer(g, lin, x, aw.sub(f"model.layers.{layer.index}"), layer, cfg.num_attention_heads,
+                              cfg.sliding_window, self.rope, cfg.rms_norm_eps, f"layers.{layer.index}",
+                              self.kv_source, None, suffix, attention=self.attention)
+            if writes_kv(layer, g.profile):
+                _kv_outputs(g, layer, suffix)
+        h = rms_norm(g, x, aw.array("model.norm.weight"), "norm", cfg.rms_norm_eps)
+        return h, lin(h, "post_projection", aw["post_projection.weight"])
+
+    def head(self, h: str) -> str:
+        """Logits [1, 1, V]: the centroid head, or the lm_head (static shapes: as a Gemm)."""
+        vocab = self.config.get_text_config().vocab_size
+        if self.config.use_ordered_embeddings:
+            return centroid_logits(self.g, self.lin, self.own, h, self.aw.sub("masked_embedding"), self.config, vocab)
+        if self.g.profile.static_shapes:
+            return gemm_logits(self.g, self.own.table, h, 1, self.config.get_text_config().hidden_size, vocab)
+        return self.own.logits(h)
 
 
 def _assistant_inputs(g: Graph, layers: list[LayerPlan], hidden_size: int, vocab: int, steps: int | None,
