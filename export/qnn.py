@@ -41,24 +41,28 @@ FP32_ATOL = 1e-3  # the fp32 static target vs PyTorch (measured 9.5e-6 on the de
 
 
 class _Recorder:
-    """Stands in for a session: runs it, keeps a copy of every call's inputs and the range of its K/V."""
+    """Records every run of a runtime graph (GraphSession.run) until `stop`: a copy of its inputs, K/V
+    buffers included, and the range of every K/V buffer it read or wrote rows for."""
 
-    def __init__(self, session):
-        self.session, self.calls = session, []
+    def __init__(self, graph):
+        self.graph, self.calls = graph, []
         self.kv_ranges: dict[str, tuple[float, float]] = {}  # K/V buffer -> (min, max) seen
+        self._run = graph.run
+        graph.run = self.run
 
-    def run(self, names, feeds):
-        self.calls.append({k: np.array(v, copy=True) for k, v in feeds.items()})
-        outputs = self.session.run(names, feeds)
-        seen = [(k, v) for k, v in feeds.items() if is_buffer(k)]
-        seen += [(buffer_of(k), v) for k, v in zip(names, outputs, strict=True) if buffer_of(k)]
+    def run(self, feeds: dict, cache) -> dict:
+        inputs = {**feeds, **cache.inputs(self.graph)}
+        self.calls.append({k: np.array(v, copy=True) for k, v in inputs.items()})
+        out = self._run(feeds, cache)
+        seen = [(k, v) for k, v in inputs.items() if is_buffer(k)]
+        seen += [(buffer_of(k), v) for k, v in out.items() if buffer_of(k)]
         for name, value in seen:
             lo, hi = self.kv_ranges.get(name, (0.0, 0.0))
             self.kv_ranges[name] = (min(lo, float(value.min())), max(hi, float(value.max())))
-        return outputs
+        return out
 
-    def get_outputs(self):
-        return self.session.get_outputs()
+    def stop(self) -> None:
+        del self.graph.run  # the graph's own method again
 
 
 class _Reader:
@@ -170,8 +174,7 @@ def _calibrate(staging: Path, pair, manifest: Manifest) -> tuple[dict[str, list[
     from edgegen.runtime.generate import Generator
 
     gen = Generator(staging, draft_tokens=manifest.static["query_rows"] - 1)
-    target, assistant = _Recorder(gen.bundle.target.session), _Recorder(gen.bundle.assistant.session)
-    gen.bundle.target.session, gen.bundle.assistant.session = target, assistant
+    target, assistant = _Recorder(gen.bundle.target), _Recorder(gen.bundle.assistant)
     prompts = _prompts(staging, manifest.model.vocab_size)
     for ids in prompts:
         gen.reset()
@@ -182,7 +185,8 @@ def _calibrate(staging: Path, pair, manifest: Manifest) -> tuple[dict[str, list[
 
     m = manifest.model
     ids = prompt_ids(staging, m.vocab_size, min(m.sliding_window + 38, m.max_context - 1))
-    gen.bundle.target.session = target.session
+    target.stop()
+    assistant.stop()
     cache, rows = gen.bundle.new_cache(), gen.bundle.target.rows
     got = np.concatenate([gen.bundle.target.forward(cache, ids[a:a + rows], logits_to_keep=len(ids[a:a + rows]))[0]
                           for a in range(0, len(ids), rows)])

@@ -52,6 +52,10 @@ class KVCache:
         if rings:
             self.max_rows = self.rewind = min(rings) - window
 
+    def inputs(self, graph) -> dict[str, ort.OrtValue]:
+        """The buffers `graph` (model.GraphSession) takes, bound as they are: the graph updates them in place."""
+        return {name: value for name, value in self.values.items() if name in graph.input_names}
+
     def trim(self, length: int) -> None:
         """Keep positions [0, length); later rows will be overwritten."""
         if not 0 <= length <= self.length:

@@ -13,30 +13,10 @@ import numpy as np
 import onnxruntime as ort
 
 from edgegen.runtime import integrity, osinfo, providers
+from edgegen.runtime import manifest as names
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.kv import KVCache, cache_bytes
-from edgegen.runtime.manifest import (
-    GUMBEL,
-    HIDDEN,
-    INPUT_IDS,
-    INV_TEMPERATURE,
-    LAST_HIDDEN,
-    LOGITS,
-    LOGITS_START,
-    LOGITS_TO_KEEP,
-    NEXT_TOKEN,
-    PER_LAYER_INPUTS,
-    POSITION_IDS,
-    PROJECTED_HIDDEN,
-    SEQLENS_K,
-    TOKEN,
-    TOKENS,
-    TOTAL_SEQUENCE_LENGTH,
-    GraphSpec,
-    Manifest,
-    PLESpec,
-    load_manifest,
-)
+from edgegen.runtime.manifest import GraphSpec, Manifest, PLESpec, load_manifest
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -113,7 +93,12 @@ _QUIET = ort.RunOptions()
 _QUIET.log_severity_level = 4  # a failed run is reported once, as an EdgegenError, not also as an ORT log line
 
 
-class _Graph:
+class GraphSession:
+    """One graph's session and the one way it is run: feeds and the cache's K/V buffers bound with IOBinding
+    (in place where the cache holds OrtValues), present outputs bound to the buffers the manifest names."""
+
+    quantized: dict = {}  # tensors the graph takes or gives quantized (the qnn profile's host-side Q/DQ)
+
     def __init__(self, session: ort.InferenceSession, spec: GraphSpec):
         self.session, self.spec = session, spec
         self.input_names = {i.name for i in session.get_inputs()}
@@ -123,9 +108,11 @@ class _Graph:
         b = self.session.io_binding()
         for name, value in feeds.items():
             b.bind_cpu_input(name, value)
-        for name, value in cache.values.items():
-            if name in self.input_names:
+        for name, value in cache.inputs(self).items():
+            if isinstance(value, ort.OrtValue):
                 b.bind_ortvalue_input(name, value)
+            else:
+                b.bind_cpu_input(name, value)
         for out, buf in self.spec.kv_aliases.items():
             b.bind_ortvalue_output(out, cache.values[buf])
         for out in self.plain_outputs:
@@ -141,7 +128,7 @@ class _Graph:
         return {n: v.numpy() for n, v in zip(self.plain_outputs, values[len(self.spec.kv_aliases):], strict=True)}
 
 
-class Target(_Graph):
+class Target(GraphSession):
     def __init__(self, session, spec: GraphSpec, ple: PLETable | None, max_chunk: int = 0, min_rows: int = 1):
         super().__init__(session, spec)
         self.ple = ple
@@ -197,59 +184,59 @@ class Target(_Graph):
     def _run(self, cache: KVCache, ids: np.ndarray, logits_to_keep: int):
         past, s = cache.length, ids.shape[1]
         feeds = {
-            INPUT_IDS: ids,
-            POSITION_IDS: np.arange(past, past + s, dtype=np.int64).reshape(1, -1),
-            SEQLENS_K: np.array([past + s - 1], dtype=np.int32),
-            TOTAL_SEQUENCE_LENGTH: np.array(past + s, dtype=np.int32),
+            names.INPUT_IDS: ids,
+            names.POSITION_IDS: np.arange(past, past + s, dtype=np.int64).reshape(1, -1),
+            names.SEQLENS_K: np.array([past + s - 1], dtype=np.int32),
+            names.TOTAL_SEQUENCE_LENGTH: np.array(past + s, dtype=np.int32),
         }
-        if LOGITS_START in self.input_names:  # the webgpu profile takes the slice start, -N
-            feeds[LOGITS_START] = np.array([-logits_to_keep], dtype=np.int64)
+        if names.LOGITS_START in self.input_names:  # the webgpu profile takes the slice start, -N
+            feeds[names.LOGITS_START] = np.array([-logits_to_keep], dtype=np.int64)
         else:
-            feeds[LOGITS_TO_KEEP] = np.array(logits_to_keep, dtype=np.int64)
+            feeds[names.LOGITS_TO_KEEP] = np.array(logits_to_keep, dtype=np.int64)
         if self.ple is not None:
-            feeds[PER_LAYER_INPUTS] = self.ple(ids)
+            feeds[names.PER_LAYER_INPUTS] = self.ple(ids)
         out = self.run(feeds, cache)
         cache.length = past + s
         cache.wrote(past + s)
-        return out[LOGITS][0], out[LAST_HIDDEN][0]
+        return out[names.LOGITS][0], out[names.LAST_HIDDEN][0]
 
 
 def _draft_feeds(cache: KVCache, token: int, hidden: np.ndarray) -> dict[str, np.ndarray]:
     """Inputs of a draft step at the constant position P = cache.length (see manifest.py)."""
     p = cache.length
     return {
-        TOKEN: np.array([[token]], dtype=np.int64),
-        HIDDEN: np.asarray(hidden, dtype=np.float32).reshape(1, 1, -1),
-        POSITION_IDS: np.array([[p]], dtype=np.int64),
-        SEQLENS_K: np.array([p - 1], dtype=np.int32),
-        TOTAL_SEQUENCE_LENGTH: np.array(p, dtype=np.int32),
+        names.TOKEN: np.array([[token]], dtype=np.int64),
+        names.HIDDEN: np.asarray(hidden, dtype=np.float32).reshape(1, 1, -1),
+        names.POSITION_IDS: np.array([[p]], dtype=np.int64),
+        names.SEQLENS_K: np.array([p - 1], dtype=np.int32),
+        names.TOTAL_SEQUENCE_LENGTH: np.array(p, dtype=np.int32),
     }
 
 
-class Assistant(_Graph):
+class Assistant(GraphSession):
     def step(self, cache: KVCache, token: int, hidden: np.ndarray):
         """One draft step at position cache.length; returns (logits [V], next_token, projected hidden [H])."""
         out = self.run(_draft_feeds(cache, token, hidden), cache)
-        return out[LOGITS][0, 0], int(out[NEXT_TOKEN].reshape(-1)[0]), out[PROJECTED_HIDDEN][0, 0]
+        return out[names.LOGITS][0, 0], int(out[names.NEXT_TOKEN].reshape(-1)[0]), out[names.PROJECTED_HIDDEN][0, 0]
 
 
-class DraftRound(_Graph):
+class DraftRound(GraphSession):
     """k draft steps in one call (the `draft_round` graph); k is fixed at export."""
 
     def __init__(self, session, spec: GraphSpec):
         super().__init__(session, spec)
-        self.steps = next(o.shape[1] for o in spec.outputs if o.name == TOKENS)
-        self.vocab = next(o.shape[1] for o in spec.outputs if o.name == LOGITS)
+        self.steps = next(o.shape[1] for o in spec.outputs if o.name == names.TOKENS)
+        self.vocab = next(o.shape[1] for o in spec.outputs if o.name == names.LOGITS)
         self._zeros = np.zeros((self.steps, self.vocab), np.float32)
 
     def run_round(self, cache: KVCache, token: int, hidden: np.ndarray, inv_temperature: float = 1.0,
                   gumbel: np.ndarray | None = None):
         """Returns (tokens [k], logits [k, V]). Greedy: no noise; sampling: Gumbel noise, one row a step."""
         feeds = _draft_feeds(cache, token, hidden)
-        feeds[INV_TEMPERATURE] = np.array(inv_temperature, dtype=np.float32)
-        feeds[GUMBEL] = self._zeros if gumbel is None else gumbel.astype(np.float32, copy=False)
+        feeds[names.INV_TEMPERATURE] = np.array(inv_temperature, dtype=np.float32)
+        feeds[names.GUMBEL] = self._zeros if gumbel is None else gumbel.astype(np.float32, copy=False)
         out = self.run(feeds, cache)
-        return [int(t) for t in out[TOKENS].reshape(-1)], out[LOGITS]
+        return [int(t) for t in out[names.TOKENS].reshape(-1)], out[names.LOGITS]
 
 
 class Bundle:

@@ -1,4 +1,5 @@
-"""The qnn profile's host side (static shapes, QDQ): what the host does for the graphs of export/static_graphs.py.
+"""The qnn profile's host side (static shapes, QDQ): what the host does around the graphs that
+export/graphs.py builds with static shapes (their IO: runtime/manifest.py).
 
 The NPU graph has fixed shapes and no position arithmetic, so the host does three things per call:
   - RoPE cos/sin rows for the call's positions (frequencies from the manifest);
@@ -6,10 +7,12 @@ The NPU graph has fixed shapes and no position arithmetic, so the host does thre
   - the K/V rows: the target returns the S new rows of each store layer and the host writes the valid
     ones into its numpy buffers. Rolling back rejected drafts stays a length change (`StaticCache.trim`).
 The target runs S = k+1 rows per call: prefill goes in chunks of S, verify of fewer rows and decode pad
-the rest (padded rows are computed and dropped). The assistant runs one row per call.
+the rest (padded rows are computed and dropped). The assistant runs one row per call. Graphs whose IO is
+quantized (the QDQ export moves the boundary Q/DQ to the host) are fed and read through their encodings.
 
-`StaticTarget.forward` and `StaticAssistant.step` have the CPU classes' signatures (runtime/model.py), so
-the Generator's loop runs unchanged on them.
+Sessions are opened and run like every other graph's (runtime/model.py: open_session, GraphSession.run);
+`StaticTarget.forward` and `StaticAssistant.step` have the other profiles' signatures, so the loop runs
+unchanged on them.
 """
 
 from __future__ import annotations
@@ -33,12 +36,12 @@ from edgegen.runtime.manifest import (
     KVBuffer,
     Manifest,
     buffer_of,
-    is_buffer,
     mask_input,
     mask_kind,
     rope_inputs,
     value_buffer,
 )
+from edgegen.runtime.model import GraphSession
 
 PAD_ID = 0
 
@@ -99,6 +102,10 @@ class StaticCache(KVCache):
             self.values[buffer][:, :, a:a + rows] = rows_in if enc is None else quantize(rows_in, enc)
         self.length = a + rows
 
+    def inputs(self, graph) -> dict[str, np.ndarray]:
+        """The buffers `graph` takes, in the encoding it takes each in (its `quantized`; float where none)."""
+        return {name: self.feed(name, graph.quantized.get(name)) for name in self.values if name in graph.input_names}
+
     def feed(self, name: str, enc: Encoding | None) -> np.ndarray:
         """The buffer as a graph that takes it in `enc` (None: float) needs it."""
         value, have = self.values[name], self.encoding.get(name)
@@ -149,34 +156,31 @@ def _graph_kinds(spec: GraphSpec) -> list[str]:
     return [mask_kind(t.name) for t in spec.inputs if mask_kind(t.name)]
 
 
-class _StaticGraph:
+class _StaticGraph(GraphSession):
+    """A qnn-profile graph: run like every graph (GraphSession.run), with the host's work around it."""
+
     def __init__(self, session: ort.InferenceSession, spec: GraphSpec, manifest: Manifest, tag: str):
-        self.session, self.spec = session, spec
+        super().__init__(session, spec)
         m = manifest.model
         self.window, self.max_context = m.sliding_window, m.max_context
         self.mask_value = float(manifest.static.get("mask_value", -100.0))
         self.kinds = _graph_kinds(spec)
         self.rope = Rope(manifest.static["inv_freq"], tag)
-        self.output_names = [o.name for o in session.get_outputs()]
-        self.kv_inputs = [i.name for i in spec.inputs if is_buffer(i.name)]
         # Tensors the graph takes or gives quantized (the host does the boundary Q/DQ; see export/qnn.py).
         self.quantized = encodings(manifest, tag)
 
     def _position_feeds(self, past: int, query_pos: np.ndarray, rope_pos: np.ndarray, new_rows: int) -> dict:
         feeds = self.rope.feeds(rope_pos, self.kinds)
         for kind in self.kinds:
-            feeds[mask_input(kind)] = attention_mask(kind == "sliding_attention", self.window, past,
-                                                             query_pos, self.max_context, new_rows,
-                                                             self.mask_value)
+            feeds[mask_input(kind)] = attention_mask(kind == "sliding_attention", self.window, past, query_pos,
+                                                     self.max_context, new_rows, self.mask_value)
         return feeds
 
     def _run(self, feeds: dict, cache: StaticCache) -> dict[str, np.ndarray]:
         for name, enc in self.quantized.items():
             if name in feeds:
                 feeds[name] = quantize(feeds[name], enc)
-        for name in self.kv_inputs:
-            feeds[name] = cache.feed(name, self.quantized.get(name))
-        out = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+        out = self.run(feeds, cache)  # K/V buffers: StaticCache.inputs, in the encoding this graph takes
         for name, enc in self.quantized.items():
             if name in out:
                 out[name] = dequantize(out[name], enc)

@@ -96,6 +96,18 @@ def test_graphs_are_static_standard_op_qdq(qnn_bundle):
     assert all(check["passed"] for check in parity["checks"].values())
 
 
+def test_graph_io_is_named_by_the_manifest_module(qnn_bundle):
+    """The static graphs' IO is what manifest.py names: IO constants, K/V buffers, new rows, RoPE and masks."""
+    from edgegen.runtime import manifest as names
+
+    m = names.load_manifest(qnn_bundle)
+    known = set(names.DTYPES) | {names.mask_input(k) for k in names.LAYER_KINDS}
+    known |= {n for k in names.LAYER_KINDS for n in names.rope_inputs(k)}
+    known |= {n for b in m.model.kv_buffers for n in (*names.past_kv(b.layer), *names.new_kv(b.layer))}
+    for spec in m.graphs.values():
+        assert {t.name for t in spec.inputs + spec.outputs} <= known, spec.file
+
+
 def test_every_node_runs_on_the_htp(qnn_bundle):
     """Placement with session.disable_cpu_ep_fallback=1: the session would fail to load with any CPU node."""
     report = Bundle(qnn_bundle, ep="qnn", strict=True, report_placement=True).placement_report()
