@@ -289,10 +289,9 @@ class Bundle:
 
     def new_cache(self, max_context: int | None = None) -> KVCache:
         if self.manifest.ep_profile == "qnn":
-            from edgegen.runtime.qnn import StaticCache, encodings
+            from edgegen.runtime import qnn
 
-            return StaticCache(self.manifest.model.kv_buffers, self.manifest.model.max_context,
-                               encodings(self.manifest, "target"))
+            return qnn.new_cache(self.manifest)
         model = self.manifest.model
         max_context = max_context or model.max_context
         need = cache_bytes(model.kv_buffers, max_context)

@@ -10,9 +10,9 @@ The target runs S = k+1 rows per call: prefill goes in chunks of S, verify of fe
 the rest (padded rows are computed and dropped). The assistant runs one row per call. Graphs whose IO is
 quantized (the QDQ export moves the boundary Q/DQ to the host) are fed and read through their encodings.
 
-Sessions are opened and run like every other graph's (runtime/model.py: open_session, GraphSession.run);
-`StaticTarget.forward` and `StaticAssistant.step` have the other profiles' signatures, so the loop runs
-unchanged on them.
+Sessions are opened and run like every other graph's (runtime/model.py: open_session, GraphSession.run),
+and the graphs are the same Target and Assistant: `StaticTarget` changes only how one call of at most S rows
+is fed (Target.forward splits longer ones), `StaticAssistant` how a draft step is, so the loop runs unchanged.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from edgegen.runtime.manifest import (
     rope_inputs,
     value_buffer,
 )
-from edgegen.runtime.model import GraphSession
+from edgegen.runtime.model import Assistant, GraphSession, Target
 
 PAD_ID = 0
 
@@ -73,8 +73,11 @@ class StaticCache(KVCache):
     A buffer with an encoding is kept quantized, in the encoding both graphs take it in (the export gives
     them one), so a call feeds it as it is and a step quantizes only the rows it writes."""
 
-    def __init__(self, buffers: list[KVBuffer], max_context: int, quantized: dict[str, Encoding] | None = None):
+    def __init__(self, buffers: list[KVBuffer], max_context: int, quantized: dict[str, Encoding] | None = None,
+                 rows: int = 0):
+        """rows: the query rows of the target graph (S), the most one call writes (max_rows)."""
         self.max_context = max_context
+        self.max_rows = rows
         self.length = 0
         self.encoding: dict[str, Encoding] = {}
         self.values: dict[str, np.ndarray] = {}
@@ -156,86 +159,83 @@ def _graph_kinds(spec: GraphSpec) -> list[str]:
     return [mask_kind(t.name) for t in spec.inputs if mask_kind(t.name)]
 
 
-class _StaticGraph(GraphSession):
-    """A qnn-profile graph: run like every graph (GraphSession.run), with the host's work around it."""
+class HostWork:
+    """What the host does around one qnn-profile graph: RoPE rows and masks for the call's positions, and
+    the boundary quantization of the IO the graph takes or gives quantized (see export/qnn.py)."""
 
-    def __init__(self, session: ort.InferenceSession, spec: GraphSpec, manifest: Manifest, tag: str):
-        super().__init__(session, spec)
+    def __init__(self, spec: GraphSpec, manifest: Manifest, tag: str):
         m = manifest.model
         self.window, self.max_context = m.sliding_window, m.max_context
         self.mask_value = float(manifest.static.get("mask_value", -100.0))
         self.kinds = _graph_kinds(spec)
         self.rope = Rope(manifest.static["inv_freq"], tag)
-        # Tensors the graph takes or gives quantized (the host does the boundary Q/DQ; see export/qnn.py).
         self.quantized = encodings(manifest, tag)
 
-    def _position_feeds(self, past: int, query_pos: np.ndarray, rope_pos: np.ndarray, new_rows: int) -> dict:
+    def position_feeds(self, past: int, query_pos: np.ndarray, rope_pos: np.ndarray, new_rows: int) -> dict:
         feeds = self.rope.feeds(rope_pos, self.kinds)
         for kind in self.kinds:
             feeds[mask_input(kind)] = attention_mask(kind == "sliding_attention", self.window, past, query_pos,
                                                      self.max_context, new_rows, self.mask_value)
         return feeds
 
-    def _run(self, feeds: dict, cache: StaticCache) -> dict[str, np.ndarray]:
+    def run(self, graph: GraphSession, feeds: dict, cache: StaticCache) -> dict[str, np.ndarray]:
+        """graph.run (the one way graphs run) between the boundary quantize and dequantize; the K/V buffers
+        come from StaticCache.inputs, in the encoding this graph takes."""
         for name, enc in self.quantized.items():
             if name in feeds:
                 feeds[name] = quantize(feeds[name], enc)
-        out = self.run(feeds, cache)  # K/V buffers: StaticCache.inputs, in the encoding this graph takes
+        out = graph.run(feeds, cache)
         for name, enc in self.quantized.items():
             if name in out:
                 out[name] = dequantize(out[name], enc)
         return out
 
 
-class StaticTarget(_StaticGraph):
+class StaticTarget(Target):
+    """The target with static shapes: Target.forward splits calls into S rows (StaticCache.max_rows), each
+    call is padded to S rows and the host writes the new K/V rows of the real ones."""
+
     def __init__(self, session, spec: GraphSpec, manifest: Manifest, ple):
-        super().__init__(session, spec, manifest, "target")
-        self.ple = ple
+        super().__init__(session, spec, ple)
+        self.host = HostWork(spec, manifest, "target")
+        self.quantized = self.host.quantized
         self.rows = next(t.shape[1] for t in spec.inputs if t.name == INPUT_IDS)
 
-    def forward(self, cache: StaticCache, ids: list[int] | np.ndarray, logits_to_keep: int = 1):
-        """Run ids at positions cache.length.. in chunks of S rows; (logits [N,V], hidden [N,H]) for the last N."""
-        ids = [int(t) for t in np.asarray(ids).reshape(-1)]
-        if cache.length + len(ids) > cache.max_context:
-            raise EdgegenError(f"context full: {cache.length + len(ids)} positions exceed the bundle's max "
-                               f"context {cache.max_context}")
-        logits, hidden = [], []
-        for a in range(0, len(ids), self.rows):
-            out, n = self._chunk(cache, ids[a:a + self.rows])
-            logits.append(out[LOGITS][0, :n])
-            hidden.append(out[LAST_HIDDEN][0, :n])
-            kept = sum(len(x) for x in logits)
-            while len(logits) > 1 and kept - len(logits[0]) >= logits_to_keep:  # prefill keeps only the tail
-                kept -= len(logits.pop(0))
-                hidden.pop(0)
-        return np.concatenate(logits)[-logits_to_keep:], np.concatenate(hidden)[-logits_to_keep:]
-
-    def _chunk(self, cache: StaticCache, chunk: list[int]):
-        n, past = len(chunk), cache.length
-        ids = np.array([chunk + [PAD_ID] * (self.rows - n)], np.int64)
+    def _forward(self, cache: StaticCache, ids: np.ndarray, logits_to_keep: int):
+        n, past = ids.shape[1], cache.length
+        ids = np.concatenate([ids, np.full((1, self.rows - n), PAD_ID, np.int64)], axis=1)
         pos = past + np.arange(self.rows)
-        feeds = self._position_feeds(past, pos, pos, self.rows)
+        feeds = self.host.position_feeds(past, pos, pos, self.rows)
         feeds[INPUT_IDS] = ids
         if self.ple is not None:
             feeds[PER_LAYER_INPUTS] = self.ple(ids)
-        out = self._run(feeds, cache)
+        out = self.host.run(self, feeds, cache)
         cache.write({k: v for k, v in out.items() if buffer_of(k)}, n)
-        return out, n
+        return out[LOGITS][0, :n][-logits_to_keep:], out[LAST_HIDDEN][0, :n][-logits_to_keep:]
 
 
-class StaticAssistant(_StaticGraph):
+class StaticAssistant(Assistant):
     def __init__(self, session, spec: GraphSpec, manifest: Manifest):
-        super().__init__(session, spec, manifest, "assistant")
+        super().__init__(session, spec)
+        self.host = HostWork(spec, manifest, "assistant")
+        self.quantized = self.host.quantized
 
     def step(self, cache: StaticCache, token: int, hidden: np.ndarray):
         """One draft step at the constant position P = cache.length over the accepted rows [0, P)."""
         p = cache.length
-        feeds = self._position_feeds(p, np.array([p - 1]), np.array([p]), 0)
+        feeds = self.host.position_feeds(p, np.array([p - 1]), np.array([p]), 0)
         feeds[TOKEN] = np.array([[token]], np.int64)
         feeds[HIDDEN] = np.asarray(hidden, np.float32).reshape(1, 1, -1)
-        out = self._run(feeds, cache)
+        out = self.host.run(self, feeds, cache)
         logits = out[LOGITS][0, 0]
         return logits, int(logits.argmax()), out[PROJECTED_HIDDEN][0, 0]
+
+
+def new_cache(manifest: Manifest) -> StaticCache:
+    """The host-side K/V buffers of a qnn-profile bundle: quantized as the target takes them; a call writes
+    at most the target's S query rows."""
+    return StaticCache(manifest.model.kv_buffers, manifest.model.max_context, encodings(manifest, "target"),
+                       int(manifest.static["query_rows"]))
 
 
 # -- sessions ----------------------------------------------------------------------------------------------
