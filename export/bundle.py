@@ -143,7 +143,7 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out)}{os.getpid()}-", dir=out.parent))
     try:
         stage("graphs")
-        if opts.ep == "qnn":  # static graphs, calibrated and QDQ-quantized (export/qnn.py)
+        if profile.qdq:  # fp32 graphs calibrated and QDQ-quantized (export/qnn.py)
             from edgegen.export.qnn import export_static
 
             manifest = export_static(pair, opts, tmp, opts.max_context, stage)
@@ -169,7 +169,7 @@ def check_options(opts: ExportOptions) -> Profile:
         raise EdgegenError(f"--ep {opts.ep} is unknown; use one of {', '.join(PROFILES)}")
     if opts.soc_model and opts.ep != "qnn":
         raise EdgegenError("--soc-model precompiles QNN context binaries; use it with --ep qnn")
-    if opts.ep == "qnn" and (opts.quant != "fp32" or opts.assistant_quant):
+    if PROFILES[opts.ep].qdq and (opts.quant != "fp32" or opts.assistant_quant):
         raise EdgegenError("--ep qnn quantizes to QDQ itself (uint16 activations, int8 weights); "
                            "drop --quant / --assistant-quant")
     if opts.compute not in ("auto", "exact", "int8"):

@@ -94,6 +94,9 @@ class Profile:
     # position arithmetic. The host feeds RoPE cos/sin rows and additive masks per call and writes the new K/V
     # rows the target returns into its buffers (runtime/qnn.py); the graphs are QDQ-quantized after export.
     static_shapes: bool = False
+    # The fp32 graphs are calibrated on the real loop and QDQ-quantized after the build (export/qnn.py), in
+    # place of the --quant weight formats.
+    qdq: bool = False
 
 
 # One profile per execution provider, keyed by runtime/providers.py's EPS (tests/test_ep.py checks they agree).
@@ -101,7 +104,7 @@ PROFILES = {
     # Row-exact standard-op attention on the CPU: a verify row computes the same bits as a decode row, so
     # greedy speculation equals plain decoding (with fp32 or int8-compute weights; export/row_exact.py).
     "cpu": Profile("cpu", standard_attention=True, row_exact=True, ring_kv=True),
-    "qnn": Profile("qnn", standard_attention=True, static_shapes=True),
+    "qnn": Profile("qnn", standard_attention=True, static_shapes=True, qdq=True),
     "webgpu": Profile("webgpu", rope_tables=True, logits_start_input=True, device_ids=True),
     "openvino": Profile("openvino", standard_norm=True, standard_attention=True),
 }

@@ -89,7 +89,7 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
     staging = tmp / "fp32"
     staging.mkdir()
     # fp32 graphs of the qnn profile (graphs.py): static shapes, host-side positions and K/V rows.
-    fp32, profile = Quant("fp32"), PROFILES["qnn"]
+    fp32, profile = Quant("fp32"), PROFILES[opts.ep]
     shared = WeightFile(staging / "unused_shared.weights")  # a static graph stores its tables itself
     tgraph, plan, ple_table = build_target_graph(pair.weights, cfg, fp32, staging, shared, pair.lm_head, profile,
                                                  max_context, rows=rows)
@@ -110,7 +110,7 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
         graphs={},
         tokenizer=contents.copy_tokenizer(pair, tmp),
         generation=contents.generation_defaults(pair, rows - 1),
-        ep_profile="qnn",
+        ep_profile=opts.ep,
         static={"query_rows": rows, "mask_value": MASK_VALUE,
                 "inv_freq": host_inv_freqs(cfg, pair.assistant.config.get_text_config())},
     )
