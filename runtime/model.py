@@ -1,8 +1,9 @@
 """A loaded bundle: sessions for the target and assistant graphs, the PLE table, the tokenizer files.
 
-`Target.forward` and `Assistant.step` are the only places that feed the graphs; names come from the
-manifest contract (see manifest.py). KV buffers are bound with IOBinding to both the past inputs and
-the present outputs, so the graphs update them in place.
+`open_session` is the one place a session is opened and `GraphSession.run` the one way a graph runs, for
+every EP and profile. `Target.forward` and `Assistant.step` feed the graphs (the qnn profile overrides how
+one call is fed: runtime/qnn.py); names come from the manifest contract (see manifest.py). KV buffers are
+bound with IOBinding to both the past inputs and the present outputs, so the graphs update them in place.
 """
 
 from __future__ import annotations
