@@ -33,7 +33,7 @@ LAYOUTS = {"full fp32": (False, "float32"), "ring fp32": (True, "float32"), "rin
 
 def e2b_buffers(max_context: int, ring: bool, dtype: str) -> tuple[list[dict], int]:
     """The manifest's kv_buffers for E2B at this context and layout (as export writes them), and its window."""
-    from edgegen.export.bundle import model_spec
+    from edgegen.export.contents import model_spec
     from edgegen.export.graphs import PROFILES, kv_ring, plan_target
     from edgegen.export.testing import realsize_configs
 

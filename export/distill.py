@@ -245,18 +245,11 @@ def distill(target: str, out: str | Path, data: str | Path | None = None, option
             resume: bool = True, progress: Callable[[int, int, dict], None] = lambda step, total, info: None) -> Path:
     """Train an assistant for `target`; writes an HF checkpoint to `out` (loadable by transformers and
     by `edgegen export`). Checkpoints every `checkpoint_every` steps; a rerun resumes from the last one."""
-    from edgegen.export.loading import load_assistant_for, load_target
+    from edgegen.export.loading import load_target
 
     opts = options or DistillOptions()
     out = Path(out).expanduser().absolute()
-    if opts.self_generated_temperature < 0:
-        raise EdgegenError("--self-generated-temperature must be >= 0 (0 = greedy)")
-    if opts.steps < 1 or opts.draft_tokens < 1 or opts.seq_len <= opts.draft_tokens + 1 or opts.batch_size < 1:
-        raise EdgegenError("--steps, --draft-tokens and batch size must be >= 1, and seq_len > draft tokens + 1")
-    if out.exists() and not out.is_dir():
-        raise EdgegenError(f"'{out}' exists and is not a directory; choose another --out")
-    if (out / "config.json").exists() and not (out / CHECKPOINT).exists():
-        raise EdgegenError(f"'{out}' already holds a finished model; choose another --out")
+    _check_options(opts, out)
     target_model, target_dir = load_target(target)
     ids = tokenize(target_dir, read_corpus(Path(data) if data else None))
     if len(ids) < opts.seq_len * 4:
@@ -264,42 +257,23 @@ def distill(target: str, out: str | Path, data: str | Path | None = None, option
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
-    if opts.init:
-        assistant = load_assistant_for(opts.init, target_dir)
-    else:
-        assistant = assistant_for(target_model, opts)
-    text_model = _text_model(target_model)
-    if assistant.masked_embedding is not None and not opts.init:
-        order = balanced_clusters(text_model.embed_tokens.weight.detach().numpy(), opts.num_centroids, seed=opts.seed)
-        assistant.masked_embedding.token_ordering.copy_(torch.from_numpy(order))
+    assistant = _initial_assistant(target_model, target_dir, opts)
     params = [p for p in assistant.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.01, betas=(0.9, 0.95))
-    start = 0
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / CHECKPOINT
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        assistant.load_state_dict(state["model"])
-        optim.load_state_dict(state["optim"])
-        start = state["step"]
-        rng = np.random.default_rng(state["np_seed"])
+    start, rng = _resume(ckpt, assistant, optim, rng) if resume and ckpt.exists() else (0, rng)
     for p in target_model.parameters():
         p.requires_grad_(False)
     generated = _self_generated(target_model, ids, opts, seed=opts.seed) if opts.self_generated else None
-    window = text_model.config.sliding_window
-    masks = burst_masks(opts.seq_len, opts.draft_tokens, window)
+    text_model = _text_model(target_model)
+    masks = burst_masks(opts.seq_len, opts.draft_tokens, text_model.config.sliding_window)
     assistant.train()
     t0 = time.perf_counter()
     for step in range(start, opts.steps):
-        lr = opts.lr * min(1.0, (step + 1) / opts.warmup) * 0.5 * (1 + math.cos(math.pi * step / opts.steps))
         for group in optim.param_groups:
-            group["lr"] = lr
-        starts = rng.integers(0, len(ids) - opts.seq_len, opts.batch_size)
-        rows = [ids[s : s + opts.seq_len] for s in starts]
-        if generated is not None:  # half the batch from the target's own samples
-            picks = rng.integers(0, len(generated), opts.batch_size // 2)
-            rows[: len(picks)] = list(generated[picks])
-        batch = torch.from_numpy(np.stack(rows))
+            group["lr"] = _learning_rate(opts, step)
+        batch = _batch(rng, ids, generated, opts)
         with torch.no_grad():
             t_out = target_model(input_ids=batch, return_shared_kv_states=True, output_hidden_states=True,
                                  use_cache=False)
@@ -320,15 +294,73 @@ def distill(target: str, out: str | Path, data: str | Path | None = None, option
         progress(step + 1, opts.steps, {"loss": loss.item(), "agree": agree, "tokens_per_call": expected,
                                         "elapsed_s": time.perf_counter() - t0})
         if (step + 1) % opts.checkpoint_every == 0 and step + 1 < opts.steps:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": assistant.state_dict(), "optim": optim.state_dict(), "step": step + 1,
-                        "np_seed": int(rng.integers(2**62)), "options": asdict(opts)}, tmp)
-            tmp.replace(ckpt)
+            _save_checkpoint(ckpt, assistant, optim, step + 1, rng, opts)
+    _save_assistant(assistant, opts, out)
+    ckpt.unlink(missing_ok=True)
+    return out
+
+
+def _learning_rate(opts: DistillOptions, step: int) -> float:
+    """Linear warmup, then cosine decay to zero at opts.steps."""
+    return opts.lr * min(1.0, (step + 1) / opts.warmup) * 0.5 * (1 + math.cos(math.pi * step / opts.steps))
+
+
+def _check_options(opts: DistillOptions, out: Path) -> None:
+    if opts.self_generated_temperature < 0:
+        raise EdgegenError("--self-generated-temperature must be >= 0 (0 = greedy)")
+    if opts.steps < 1 or opts.draft_tokens < 1 or opts.seq_len <= opts.draft_tokens + 1 or opts.batch_size < 1:
+        raise EdgegenError("--steps, --draft-tokens and batch size must be >= 1, and seq_len > draft tokens + 1")
+    if out.exists() and not out.is_dir():
+        raise EdgegenError(f"'{out}' exists and is not a directory; choose another --out")
+    if (out / "config.json").exists() and not (out / CHECKPOINT).exists():
+        raise EdgegenError(f"'{out}' already holds a finished model; choose another --out")
+
+
+def _initial_assistant(target_model, target_dir: Path, opts: DistillOptions):
+    """The assistant training starts from: `opts.init`'s checkpoint, or a new one sized for the target whose
+    centroid head (if any) clusters the target's embedding."""
+    from edgegen.export.loading import load_assistant_for
+
+    if opts.init:
+        return load_assistant_for(opts.init, target_dir)
+    assistant = assistant_for(target_model, opts)
+    if assistant.masked_embedding is not None:
+        emb = _text_model(target_model).embed_tokens.weight.detach().numpy()
+        order = balanced_clusters(emb, opts.num_centroids, seed=opts.seed)
+        assistant.masked_embedding.token_ordering.copy_(torch.from_numpy(order))
+    return assistant
+
+
+def _resume(ckpt: Path, assistant, optim, rng) -> tuple[int, np.random.Generator]:
+    """Load a checkpoint into the assistant and optimizer; returns (its step, the generator it saved)."""
+    state = torch.load(ckpt, weights_only=False)
+    assistant.load_state_dict(state["model"])
+    optim.load_state_dict(state["optim"])
+    return state["step"], np.random.default_rng(state["np_seed"])
+
+
+def _save_checkpoint(ckpt: Path, assistant, optim, step: int, rng: np.random.Generator, opts: DistillOptions) -> None:
+    tmp = ckpt.with_suffix(".tmp")
+    torch.save({"model": assistant.state_dict(), "optim": optim.state_dict(), "step": step,
+                "np_seed": int(rng.integers(2**62)), "options": asdict(opts)}, tmp)
+    tmp.replace(ckpt)
+
+
+def _batch(rng: np.random.Generator, ids: np.ndarray, generated: np.ndarray | None, opts: DistillOptions):
+    """batch_size windows of seq_len tokens from the corpus; half from the target's own samples if given."""
+    starts = rng.integers(0, len(ids) - opts.seq_len, opts.batch_size)
+    rows = [ids[s : s + opts.seq_len] for s in starts]
+    if generated is not None:
+        picks = rng.integers(0, len(generated), opts.batch_size // 2)
+        rows[: len(picks)] = list(generated[picks])
+    return torch.from_numpy(np.stack(rows))
+
+
+def _save_assistant(assistant, opts: DistillOptions, out: Path) -> None:
+    """The trained assistant as an HF checkpoint that drafts `opts.draft_tokens` tokens a round."""
     assistant.eval()
     assistant.generation_config.num_assistant_tokens = opts.draft_tokens
     assistant.generation_config.num_assistant_tokens_schedule = "constant"
     if opts.save_dtype == "bfloat16":
         assistant = assistant.to(torch.bfloat16)
     assistant.save_pretrained(out)
-    ckpt.unlink(missing_ok=True)
-    return out

@@ -26,8 +26,34 @@ from edgegen.export.onnx_graph import Graph, WeightFile
 from edgegen.export.quantize import Linears, Quant, TiedTable
 from edgegen.export.row_exact import CHUNK, row_exact_scores, window_start
 from edgegen.export.weights import Tensor, Weights
+from edgegen.runtime.manifest import (
+    DTYPES,
+    GUMBEL,
+    HIDDEN,
+    INPUT_IDS,
+    INV_TEMPERATURE,
+    LAST_HIDDEN,
+    LOGITS,
+    LOGITS_START,
+    LOGITS_TO_KEEP,
+    NEXT_TOKEN,
+    PER_LAYER_INPUTS,
+    POSITION_IDS,
+    PROJECTED_HIDDEN,
+    SEQLENS_K,
+    TOKEN,
+    TOKENS,
+    TOTAL_SEQUENCE_LENGTH,
+    draft_step,
+    mask_input,
+    new_kv,
+    past_kv,
+    present_kv,
+    rope_inputs,
+)
 
 F32, F16, I64, I32 = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT64, TensorProto.INT32
+_ONNX_TYPES = {"float32": F32, "float16": F16, "int64": I64, "int32": I32}  # the manifest's dtypes (DTYPES)
 KINDS = ("sliding_attention", "full_attention")
 # Rows one target call may write into a ring buffer on top of the window it reads (the runtime splits longer
 # calls, runtime/model.py Target.forward): a verify call of k+1 <= 65 rows fits, prefill goes in chunks.
@@ -64,12 +90,21 @@ class Profile:
     ring_kv: bool = False
     # K/V buffers stored as float16 and cast to float32 for attention (export option --kv-dtype fp16).
     kv_fp16: bool = False
+    # Static shapes for an NPU (QNN HTP): every query length fixed at export, no com.microsoft op, no int64
+    # position arithmetic. The host feeds RoPE cos/sin rows and additive masks per call and writes the new K/V
+    # rows the target returns into its buffers (runtime/qnn.py); the graphs are QDQ-quantized after export.
+    static_shapes: bool = False
+    # The fp32 graphs are calibrated on the real loop and QDQ-quantized after the build (export/qnn.py), in
+    # place of the --quant weight formats.
+    qdq: bool = False
 
 
+# One profile per execution provider, keyed by runtime/providers.py's EPS (tests/test_ep.py checks they agree).
 PROFILES = {
     # Row-exact standard-op attention on the CPU: a verify row computes the same bits as a decode row, so
     # greedy speculation equals plain decoding (with fp32 or int8-compute weights; export/row_exact.py).
     "cpu": Profile("cpu", standard_attention=True, row_exact=True, ring_kv=True),
+    "qnn": Profile("qnn", standard_attention=True, static_shapes=True, qdq=True),
     "webgpu": Profile("webgpu", rope_tables=True, logits_start_input=True, device_ids=True),
     "openvino": Profile("openvino", standard_norm=True, standard_attention=True),
 }
@@ -93,7 +128,7 @@ def kv_ring(profile: Profile, windows: list[int], max_context: int) -> int:
 
 def writes_kv(layer: LayerPlan, profile: Profile) -> bool:
     """Whether the layer has present K/V outputs (aliases of its store buffer)."""
-    return not (profile.standard_attention and layer.shared)
+    return not profile.static_shapes and not (profile.standard_attention and layer.shared)
 
 
 @dataclass(frozen=True)
@@ -122,7 +157,7 @@ def inv_freqs(cfg) -> dict[str, np.ndarray]:
 @dataclass
 class PLETable:
     """The per-layer-embedding table (token component) as the host reads it: checkpoint rows times `scale`.
-    Written to the bundle by row blocks (bundle._write_ple), never held whole."""
+    Written to the bundle by row blocks (contents.write_ple), never held whole."""
 
     rows: Tensor
     scale: float
@@ -222,7 +257,7 @@ def mlp(g: Graph, lin: Linears, x: str, w: Weights, prefix: str) -> str:
 def kv_names(i: int, step: str = "") -> tuple[str, str, str, str]:
     """Buffer inputs are named by the layer that owns them; outputs by the layer (and draft step) that
     writes them."""
-    return f"past_key.{i}", f"past_value.{i}", f"present_key.{i}{step}", f"present_value.{i}{step}"
+    return (*past_kv(i), *present_kv(i, step))
 
 
 def project_qkv(g, lin, x, w: Weights, layer: LayerPlan, num_heads: int, cos, sin, eps, prefix):
@@ -344,8 +379,8 @@ def _visible(g: Graph, j: str, p: str, window: int, written: str | None = None) 
 
 def decoder_layer(g, lin, x, w: Weights, layer: LayerPlan, num_heads, window, rope, eps, prefix, kv_source,
                   per_layer_input: str | None, step: str = "", attention=attention_block) -> str:
-    """`attention`: attention_block (GroupQueryAttention, the CPU profile) or a standard-op variant with
-    the same signature (export/static_graphs.py)."""
+    """`attention`: attention_block (GroupQueryAttention or the standard-op attention, as the profile says) or
+    StaticAttention (the qnn profile), which has the same signature."""
     h = rms_norm(g, x, w.array("input_layernorm.weight"), f"{prefix}.input_layernorm", eps)
     cos, sin = rope[layer.kind]
     h = attention(g, lin, h, w.sub("self_attn"), layer, num_heads, window, cos, sin, eps,
@@ -366,23 +401,32 @@ def decoder_layer(g, lin, x, w: Weights, layer: LayerPlan, num_heads, window, ro
 
 
 def _common_inputs(g: Graph) -> None:
-    g.input("seqlens_k", I32, [1])
-    g.input("total_sequence_length", I32, [])
+    _input(g, SEQLENS_K, [1])
+    _input(g, TOTAL_SEQUENCE_LENGTH, [])
 
 
-def _kv_shape(layer: LayerPlan) -> list:
-    return [1, layer.kv_heads, layer.ring or "max_context", layer.head_dim]
+def _input(g: Graph, name: str, shape: list) -> str:
+    """A graph input the manifest names, with its dtype from there."""
+    return g.input(name, _ONNX_TYPES[DTYPES[name]], shape)
+
+
+def _output(g: Graph, value: str, name: str, shape: list) -> str:
+    return g.output(value, name, _ONNX_TYPES[DTYPES[name]], shape)
+
+
+def _kv_shape(layer: LayerPlan, max_context: int | str = "max_context") -> list:
+    return [1, layer.kv_heads, layer.ring or max_context, layer.head_dim]
 
 
 def _kv_type(g: Graph) -> int:
     return F16 if g.profile.kv_fp16 else F32
 
 
-def _kv_inputs(g: Graph, plan_layers: list[LayerPlan]) -> None:
+def _kv_inputs(g: Graph, plan_layers: list[LayerPlan], max_context: int | str = "max_context") -> None:
     for layer in plan_layers:
         pk, pv, _, _ = kv_names(layer.index)
-        g.input(pk, _kv_type(g), _kv_shape(layer))
-        g.input(pv, _kv_type(g), _kv_shape(layer))
+        g.input(pk, _kv_type(g), _kv_shape(layer, max_context))
+        g.input(pv, _kv_type(g), _kv_shape(layer, max_context))
 
 
 def _kv_outputs(g: Graph, layer: LayerPlan, step: str = "") -> None:
@@ -402,64 +446,94 @@ def _vi(name, shape, elem_type: int = F32):
 
 def build_target_graph(w: Weights, cfg, quant: Quant, out_dir, shared: WeightFile,
                        untied_lm_head: Tensor | None = None, profile: Profile = PROFILES["cpu"],
-                       max_context: int = 0, ring: int = 0) -> tuple[Graph, TargetPlan, PLETable | None]:
+                       max_context: int = 0, ring: int = 0, rows: int = 0) -> tuple[Graph, TargetPlan, PLETable | None]:
     """`w`: the text model's weights (embed_tokens, layers.N..., norm), read one tensor at a time.
     Returns the graph, its plan, and the host-side PLE table (token component, scale folded in).
-    max_context: positions the RoPE tables cover (profiles with rope_tables). ring: sliding layers' ring
-    length (kv_ring), 0 for full-length buffers."""
+    max_context: positions the RoPE tables cover (profiles with rope_tables) and, with static shapes, the
+    rows of every K/V buffer. ring: sliding layers' ring length (kv_ring), 0 for full-length buffers.
+    rows: the query rows of a call with static shapes (the qnn profile: draft tokens + 1)."""
     plan = plan_target(cfg, ring)
     scales = TextScales.of(cfg)
     g = Graph("target", out_dir, shared, profile=profile)
     lin = Linears(g, quant)
     eps = cfg.rms_norm_eps
-    ids = g.input("input_ids", I64, [1, "S"])
-    pos = g.input("position_ids", I64, [1, "S"])
-    if profile.logits_start_input:
-        start = g.input("logits_start", I64, [1])
+    static = profile.static_shapes
+    s, n = (rows, rows) if static else ("S", "N")  # query rows in, rows with logits out
+    ids = _input(g, INPUT_IDS, [1, s])
+    if not static:
+        pos = _input(g, POSITION_IDS, [1, s])
+        start = _logits_start(g)
+    if plan.ple_dim:
+        _input(g, PER_LAYER_INPUTS, [1, s, cfg.num_hidden_layers, plan.ple_dim])
+    if static:
+        rope = _host_position_inputs(g, plan.layers, rows, max_context + rows)
     else:
-        keep = g.input("logits_to_keep", I64, [])
-        start = g.op("Neg", g.op("Unsqueeze", keep, g.const([0])))
-    if plan.ple_dim:
-        g.input("per_layer_inputs", F32, [1, "S", cfg.num_hidden_layers, plan.ple_dim])
-    _common_inputs(g)
-    _kv_inputs(g, [layer for layer in plan.layers if not layer.shared])
+        _common_inputs(g)
+    _kv_inputs(g, [layer for layer in plan.layers if not layer.shared], max_context if static else "max_context")
 
-    table = TiedTable(g, quant, "embed_tokens", w["embed_tokens.weight"], shared=True)
+    table = TiedTable(g, quant, "embed_tokens", w["embed_tokens.weight"], shared=not static)
     x = table.rows(ids, scales.embed)
-    rope = {kind: rope_tables(g, pos, freq, f"target.{kind}", max_context) for kind, freq in inv_freqs(cfg).items()}
+    if not static:
+        rope = {kind: rope_tables(g, pos, freq, f"target.{kind}", max_context) for kind, freq in inv_freqs(cfg).items()}
+    per_layer, ple_table = _per_layer_inputs(g, lin, x, w, cfg, plan, scales, rows if static else -1)
 
-    per_layer = None
-    ple_table = None
-    if plan.ple_dim:
-        proj = lin(x, "per_layer_model_projection", w["per_layer_model_projection.weight"])
-        proj = g.op("Mul", proj, g.const(np.float32(scales.ple_projection), np.float32))
-        proj = g.op("Reshape", proj, g.const([1, -1, cfg.num_hidden_layers, plan.ple_dim]))
-        proj = rms_norm(g, proj, w.array("per_layer_projection_norm.weight"), "per_layer_projection_norm", eps)
-        per_layer = g.op("Mul", g.op("Add", proj, "per_layer_inputs"),
-                         g.const(np.float32(scales.ple_input), np.float32))
-        ple_table = PLETable(w["embed_tokens_per_layer.weight"], scales.ple)
-
-    kv_source: dict = {"mask_positions": "position_ids"}
+    new_rows: list[LayerPlan] = []  # static shapes: layers whose new K/V rows are outputs
+    attention = StaticAttention(rows, max_context + rows, new_rows) if static else attention_block
+    kv_source: dict = {} if static else {"mask_positions": POSITION_IDS}
     for layer in plan.layers:
         pli = None
         if per_layer is not None:
             pli = g.op("Gather", per_layer, g.const(layer.index), axis=2)
         x = decoder_layer(g, lin, x, w.sub(f"layers.{layer.index}"), layer, plan.num_heads, plan.window, rope, eps,
-                          f"layers.{layer.index}", kv_source, pli)
+                          f"layers.{layer.index}", kv_source, pli, attention=attention)
         if writes_kv(layer, profile):
             _kv_outputs(g, layer)
 
     x = rms_norm(g, x, w.array("norm.weight"), "norm", eps)
-    # Only the last `logits_to_keep` positions need logits and hidden states (prefill: 1, verify: k+1).
-    x = g.op("Slice", x, start, g.const([2**62]), g.const([1]))
-    g.output(x, "last_hidden", F32, [1, "N", plan.hidden])
-    logits = table.logits(x) if untied_lm_head is None else lin(x, "lm_head", untied_lm_head)
-    cap = cfg.final_logit_softcapping
-    if cap:
-        c = g.const(np.float32(cap), np.float32)
-        logits = g.op("Mul", g.op("Tanh", g.op("Div", logits, c)), c)
-    g.output(logits, "logits", F32, [1, "N", plan.vocab])
+    if not static:  # only the last `logits_to_keep` positions need logits and hidden states (prefill: 1, verify: k+1)
+        x = g.op("Slice", x, start, g.const([2**62]), g.const([1]))
+    _output(g, x, LAST_HIDDEN, [1, n, plan.hidden])
+    if static:
+        lm = table.table if untied_lm_head is None else TiedTable(g, quant, "lm_head", untied_lm_head).table
+        logits = gemm_logits(g, lm, x, rows, plan.hidden, plan.vocab)
+    else:
+        logits = table.logits(x) if untied_lm_head is None else lin(x, "lm_head", untied_lm_head)
+    _output(g, softcap(g, logits, cfg.final_logit_softcapping), LOGITS, [1, n, plan.vocab])
+    for layer in new_rows:
+        for name in new_kv(layer.index):
+            g.outputs.append(_vi(name, [1, layer.kv_heads, rows, layer.head_dim]))
     return g, plan, ple_table
+
+
+def _logits_start(g: Graph) -> str:
+    """Where the logits slice starts: -N, from the logits_start input or from logits_to_keep (N)."""
+    if g.profile.logits_start_input:
+        return _input(g, LOGITS_START, [1])
+    keep = _input(g, LOGITS_TO_KEEP, [])
+    return g.op("Neg", g.op("Unsqueeze", keep, g.const([0])))
+
+
+def _per_layer_inputs(g: Graph, lin: Linears, x: str, w: Weights, cfg, plan: TargetPlan, scales: TextScales,
+                      rows: int) -> tuple[str | None, PLETable | None]:
+    """Gemma 4's per-layer inputs [1, S, L, P]: the projection of the embedded tokens plus the host's PLE rows
+    (the per_layer_inputs input), and the host PLE table; (None, None) for a model without them."""
+    if not plan.ple_dim:
+        return None, None
+    eps = cfg.rms_norm_eps
+    proj = lin(x, "per_layer_model_projection", w["per_layer_model_projection.weight"])
+    proj = g.op("Mul", proj, g.const(np.float32(scales.ple_projection), np.float32))
+    proj = g.op("Reshape", proj, g.const([1, rows, cfg.num_hidden_layers, plan.ple_dim]))
+    proj = rms_norm(g, proj, w.array("per_layer_projection_norm.weight"), "per_layer_projection_norm", eps)
+    per_layer = g.op("Mul", g.op("Add", proj, PER_LAYER_INPUTS), g.const(np.float32(scales.ple_input), np.float32))
+    return per_layer, PLETable(w["embed_tokens_per_layer.weight"], scales.ple)
+
+
+def softcap(g: Graph, logits: str, cap: float | None) -> str:
+    """cap * tanh(logits / cap) (final_logit_softcapping), or the logits as they are."""
+    if not cap:
+        return logits
+    c = g.const(np.float32(cap), np.float32)
+    return g.op("Mul", g.op("Tanh", g.op("Div", logits, c)), c)
 
 
 # -- assistant --------------------------------------------------------------------------------------------
@@ -512,71 +586,217 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
     each feeding its token and projected hidden state to the next; the token is
     argmax(logits * inv_temperature + gumbel[i]) (zeros for greedy, Gumbel noise for sampling), so a
     whole round costs one session call. It reads the same weight bytes as `assistant` (`data`).
+    Static shapes (qnn): one step over buffers of max_context rows, positions and masks from the host.
     """
     cfg = config.get_text_config()
     layers = assistant_plan(cfg, target_plan)
+    static = profile.static_shapes
     g = Graph("assistant" if steps is None else "draft_round", out_dir, shared, data=data, profile=profile)
     lin = Linears(g, quant)
-    eps, vocab = cfg.rms_norm_eps, cfg.vocab_size
-    tok = g.input("token", I64, [1, 1])
-    hidden = g.input("hidden", F32, [1, 1, target_plan.hidden])
-    pos = g.input("position_ids", I64, [1, 1])
-    _common_inputs(g)
-    if steps is not None:
-        inv_t = g.input("inv_temperature", F32, [])
-        gumbel = g.input("gumbel", F32, [steps, vocab])
-    stores = sorted(set(target_plan.store_layers.values()))
-    _kv_inputs(g, [next(tl for tl in target_plan.layers if tl.index == i) for i in stores])
+    vocab = cfg.vocab_size
+    tok, hidden, inv_t, gumbel = _assistant_inputs(g, layers, target_plan.hidden, vocab, steps, max_context)
+    stores = [next(tl for tl in target_plan.layers if tl.index == i)
+              for i in sorted(set(target_plan.store_layers.values()))]
+    _kv_inputs(g, stores, max_context if static else "max_context")
 
     # Input: the target's own embedding of the last token (same bytes as the target graph reads) ⊕ its
     # last hidden state, projected down to the assistant width.
-    target_table = TiedTable(g, target_quant, "embed_tokens", target_w["embed_tokens.weight"], shared=True)
+    target_table = TiedTable(g, target_quant, "target_embed_tokens" if static else "embed_tokens",
+                             target_w["embed_tokens.weight"], shared=not static)
     own_head = "lm_head.weight" if "lm_head.weight" in aw else "model.embed_tokens.weight"  # tied by default
-    own = TiedTable(g, quant, "lm_head", aw[own_head])
-    rope = {kind: rope_tables(g, pos, freq, f"assistant.{kind}", max_context) for kind, freq in inv_freqs(cfg).items()}
-    # The K/V row of the last processed position, rewritten unchanged so GQA attends in place.
-    kv_source = {}
-    for store in stores:
-        tl = next(t for t in target_plan.layers if t.index == store)
-        pk, pv, _, _ = kv_names(store)
-        width = tl.kv_heads * tl.head_dim
-        if profile.standard_attention:  # attend to the buffers as they are: no row rewritten
-            kv_source[store] = (pk, pv)
-        else:
-            kv_source[store] = (_row_at(g, pk, "seqlens_k", width), _row_at(g, pv, "seqlens_k", width))
-    if profile.standard_attention:  # the drafter's query sits where GQA puts it: the last processed position P-1
-        kv_source["mask_positions"] = g.op("Reshape", g.op("Cast", "seqlens_k", to=I64), g.const([1, 1]))
+    own = None if static else TiedTable(g, quant, "lm_head", aw[own_head])
+    if static:
+        rope, attention = _host_rope(layers), StaticAttention(1, max_context, [])
+    else:
+        rope = {kind: rope_tables(g, POSITION_IDS, freq, f"assistant.{kind}", max_context)
+                for kind, freq in inv_freqs(cfg).items()}
+        attention = attention_block
+    drafter = _Drafter(g, lin, aw, config, layers, rope, _assistant_kv_source(g, stores), attention, own)
 
+    embed_scale = TextScales.of(target_cfg).embed
+    if steps is None:
+        h, hidden = drafter.step(target_table.rows(tok, embed_scale), hidden, "")
+        if static:  # (the head's table comes after the layers' weights in the graph's file)
+            _output(g, hidden, PROJECTED_HIDDEN, [1, 1, target_plan.hidden])
+            drafter.own = TiedTable(g, quant, "lm_head", aw[own_head])
+            _output(g, drafter.head(h), LOGITS, [1, 1, vocab])
+            return g, layers
+        logits = drafter.head(h)
+        _output(g, hidden, PROJECTED_HIDDEN, [1, 1, target_plan.hidden])
+        _output(g, logits, LOGITS, [1, 1, vocab])
+        _output(g, g.op("ArgMax", logits, axis=-1, keepdims=0), NEXT_TOKEN, [1, 1])
+        return g, layers
     tokens, all_logits = [], []
-    for i in range(steps or 1):
-        suffix = "" if steps is None else f".s{i}"
-        emb = target_table.rows(tok, TextScales.of(target_cfg).embed)
-        x = lin(g.op("Concat", emb, hidden, axis=-1), "pre_projection", aw["pre_projection.weight"])
-        for layer in layers:
-            x = decoder_layer(g, lin, x, aw.sub(f"model.layers.{layer.index}"), layer, cfg.num_attention_heads,
-                              cfg.sliding_window, rope, eps, f"layers.{layer.index}", kv_source, None, suffix)
-            if writes_kv(layer, profile):
-                _kv_outputs(g, layer, suffix)
-        h = rms_norm(g, x, aw.array("model.norm.weight"), "norm", eps)
-        hidden = lin(h, "post_projection", aw["post_projection.weight"])
-        if config.use_ordered_embeddings:
-            logits = centroid_logits(g, lin, own, h, aw.sub("masked_embedding"), config, vocab)
-        else:
-            logits = own.logits(h)
-        if steps is None:
-            g.output(hidden, "projected_hidden", F32, [1, 1, target_plan.hidden])
-            g.output(logits, "logits", F32, [1, 1, vocab])
-            g.output(g.op("ArgMax", logits, axis=-1, keepdims=0), "next_token", I64, [1, 1])
-            break
+    for i in range(steps):
+        h, hidden = drafter.step(target_table.rows(tok, embed_scale), hidden, draft_step(i))
+        logits = drafter.head(h)
         noise = g.op("Gather", gumbel, g.const([i]), axis=0)  # [1, V]
         scored = g.op("Add", g.op("Mul", g.op("Reshape", logits, g.const([1, vocab])), inv_t), noise)
         tok = g.op("ArgMax", scored, axis=-1, keepdims=1)  # [1, 1]
         tokens.append(g.op("Unsqueeze", scored, g.const([0])) if profile.device_ids else tok)
         all_logits.append(g.op("Reshape", logits, g.const([1, vocab])))
-    if steps is not None:
-        if profile.device_ids:  # the same argmaxes over the stacked scores [1, k, V]: no int64 Concat
-            g.output(g.op("ArgMax", g.op("Concat", *tokens, axis=1), axis=-1, keepdims=0), "tokens", I64, [1, steps])
-        else:
-            g.output(g.op("Concat", *tokens, axis=1), "tokens", I64, [1, steps])
-        g.output(g.op("Concat", *all_logits, axis=0), "logits", F32, [steps, vocab])
+    if profile.device_ids:  # the same argmaxes over the stacked scores [1, k, V]: no int64 Concat
+        _output(g, g.op("ArgMax", g.op("Concat", *tokens, axis=1), axis=-1, keepdims=0), TOKENS, [1, steps])
+    else:
+        _output(g, g.op("Concat", *tokens, axis=1), TOKENS, [1, steps])
+    _output(g, g.op("Concat", *all_logits, axis=0), LOGITS, [steps, vocab])
     return g, layers
+
+
+@dataclass
+class _Drafter:
+    """What one draft step is built from: the assistant's layers after its input projection, and its head
+    (`own`: its lm_head table)."""
+
+    g: Graph
+    lin: Linears
+    aw: Weights
+    config: object  # Gemma4AssistantConfig
+    layers: list[LayerPlan]
+    rope: dict
+    kv_source: dict
+    attention: object  # attention_block or StaticAttention
+    own: TiedTable | None
+
+    def step(self, emb: str, hidden: str, suffix: str) -> tuple[str, str]:
+        """(normed hidden state, projected hidden state) of one draft step from the token's embedding."""
+        g, lin, aw, cfg = self.g, self.lin, self.aw, self.config.get_text_config()
+        x = lin(g.op("Concat", emb, hidden, axis=-1), "pre_projection", aw["pre_projection.weight"])
+        for layer in self.layers:
+            x = decoder_layer(g, lin, x, aw.sub(f"model.layers.{layer.index}"), layer, cfg.num_attention_heads,
+                              cfg.sliding_window, self.rope, cfg.rms_norm_eps, f"layers.{layer.index}",
+                              self.kv_source, None, suffix, attention=self.attention)
+            if writes_kv(layer, g.profile):
+                _kv_outputs(g, layer, suffix)
+        h = rms_norm(g, x, aw.array("model.norm.weight"), "norm", cfg.rms_norm_eps)
+        return h, lin(h, "post_projection", aw["post_projection.weight"])
+
+    def head(self, h: str) -> str:
+        """Logits [1, 1, V]: the centroid head, or the lm_head (static shapes: as a Gemm)."""
+        vocab = self.config.get_text_config().vocab_size
+        if self.config.use_ordered_embeddings:
+            return centroid_logits(self.g, self.lin, self.own, h, self.aw.sub("masked_embedding"), self.config, vocab)
+        if self.g.profile.static_shapes:
+            return gemm_logits(self.g, self.own.table, h, 1, self.config.get_text_config().hidden_size, vocab)
+        return self.own.logits(h)
+
+
+def _assistant_inputs(g: Graph, layers: list[LayerPlan], hidden_size: int, vocab: int, steps: int | None,
+                      max_context: int) -> tuple[str, str, str | None, str | None]:
+    """token, hidden and, for draft_round, inv_temperature and gumbel; the position inputs the profile takes."""
+    tok = _input(g, TOKEN, [1, 1])
+    hidden = _input(g, HIDDEN, [1, 1, hidden_size])
+    if g.profile.static_shapes:
+        _host_position_inputs(g, layers, 1, max_context)
+    else:
+        _input(g, POSITION_IDS, [1, 1])
+        _common_inputs(g)
+    if steps is None:
+        return tok, hidden, None, None
+    return tok, hidden, _input(g, INV_TEMPERATURE, []), _input(g, GUMBEL, [steps, vocab])
+
+
+def _assistant_kv_source(g: Graph, stores: list[LayerPlan]) -> dict:
+    """What the drafter's layers attend to, per store layer. Standard-op attention reads the buffers as they
+    are. GroupQueryAttention gets the K/V row of the last processed position as its "new" row, rewritten
+    unchanged so it attends in place."""
+    kv_source = {}
+    for tl in stores:
+        pk, pv, _, _ = kv_names(tl.index)
+        width = tl.kv_heads * tl.head_dim
+        if g.profile.standard_attention:  # attend to the buffers as they are: no row rewritten
+            kv_source[tl.index] = (pk, pv)
+        else:
+            kv_source[tl.index] = (_row_at(g, pk, SEQLENS_K, width), _row_at(g, pv, SEQLENS_K, width))
+    if g.profile.standard_attention and not g.profile.static_shapes:
+        # the drafter's query sits where GQA puts it: the last processed position P-1
+        kv_source["mask_positions"] = g.op("Reshape", g.op("Cast", SEQLENS_K, to=I64), g.const([1, 1]))
+    return kv_source
+
+
+# -- static shapes (qnn profile) ----------------------------------------------------------------------------
+#
+# An NPU compiles a graph for fixed shapes and runs no com.microsoft op, so the qnn profile differs from the
+# others in four ways and shares everything else (layer code, weights, plans):
+#   - attention is MatMul / Add(mask) / Softmax / MatMul over [past ⊕ new] keys (StaticAttention);
+#   - the host computes what depends on the position: RoPE cos/sin rows and an additive mask per layer
+#     kind (causal, sliding window, valid cache rows), so the graph holds no int64 arithmetic;
+#   - K/V buffers are plain inputs [1, kv_heads, max_ctx, d]; the target returns only the S new rows of
+#     each store layer (manifest.new_kv), which the host writes into its buffers (runtime/qnn.py);
+#   - every query length is fixed at export: the target runs S = draft_tokens + 1 rows per call (verify;
+#     prefill goes in chunks of S; a decode step pads), the assistant one row.
+# Their IO is listed in runtime/manifest.py.
+
+MASK_VALUE = -100.0  # additive mask; finite and small so that a uint16 QDQ range keeps score precision
+
+
+def _host_rope(layers: list[LayerPlan]) -> dict[str, tuple[str, str]]:
+    return {layer.kind: rope_inputs(layer.kind) for layer in layers}
+
+
+def _host_position_inputs(g: Graph, layers: list[LayerPlan], rows: int, keys: int) -> dict[str, tuple[str, str]]:
+    """RoPE cos/sin rows per layer kind and an additive mask [1, 1, rows, keys] per layer kind, fed by the host."""
+    dims = {layer.kind: layer.head_dim for layer in layers}
+    for kind, d in dims.items():
+        for name in rope_inputs(kind):
+            g.input(name, F32, [1, rows, 1, d])
+    for kind in dims:
+        g.input(mask_input(kind), F32, [1, 1, rows, keys])
+    return _host_rope(layers)
+
+
+def gemm_logits(g: Graph, table: str, x: str, rows: int, hidden: int, vocab: int) -> str:
+    """Tied lm_head as Gemm(transB): reads the embedding table itself, no transposed copy."""
+    flat = g.op("Reshape", x, g.const([rows, hidden]))
+    return g.op("Reshape", g.op("Gemm", flat, table, transB=1), g.const([1, rows, vocab]))
+
+
+def masked_attention(g: Graph, heads_n: int, kv_heads: int, d: int, q: str, k_all: str, v_all: str, mask: str,
+                     rows: int, keys: int) -> str:
+    """Standard-op attention. q [1,rows,heads,d], k_all/v_all [1,kv_heads,keys,d], mask [1,1,rows,keys]
+    -> [1,rows,heads*d]. Query heads are grouped by the KV head they read (GQA), tensors stay rank <= 4,
+    and K/V enter MatMuls as they are (scores are computed transposed): a K/V graph input feeds a
+    quantized MatMul directly, which keeps its quantization inside the NPU graph."""
+    group = heads_n // kv_heads
+    q = g.op("Reshape", g.op("Transpose", q, perm=[0, 2, 1, 3]), g.const([1, kv_heads, group * rows, d]))
+    scores = g.op("Transpose", g.op("MatMul", k_all, g.op("Transpose", q, perm=[0, 1, 3, 2])), perm=[0, 1, 3, 2])
+    scores = g.op("Reshape", scores, g.const([kv_heads, group, rows, keys]))
+    probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
+    out = g.op("MatMul", g.op("Reshape", probs, g.const([1, kv_heads, group * rows, keys])), v_all)
+    out = g.op("Transpose", g.op("Reshape", out, g.const([1, heads_n, rows, d])), perm=[0, 2, 1, 3])
+    return g.op("Reshape", out, g.const([1, rows, heads_n * d]))
+
+
+class StaticAttention:
+    """The qnn profile's `attention` for decoder_layer (attention_block's signature).
+
+    kv_source[store] holds the keys/values a query sees ([1, kv_heads, keys, d]); a non-shared layer
+    first puts its new rows behind its past buffer there (and outputs them as new_key.{i})."""
+
+    def __init__(self, rows: int, keys: int, new_outputs: list):
+        self.rows, self.keys, self.new_outputs = rows, keys, new_outputs
+
+    def __call__(self, g, lin, x, w: Weights, layer: LayerPlan, num_heads, window, cos, sin, eps, prefix, kv_source,
+                 step="") -> str:
+        d, s = layer.head_dim, self.rows
+        q, k, v = project_qkv(g, lin, x, w, layer, num_heads, cos, sin, eps, prefix)
+        if not layer.shared:
+            v = g.op("RMSNormalization", v, g.weight(f"ones.{d}", np.ones(d, np.float32)), axis=-1, epsilon=eps)
+            new_k, new_v = new_kv(layer.index)
+            k_new = g.op("Transpose", k, perm=[0, 2, 1, 3], out=new_k)
+            v_new = g.op("Transpose", v, perm=[0, 2, 1, 3], out=new_v)
+            self.new_outputs.append(layer)
+            past_k, past_v = past_kv(layer.index)
+            kv_source[layer.index] = (g.op("Concat", past_k, k_new, axis=2), g.op("Concat", past_v, v_new, axis=2))
+        k_all, v_all = kv_source[layer.store]
+        out = masked_attention(g, num_heads, layer.kv_heads, d, q, k_all, v_all, mask_input(layer.kind), s, self.keys)
+        return lin(out, f"{prefix}.o_proj", w["o_proj.weight"])
+
+
+def host_inv_freqs(target_cfg, assistant_cfg) -> dict[str, list[float]]:
+    """RoPE inverse frequencies the host needs for its cos/sin tables, per graph and layer kind."""
+    out = {}
+    for tag, cfg in (("target", target_cfg), ("assistant", assistant_cfg)):
+        for kind, freq in inv_freqs(cfg).items():
+            out[f"{tag}.{kind}"] = [float(f) for f in freq]
+    return out

@@ -1,6 +1,6 @@
 """`edgegen export --ep qnn`: static standard-op graphs, QDQ-quantized for the QNN HTP backend (NPU).
 
-  graphs     fp32 static graphs (static_graphs.py) in a staging bundle `fp32/` inside the export dir
+  graphs     fp32 graphs of the qnn profile (graphs.py: static shapes) in a staging bundle `fp32/` inside the export dir
   calibrate  the staging bundle runs built-in prompts through the real runtime loop (prefill chunks,
              drafting, verify, decode) on the CPU EP; every graph call's inputs are recorded
   quantize   onnxruntime.quantization with the QNN config: uint16 activations, int8 symmetric
@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from edgegen.export import contents
+from edgegen.export.graphs import MASK_VALUE, PROFILES, build_assistant_graph, build_target_graph, host_inv_freqs
+from edgegen.export.onnx_graph import WeightFile
 from edgegen.export.quantize import Quant
-from edgegen.export.static_graphs import MASK_VALUE, build_static_assistant, build_static_target, inv_freqs
 from edgegen.runtime.errors import EdgegenError
-from edgegen.runtime.manifest import SCHEMA_VERSION, Manifest
+from edgegen.runtime.manifest import SCHEMA_VERSION, Manifest, buffer_of, is_buffer
 
 CALIBRATION_PROMPTS = (
     "The quick brown fox jumps over the lazy dog. Speculative decoding lets a small drafter propose "
@@ -39,24 +41,28 @@ FP32_ATOL = 1e-3  # the fp32 static target vs PyTorch (measured 9.5e-6 on the de
 
 
 class _Recorder:
-    """Stands in for a session: runs it, keeps a copy of every call's inputs and the range of its K/V."""
+    """Records every run of a runtime graph (GraphSession.run) until `stop`: a copy of its inputs, K/V
+    buffers included, and the range of every K/V buffer it read or wrote rows for."""
 
-    def __init__(self, session):
-        self.session, self.calls = session, []
-        self.kv_ranges: dict[str, tuple[float, float]] = {}  # buffer (past_key.i) -> (min, max) seen
+    def __init__(self, graph):
+        self.graph, self.calls = graph, []
+        self.kv_ranges: dict[str, tuple[float, float]] = {}  # K/V buffer -> (min, max) seen
+        self._run = graph.run
+        graph.run = self.run
 
-    def run(self, names, feeds):
-        self.calls.append({k: np.array(v, copy=True) for k, v in feeds.items()})
-        outputs = self.session.run(names, feeds)
-        seen = [(k, v) for k, v in feeds.items() if k.startswith("past_")]
-        seen += [(k.replace("new_", "past_"), v) for k, v in zip(names, outputs, strict=True) if k.startswith("new_")]
+    def run(self, feeds: dict, cache) -> dict:
+        inputs = {**feeds, **cache.inputs(self.graph)}
+        self.calls.append({k: np.array(v, copy=True) for k, v in inputs.items()})
+        out = self._run(feeds, cache)
+        seen = [(k, v) for k, v in inputs.items() if is_buffer(k)]
+        seen += [(buffer_of(k), v) for k, v in out.items() if buffer_of(k)]
         for name, value in seen:
             lo, hi = self.kv_ranges.get(name, (0.0, 0.0))
             self.kv_ranges[name] = (min(lo, float(value.min())), max(hi, float(value.max())))
-        return outputs
+        return out
 
-    def get_outputs(self):
-        return self.session.get_outputs()
+    def stop(self) -> None:
+        del self.graph.run  # the graph's own method again
 
 
 class _Reader:
@@ -82,49 +88,45 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
     rows = opts.draft_tokens_resolved(pair) + 1
     staging = tmp / "fp32"
     staging.mkdir()
-    tgraph, plan, ple_table = build_static_target(pair.weights, cfg, staging, max_context, rows, pair.lm_head)
-    agraph, _ = build_static_assistant(pair.assistant_weights, pair.assistant.config, pair.weights, cfg, plan, staging,
-                                       max_context)
+    # fp32 graphs of the qnn profile (graphs.py): static shapes, host-side positions and K/V rows.
+    fp32, profile = Quant("fp32"), PROFILES[opts.ep]
+    shared = WeightFile(staging / "unused_shared.weights")  # a static graph stores its tables itself
+    tgraph, plan, ple_table = build_target_graph(pair.weights, cfg, fp32, staging, shared, pair.lm_head, profile,
+                                                 max_context, rows=rows)
+    agraph, _ = build_assistant_graph(pair.assistant_weights, pair.assistant.config, pair.weights, cfg, plan, fp32,
+                                      fp32, staging, shared, profile=profile, max_context=max_context)
     for g in (tgraph, agraph):
         g.save(staging)
         g.data.close()
-        g.shared.close()
+    shared.close()
     del tgraph, agraph
 
     stage("write")
-    from edgegen.export.bundle import (
-        _copy_tokenizer,
-        _generation_defaults,
-        _graph_spec_from_file,
-        _record_files,
-        _write_ple,
-        model_spec,
-    )
-
-    ple = _write_ple(tmp, ple_table, cfg.num_hidden_layers, Quant("fp32")) if ple_table is not None else None
+    ple = contents.write_ple(tmp, ple_table, cfg.num_hidden_layers, Quant("fp32")) if ple_table is not None else None
 
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
-        model=model_spec(cfg, plan, max_context, ple),
+        model=contents.model_spec(cfg, plan, max_context, ple),
         graphs={},
-        tokenizer=_copy_tokenizer(pair, tmp),
-        generation=_generation_defaults(pair, rows - 1),
-        ep_profile="qnn",
+        tokenizer=contents.copy_tokenizer(pair, tmp),
+        generation=contents.generation_defaults(pair, rows - 1),
+        ep_profile=opts.ep,
         static={"query_rows": rows, "mask_value": MASK_VALUE,
-                "inv_freq": inv_freqs(cfg, pair.assistant.config.get_text_config())},
+                "inv_freq": host_inv_freqs(cfg, pair.assistant.config.get_text_config())},
     )
+    contents.check_tokenizer(tmp, cfg.vocab_size)
     for name in ("target", "assistant"):
-        manifest.graphs[name] = _graph_spec_from_file(staging / f"{name}.onnx", {}, {"kind": "fp32"})
+        manifest.graphs[name] = contents.graph_spec(staging / f"{name}.onnx", {}, {"kind": "fp32"})
     _link_host_files(tmp, staging, manifest)
-    _record_files(staging, manifest)  # the runtime checks sizes and hashes of what it loads
+    contents.record_files(staging, manifest)  # the runtime checks sizes and hashes of what it loads
 
     calls, kv_ranges, report = _calibrate(staging, pair, manifest)
     stage("verify")
     for name in ("target", "assistant"):
         _quantize(staging / f"{name}.onnx", tmp / f"{name}.onnx", _subsample(calls[name]), kv_ranges)
         manifest.static.setdefault("quantized_io", {})[name] = quantized_io(tmp / f"{name}.onnx")
-        manifest.graphs[name] = _graph_spec_from_file(tmp / f"{name}.onnx", {}, QDQ)
-    _record_files(tmp, manifest)
+        manifest.graphs[name] = contents.graph_spec(tmp / f"{name}.onnx", {}, QDQ)
+    contents.record_files(tmp, manifest)
     qdq, check = _compare_qdq(staging, tmp, manifest)
     report.update(qdq)
     report["checks"].update(check)
@@ -137,6 +139,7 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
               f"{k} {v['value']:.3g} > {v['tolerance']:.3g}" for k, v in report["checks"].items() if not v["passed"]]
     if failed:
         raise EdgegenError(f"qnn export failed verification ({'; '.join(failed)}); please report this model")
+    contents.record_files(tmp, manifest)
     return manifest
 
 
@@ -171,8 +174,7 @@ def _calibrate(staging: Path, pair, manifest: Manifest) -> tuple[dict[str, list[
     from edgegen.runtime.generate import Generator
 
     gen = Generator(staging, draft_tokens=manifest.static["query_rows"] - 1)
-    target, assistant = _Recorder(gen.bundle.target.session), _Recorder(gen.bundle.assistant.session)
-    gen.bundle.target.session, gen.bundle.assistant.session = target, assistant
+    target, assistant = _Recorder(gen.bundle.target), _Recorder(gen.bundle.assistant)
     prompts = _prompts(staging, manifest.model.vocab_size)
     for ids in prompts:
         gen.reset()
@@ -183,7 +185,8 @@ def _calibrate(staging: Path, pair, manifest: Manifest) -> tuple[dict[str, list[
 
     m = manifest.model
     ids = prompt_ids(staging, m.vocab_size, min(m.sliding_window + 38, m.max_context - 1))
-    gen.bundle.target.session = target.session
+    target.stop()
+    assistant.stop()
     cache, rows = gen.bundle.new_cache(), gen.bundle.target.rows
     got = np.concatenate([gen.bundle.target.forward(cache, ids[a:a + rows], logits_to_keep=len(ids[a:a + rows]))[0]
                           for a in range(0, len(ids), rows)])
@@ -201,7 +204,7 @@ def _calibrate(staging: Path, pair, manifest: Manifest) -> tuple[dict[str, list[
 def _quantize(src: Path, dst: Path, calls: list[dict], kv_ranges: dict[str, tuple[float, float]]) -> None:
     """QDQ with the QNN config. K/V buffer inputs get the range of everything the target wrote and read
     (not each graph's own calibration), so target and assistant share one encoding per buffer and the
-    host can keep its buffers quantized (runtime/static.py)."""
+    host can keep its buffers quantized (runtime/qnn.py)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
@@ -333,19 +336,21 @@ def _compare_qdq(staging: Path, bundle: Path, manifest: Manifest) -> tuple[dict,
 def compile_context_binaries(bundle: Path, soc_model: str) -> dict[str, str]:
     """Precompile each QDQ graph with the QNN EP for `soc_model` into `<name>_ctx.onnx` (EP context model:
     the HTP binary embedded), so the device skips graph preparation at load."""
-    from edgegen.runtime.static import placement, static_session
+    from edgegen.runtime.manifest import load_manifest
+    from edgegen.runtime.model import open_session
+    from edgegen.runtime.providers import ort_name, placement
 
+    graphs = load_manifest(bundle).graphs
     out = {}
     for name in ("target", "assistant"):
         ctx = bundle / f"{name}_ctx.onnx"
-        session = static_session(bundle / f"{name}.onnx", "qnn", None, provider_options={"soc_model": str(soc_model)},
-                                 config={"ep.context_enable": "1", "ep.context_file_path": str(ctx),
-                                         "ep.context_embed_mode": "1"})
-        if set(placement(session)) != {"QNNExecutionProvider"} and not ctx.is_file():
+        session = open_session(bundle, graphs[name], None, "qnn", options={"soc_model": str(soc_model)},
+                               config={"ep.context_enable": "1", "ep.context_file_path": str(ctx),
+                                       "ep.context_embed_mode": "1"})
+        if set(placement(session).nodes) != {ort_name("qnn")} and not ctx.is_file():
             raise EdgegenError(f"the QNN EP did not compile '{name}' for SoC {soc_model}")
         del session
         if not ctx.is_file():
             raise EdgegenError(f"the QNN EP wrote no context binary for '{name}' (SoC model {soc_model})")
         out[name] = ctx.name
     return out
-

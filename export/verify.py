@@ -24,6 +24,7 @@ import torch
 
 from edgegen.export.quantize import Quant, dequantize
 from edgegen.export.reference import StreamedTarget, rounding_for
+from edgegen.runtime.manifest import past_kv
 from edgegen.runtime.model import Bundle
 
 # Tolerances. Target: 1e-4 (the contract on small models) plus NOISE_FACTOR times PyTorch's own fp32
@@ -101,7 +102,7 @@ def round_in_place(model: torch.nn.Module, quant: Quant, ple_scale: float | None
             done.add(id(w))
             arr = w.detach().float().numpy()
             if getattr(mod, "_edgegen_ple", False) and ple_scale:
-                # The host PLE table is quantized with its scale folded in (see bundle._write_ple).
+                # The host PLE table is quantized with its scale folded in (see contents.write_ple).
                 s = np.float32(ple_scale)
                 arr = dequantize(arr * s, quant.bits, quant.block_for(arr.shape[1])) / s
             else:
@@ -220,7 +221,7 @@ def _bundle_assistant(bundle: Bundle, case: Case) -> list[tuple[np.ndarray, np.n
     for p in case.positions:
         cache = bundle.new_cache()
         for kind, (k, v) in case.store_kv.items():
-            for name, t in ((f"past_key.{stores[kind]}", k), (f"past_value.{stores[kind]}", v)):
+            for name, t in zip(past_kv(stores[kind]), (k, v), strict=True):
                 cache.write(name, t[:, :, :p])
         cache.length = p
         logits, _, projected = bundle.assistant.step(cache, case.ids[p], case.hidden[p - 1])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from edgegen.runtime.manifest import KVBuffer
+from edgegen.runtime.manifest import KVBuffer, value_buffer
 
 
 def rows_of(buffer: KVBuffer, max_context: int) -> int:
@@ -30,7 +30,7 @@ def cache_bytes(buffers: list[KVBuffer], max_context: int) -> int:
 
 
 class KVCache:
-    # Class defaults, so that caches with their own layout (runtime/static.py) need not set them.
+    # Class defaults, so that caches with their own layout (runtime/qnn.py) need not set them.
     max_rows = 0  # rows one call may write (ring buffers: R - window), 0: no limit
     rewind = 1 << 62  # how far behind the highest written position a rollback may go (ring: R - window)
     written = 0  # one past the highest position any call wrote (rows past `length` included)
@@ -44,13 +44,17 @@ class KVCache:
         self.ring: dict[str, int] = {}  # buffer name -> ring length (0: max_context rows)
         for b in buffers:
             rings = isinstance(b.length, int)
-            for name in (b.name, b.name.replace("past_key", "past_value")):
+            for name in (b.name, value_buffer(b.name)):
                 self.arrays[name] = np.zeros((1, b.kv_heads, rows_of(b, max_context), b.head_dim), b.dtype)
                 self.values[name] = ort.OrtValue.ortvalue_from_numpy(self.arrays[name])
                 self.ring[name] = b.length if rings else 0
         rings = [r for r in self.ring.values() if r]
         if rings:
             self.max_rows = self.rewind = min(rings) - window
+
+    def inputs(self, graph) -> dict[str, ort.OrtValue]:
+        """The buffers `graph` (model.GraphSession) takes, bound as they are: the graph updates them in place."""
+        return {name: value for name, value in self.values.items() if name in graph.input_names}
 
     def trim(self, length: int) -> None:
         """Keep positions [0, length); later rows will be overwritten."""

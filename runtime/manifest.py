@@ -17,8 +17,16 @@ assistant graph (one draft step; the cache holds P accepted, processed positions
        total_sequence_length [] int32 = P · past_key.{s} / past_value.{s} for the store buffers
   out  logits [1,1,V] · next_token [1,1] int64 (argmax) · projected_hidden [1,1,H]
        present_key.{j} / present_value.{j} aliases of the store buffers (rewritten unchanged)
-ep_profile "qnn": static-shape graphs from standard ops; their IO is listed in export/static_graphs.py and
-  fed by runtime/static.py (host-side RoPE tables, masks and K/V row writes).
+ep_profile "qnn": static-shape graphs from standard ops (export/graphs.py, static_shapes), fed by runtime/qnn.py
+  (host-side RoPE rows, masks and K/V row writes). M = max_context, S = query rows, T = M + S:
+  target     in  input_ids [1,S] int64 · per_layer_inputs [1,S,L,P] · rope_cos.{kind} / rope_sin.{kind}
+                 [1,S,1,d_kind] · attention_mask.{kind} [1,1,S,T] · past_key.{i} / past_value.{i} [1,kvh,M,d]
+             out logits [1,S,V] (softcapped) · last_hidden [1,S,H] · new_key.{i} / new_value.{i} [1,kvh,S,d]
+  assistant  in  token [1,1] int64 · hidden [1,1,H] · rope_cos/sin.{kind} [1,1,1,d] ·
+                 attention_mask.{kind} [1,1,1,M] · past_key.{s} / past_value.{s} (store layers)
+             out logits [1,1,V] · projected_hidden [1,1,H]
+  The QDQ export moves the boundary Quantize/DequantizeLinear to the host: tensors listed in
+  static.quantized_io are fed and returned as integers (e.g. uint16) with the scale and zero point given there.
 """
 
 from __future__ import annotations
@@ -29,6 +37,75 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgegen.runtime.errors import EdgegenError
+
+# -- tensor names ------------------------------------------------------------------------------------------
+# Every graph input and output, named once: export/graphs.py builds the graphs with these names (and dtypes)
+# and the runtime feeds and reads them by the same constants and helpers; nothing else spells a tensor name.
+INPUT_IDS, POSITION_IDS, PER_LAYER_INPUTS = "input_ids", "position_ids", "per_layer_inputs"
+LOGITS_TO_KEEP, LOGITS_START = "logits_to_keep", "logits_start"
+SEQLENS_K, TOTAL_SEQUENCE_LENGTH = "seqlens_k", "total_sequence_length"
+LOGITS, LAST_HIDDEN = "logits", "last_hidden"
+TOKEN, HIDDEN, PROJECTED_HIDDEN, NEXT_TOKEN = "token", "hidden", "projected_hidden", "next_token"
+TOKENS, INV_TEMPERATURE, GUMBEL = "tokens", "inv_temperature", "gumbel"  # draft_round
+# The dtype of each of them (K/V buffers: KVBuffer.dtype; qnn's quantized IO: the manifest's static section).
+DTYPES = {INPUT_IDS: "int64", POSITION_IDS: "int64", PER_LAYER_INPUTS: "float32", LOGITS_TO_KEEP: "int64",
+          LOGITS_START: "int64", SEQLENS_K: "int32", TOTAL_SEQUENCE_LENGTH: "int32", LOGITS: "float32",
+          LAST_HIDDEN: "float32", TOKEN: "int64", HIDDEN: "float32", PROJECTED_HIDDEN: "float32",
+          NEXT_TOKEN: "int64", TOKENS: "int64", INV_TEMPERATURE: "float32", GUMBEL: "float32"}
+_PAST, _PRESENT, _NEW = ("past_key", "past_value"), ("present_key", "present_value"), ("new_key", "new_value")
+_ROPE, _MASK = ("rope_cos", "rope_sin"), "attention_mask"
+
+
+def past_kv(layer: int) -> tuple[str, str]:
+    """The K and V buffer inputs of store layer `layer` (KVBuffer.name is the K one)."""
+    return f"{_PAST[0]}.{layer}", f"{_PAST[1]}.{layer}"
+
+
+def draft_step(i: int) -> str:
+    """The suffix of draft_round's per-step outputs (step i of k)."""
+    return f".s{i}"
+
+
+def present_kv(layer: int, step: str = "") -> tuple[str, str]:
+    """The K and V outputs layer `layer` writes in place; step: draft_step(i) in draft_round, else ""."""
+    return f"{_PRESENT[0]}.{layer}{step}", f"{_PRESENT[1]}.{layer}{step}"
+
+
+def new_kv(layer: int) -> tuple[str, str]:
+    """The qnn profile's outputs of the new K and V rows of store layer `layer`, which the host writes."""
+    return f"{_NEW[0]}.{layer}", f"{_NEW[1]}.{layer}"
+
+
+def value_buffer(key_buffer: str) -> str:
+    """past_key.{i} -> past_value.{i}."""
+    return key_buffer.replace(_PAST[0], _PAST[1], 1)
+
+
+def is_buffer(name: str) -> bool:
+    return name.split(".", 1)[0] in _PAST
+
+
+def buffer_of(new_rows: str) -> str | None:
+    """The buffer a new-rows output is written into (new_value.{i} -> past_value.{i}); None for other names."""
+    head, _, layer = new_rows.partition(".")
+    return f"{_PAST[_NEW.index(head)]}.{layer}" if head in _NEW else None
+
+
+def rope_inputs(kind: str) -> tuple[str, str]:
+    """The qnn profile's host-fed RoPE cos and sin rows of a layer kind."""
+    return f"{_ROPE[0]}.{kind}", f"{_ROPE[1]}.{kind}"
+
+
+def mask_input(kind: str) -> str:
+    """The qnn profile's host-fed additive attention mask of a layer kind."""
+    return f"{_MASK}.{kind}"
+
+
+def mask_kind(name: str) -> str | None:
+    """The layer kind of a mask input's name, else None."""
+    head, _, kind = name.partition(".")
+    return kind if head == _MASK else None
+
 
 SCHEMA_VERSION = 2
 # Version 1 bundles had no KVBuffer length/dtype: every buffer was max_context rows of float32, which is what
@@ -179,7 +256,7 @@ def load_manifest(bundle: str | Path) -> Manifest:
 LAYER_KINDS = ("sliding_attention", "full_attention")
 KV_DTYPES = ("float32", "float16")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_BUFFER = re.compile(r"past_key\.\d+")
+_BUFFER = re.compile(rf"{_PAST[0]}\.\d+")
 
 
 def _int(x: object, lo: int, hi: int = 1 << 40) -> bool:
@@ -240,13 +317,13 @@ def _ple_ok(ple: PLESpec) -> bool:
 
 
 def _buffer_names(model: ModelSpec) -> set[str]:
-    return {n for b in model.kv_buffers for n in (b.name, b.name.replace("past_key", "past_value"))}
+    return {n for b in model.kv_buffers for n in (b.name, value_buffer(b.name))}
 
 
 def _round_ok(g: GraphSpec) -> bool:
     """The fused draft round's step count and vocabulary are read from its `tokens` and `logits` shapes."""
     shapes = {t.name: t.shape for t in g.outputs}
-    return all(len(shapes.get(n, [])) == 2 and _int(shapes[n][1], 1) for n in ("tokens", "logits"))
+    return all(len(shapes.get(n, [])) == 2 and _int(shapes[n][1], 1) for n in (TOKENS, LOGITS))
 
 
 def _graph_ok(g: GraphSpec) -> bool:

@@ -1,8 +1,9 @@
 """A loaded bundle: sessions for the target and assistant graphs, the PLE table, the tokenizer files.
 
-`Target.forward` and `Assistant.step` are the only places that feed the graphs; names come from the
-manifest contract (see manifest.py). KV buffers are bound with IOBinding to both the past inputs and
-the present outputs, so the graphs update them in place.
+`open_session` is the one place a session is opened and `GraphSession.run` the one way a graph runs, for
+every EP and profile. `Target.forward` and `Assistant.step` feed the graphs (the qnn profile overrides how
+one call is fed: runtime/qnn.py); names come from the manifest contract (see manifest.py). KV buffers are
+bound with IOBinding to both the past inputs and the present outputs, so the graphs update them in place.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgegen.runtime import integrity, osinfo, providers
+from edgegen.runtime import manifest as names
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.kv import KVCache, cache_bytes
 from edgegen.runtime.manifest import GraphSpec, Manifest, PLESpec, load_manifest
@@ -32,33 +34,35 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 
 def open_session(bundle: Path, spec: GraphSpec, threads: int | None, ep: str = "cpu", strict: bool = False,
-                 placements: dict | None = None):
-    """A session for one graph on `ep` (see providers.py). strict: fail if any node would fall back to the
-    CPU EP. placements: if given, receives the graph's node placement under its file name."""
-    path = bundle / spec.file
+                 placements: dict | None = None, file: str | None = None, options: dict | None = None,
+                 config: dict | None = None) -> ort.InferenceSession:
+    """The one place a session is opened: one graph of `bundle` on `ep` (see providers.py). strict: fail if any
+    node would fall back to the CPU EP. placements: if given, receives the graph's node placement under its
+    file name. file: load this file instead of spec.file (a QNN EP context binary); options: provider options
+    on top of the EP's own; config: session config entries (e.g. to write an EP context binary)."""
+    path = bundle / (file or spec.file)
     if not path.is_file():
-        raise EdgegenError(f"bundle file '{spec.file}' is missing from '{bundle}'; re-export the bundle")
+        raise EdgegenError(f"bundle file '{path.name}' is missing from '{bundle}'; re-export the bundle")
     so = session_options(threads)
-    providers.add_to_session(so, ep, strict)  # EP errors are the user's to fix: raised before the try
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
+    providers.add_to_session(so, ep, strict, options)  # EP errors are the user's to fix: raised before the try
 
     try:
         session = ort.InferenceSession(str(path), so)
-        if placements is not None:
-            report = session_options(threads)
-            providers.add_to_session(report, ep, strict)
-            placements[spec.file] = providers.placement(lambda o: ort.InferenceSession(str(path), o), report)
-        return session
-    except EdgegenError:
-        raise
     except Exception as exc:  # onnxruntime raises several types for a damaged model
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         if strict and "fallback to CPU EP has been explicitly disabled" in first:
-            raise EdgegenError(f"'{spec.file}' has nodes that cannot run on {ep} (strict placement); "
+            raise EdgegenError(f"'{path.name}' has nodes that cannot run on {ep} (strict placement); "
                                f"export the bundle with --ep {ep} or run without strict placement") from None
         if ep != "cpu":
-            raise EdgegenError(f"cannot load '{spec.file}' on {ep} ({first}); export the bundle with --ep {ep}, "
+            raise EdgegenError(f"cannot load '{path.name}' on {ep} ({first}); export the bundle with --ep {ep}, "
                                "or run it with --ep cpu") from None
-        raise EdgegenError(f"cannot load '{spec.file}' from '{bundle}' ({first}); re-export the bundle") from None
+        raise EdgegenError(f"cannot load '{path.name}' from '{bundle}' ({first}); re-export the bundle") from None
+    session.disable_fallback()  # a failing EP run must fail, not quietly rerun on the CPU
+    if placements is not None:
+        placements[spec.file] = providers.placement(session)
+    return session
 
 
 class PLETable:
@@ -91,7 +95,12 @@ _QUIET = ort.RunOptions()
 _QUIET.log_severity_level = 4  # a failed run is reported once, as an EdgegenError, not also as an ORT log line
 
 
-class _Graph:
+class GraphSession:
+    """One graph's session and the one way it is run: feeds and the cache's K/V buffers bound with IOBinding
+    (in place where the cache holds OrtValues), present outputs bound to the buffers the manifest names."""
+
+    quantized: dict = {}  # tensors the graph takes or gives quantized (the qnn profile's host-side Q/DQ)
+
     def __init__(self, session: ort.InferenceSession, spec: GraphSpec):
         self.session, self.spec = session, spec
         self.input_names = {i.name for i in session.get_inputs()}
@@ -101,9 +110,11 @@ class _Graph:
         b = self.session.io_binding()
         for name, value in feeds.items():
             b.bind_cpu_input(name, value)
-        for name, value in cache.values.items():
-            if name in self.input_names:
+        for name, value in cache.inputs(self).items():
+            if isinstance(value, ort.OrtValue):
                 b.bind_ortvalue_input(name, value)
+            else:
+                b.bind_cpu_input(name, value)
         for out, buf in self.spec.kv_aliases.items():
             b.bind_ortvalue_output(out, cache.values[buf])
         for out in self.plain_outputs:
@@ -119,7 +130,7 @@ class _Graph:
         return {n: v.numpy() for n, v in zip(self.plain_outputs, values[len(self.spec.kv_aliases):], strict=True)}
 
 
-class Target(_Graph):
+class Target(GraphSession):
     def __init__(self, session, spec: GraphSpec, ple: PLETable | None, max_chunk: int = 0, min_rows: int = 1):
         super().__init__(session, spec)
         self.ple = ple
@@ -175,51 +186,51 @@ class Target(_Graph):
     def _run(self, cache: KVCache, ids: np.ndarray, logits_to_keep: int):
         past, s = cache.length, ids.shape[1]
         feeds = {
-            "input_ids": ids,
-            "position_ids": np.arange(past, past + s, dtype=np.int64).reshape(1, -1),
-            "seqlens_k": np.array([past + s - 1], dtype=np.int32),
-            "total_sequence_length": np.array(past + s, dtype=np.int32),
+            names.INPUT_IDS: ids,
+            names.POSITION_IDS: np.arange(past, past + s, dtype=np.int64).reshape(1, -1),
+            names.SEQLENS_K: np.array([past + s - 1], dtype=np.int32),
+            names.TOTAL_SEQUENCE_LENGTH: np.array(past + s, dtype=np.int32),
         }
-        if "logits_start" in self.input_names:  # the webgpu profile takes the slice start, -N
-            feeds["logits_start"] = np.array([-logits_to_keep], dtype=np.int64)
+        if names.LOGITS_START in self.input_names:  # the webgpu profile takes the slice start, -N
+            feeds[names.LOGITS_START] = np.array([-logits_to_keep], dtype=np.int64)
         else:
-            feeds["logits_to_keep"] = np.array(logits_to_keep, dtype=np.int64)
+            feeds[names.LOGITS_TO_KEEP] = np.array(logits_to_keep, dtype=np.int64)
         if self.ple is not None:
-            feeds["per_layer_inputs"] = self.ple(ids)
+            feeds[names.PER_LAYER_INPUTS] = self.ple(ids)
         out = self.run(feeds, cache)
         cache.length = past + s
         cache.wrote(past + s)
-        return out["logits"][0], out["last_hidden"][0]
+        return out[names.LOGITS][0], out[names.LAST_HIDDEN][0]
 
 
 def _draft_feeds(cache: KVCache, token: int, hidden: np.ndarray) -> dict[str, np.ndarray]:
     """Inputs of a draft step at the constant position P = cache.length (see manifest.py)."""
     p = cache.length
     return {
-        "token": np.array([[token]], dtype=np.int64),
-        "hidden": np.asarray(hidden, dtype=np.float32).reshape(1, 1, -1),
-        "position_ids": np.array([[p]], dtype=np.int64),
-        "seqlens_k": np.array([p - 1], dtype=np.int32),
-        "total_sequence_length": np.array(p, dtype=np.int32),
+        names.TOKEN: np.array([[token]], dtype=np.int64),
+        names.HIDDEN: np.asarray(hidden, dtype=np.float32).reshape(1, 1, -1),
+        names.POSITION_IDS: np.array([[p]], dtype=np.int64),
+        names.SEQLENS_K: np.array([p - 1], dtype=np.int32),
+        names.TOTAL_SEQUENCE_LENGTH: np.array(p, dtype=np.int32),
     }
 
 
-class Assistant(_Graph):
+class Assistant(GraphSession):
     def step(self, cache: KVCache, token: int, hidden: np.ndarray):
         """One draft step at position cache.length; returns (logits [V], next_token, projected hidden [H])."""
         out = self.run(_draft_feeds(cache, token, hidden), cache)
-        return out["logits"][0, 0], int(out["next_token"].reshape(-1)[0]), out["projected_hidden"][0, 0]
+        return out[names.LOGITS][0, 0], int(out[names.NEXT_TOKEN].reshape(-1)[0]), out[names.PROJECTED_HIDDEN][0, 0]
 
 
-class DraftRound(_Graph):
+class DraftRound(GraphSession):
     """`steps` draft steps in one call (the `draft_round` graph; `steps` is fixed at export). A round of
     k < steps drafts is the same call cut to its first k: each step reads only the shared cache and the step
     before it, so those are the drafts k single steps would give."""
 
     def __init__(self, session, spec: GraphSpec):
         super().__init__(session, spec)
-        self.steps = next(o.shape[1] for o in spec.outputs if o.name == "tokens")
-        self.vocab = next(o.shape[1] for o in spec.outputs if o.name == "logits")
+        self.steps = next(o.shape[1] for o in spec.outputs if o.name == names.TOKENS)
+        self.vocab = next(o.shape[1] for o in spec.outputs if o.name == names.LOGITS)
         self._zeros = np.zeros((self.steps, self.vocab), np.float32)
 
     def run_round(self, cache: KVCache, token: int, hidden: np.ndarray, inv_temperature: float = 1.0,
@@ -230,10 +241,10 @@ class DraftRound(_Graph):
         if not 0 < k <= self.steps:
             raise ValueError(f"a round of {k} drafts does not fit the fused round's {self.steps} steps")
         feeds = _draft_feeds(cache, token, hidden)
-        feeds["inv_temperature"] = np.array(inv_temperature, dtype=np.float32)
-        feeds["gumbel"] = self._zeros if gumbel is None else gumbel.astype(np.float32, copy=False)
+        feeds[names.INV_TEMPERATURE] = np.array(inv_temperature, dtype=np.float32)
+        feeds[names.GUMBEL] = self._zeros if gumbel is None else gumbel.astype(np.float32, copy=False)
         out = self.run(feeds, cache)
-        return [int(t) for t in out["tokens"].reshape(-1)[:k]], out["logits"][:k]
+        return [int(t) for t in out[names.TOKENS].reshape(-1)[:k]], out[names.LOGITS][:k]
 
 
 class Bundle:
@@ -244,7 +255,7 @@ class Bundle:
                  report_placement: bool = False, hashes: str = "cached"):
         """ep: cpu, qnn, webgpu, openvino or auto (the bundle's own profile if its EP loads here, else an
         accelerator, else cpu; `ep_reason` says why). strict: every node must run on the EP.
-        report_placement: fill `placement` (graph file -> Placement) from onnxruntime's placement log.
+        report_placement: fill `placement` (graph file -> Placement) from onnxruntime's graph assignment.
         hashes: check files' sha256 "cached" (once per file change, see integrity.py), "always" or "never"
         (sizes only). Paths are always checked before any file is opened."""
         self.path = Path(path)
@@ -257,15 +268,16 @@ class Bundle:
         self.ep, self.ep_reason = providers.choose(ep, m.ep_profile)
         self.placement: dict[str, providers.Placement] | None = {} if report_placement else None
         ple = PLETable(self.path, m.model.ple) if m.model.ple else None
-        if m.ep_profile == "qnn":  # static shapes, host-side K/V (runtime/static.py)
-            from edgegen.runtime.static import open_static
 
-            self.target, self._assistant = open_static(self.path, m, threads, self.ep, ple, strict)
+        def session(spec: GraphSpec, **kwargs):
+            return open_session(self.path, spec, threads, self.ep, strict, self.placement, **kwargs)
+
+        if m.ep_profile == "qnn":  # static shapes, host-side K/V (runtime/qnn.py)
+            from edgegen.runtime.qnn import open_qnn
+
+            self.target, self._assistant = open_qnn(m, self.ep, ple, session)
             self._open_assistant = self.draft_round = None
             return
-
-        def session(spec: GraphSpec):
-            return open_session(self.path, spec, threads, self.ep, strict, self.placement)
 
         self.target = Target(session(m.graphs["target"]), m.graphs["target"], ple,
                              16 if "webgpu" in (self.ep, m.ep_profile) else 0,
@@ -309,10 +321,9 @@ class Bundle:
 
     def new_cache(self, max_context: int | None = None) -> KVCache:
         if self.manifest.ep_profile == "qnn":
-            from edgegen.runtime.static import StaticCache, encodings
+            from edgegen.runtime import qnn
 
-            return StaticCache(self.manifest.model.kv_buffers, self.manifest.model.max_context,
-                               encodings(self.manifest, "target"))
+            return qnn.new_cache(self.manifest)
         model = self.manifest.model
         max_context = max_context or model.max_context
         need = cache_bytes(model.kv_buffers, max_context)

@@ -9,9 +9,9 @@ OpenVINO's plugin offers a device only for hardware whose PCI vendor id is Intel
 other non-Intel CPU without an Intel GPU or NPU it lists none, though OpenVINO itself runs on such CPUs.
 `available()` and `devices()` then say so in one line naming the CPU (`cpu_model()`), and `auto` skips it.
 
-`placement()` reads onnxruntime's own node-placement log (written while a session is created) and says
-how many nodes each EP got; `strict=True` makes session creation fail instead when any node would fall
-back to the CPU (`session.disable_cpu_ep_fallback`).
+`placement()` asks onnxruntime which EP each node of a session was assigned to and says how many nodes each
+EP got; `strict=True` makes session creation fail instead when any node would fall back to the CPU
+(`session.disable_cpu_ep_fallback`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,7 @@ import importlib
 import json
 import os
 import platform
-import re
-import tempfile
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -56,7 +53,7 @@ PLUGINS = {
     # INFERENCE_PRECISION_HINT or precision=FP32 provider option is accepted and has no effect (measured).
     "openvino": Plugin("onnxruntime_ep_openvino", "onnxruntime-ep-openvino",
                        {"device_type": "CPU", "load_config": json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": "f32"}})}),
-    "qnn": Plugin("onnxruntime_qnn", "onnxruntime-qnn", {"backend_type": "htp"}),
+    "qnn": Plugin("onnxruntime_qnn", "onnxruntime-qnn", {"backend_type": "htp", "htp_performance_mode": "burst"}),
 }
 
 _lock = threading.Lock()
@@ -196,25 +193,27 @@ def choose(ep: str, profile: str = "cpu") -> tuple[str, str]:
     return "cpu", "no GPU or NPU execution provider with a hardware device is available"
 
 
-def add_to_session(so: ort.SessionOptions, ep: str, strict: bool = False) -> None:
-    """Attach `ep` to session options. strict: fail session creation if any node would run on the CPU EP."""
+def add_to_session(so: ort.SessionOptions, ep: str, strict: bool = False, options: dict | None = None) -> None:
+    """Attach `ep` to session options and record node placement. strict: fail session creation if any node
+    would run on the CPU EP. options: provider options on top of the plugin's own (e.g. QNN's soc_model)."""
+    so.add_session_config_entry(RECORD_PLACEMENT, "1")
     if ep == "cpu":
         return
-    so.add_provider_for_devices(devices(ep), dict(PLUGINS[ep].options))
+    so.add_provider_for_devices(devices(ep), {**PLUGINS[ep].options, **(options or {})})
     if strict:
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
 
 
 # -- node placement --------------------------------------------------------------------------------------
 
-_PLACED = re.compile(r"(?:Node\(s\)|All nodes) placed on \[(\w+)\]\. Number of nodes: (\d+)")
-_NODE = re.compile(r"VerifyEachNodeIsAssignedToAnEp\]\s{3}(\S+) \((.*)\)\s*$")
+# Makes a session keep which EP each node was assigned to (InferenceSession.get_provider_graph_assignment_info).
+RECORD_PLACEMENT = "session.record_ep_graph_assignment_info"
 
 
 @dataclass
 class Placement:
-    """Nodes per EP after partitioning, from onnxruntime's own placement log. A compiling EP (OpenVINO)
-    shows each fused partition as one node."""
+    """Nodes per EP after partitioning, as onnxruntime assigned them (a compiling EP such as OpenVINO or an EP
+    context binary counts the nodes of the graph it was given)."""
 
     nodes: dict[str, int]
     cpu_ops: dict[str, int]  # op type -> count, for nodes left on the CPU EP
@@ -231,46 +230,20 @@ def ort_name(ep: str) -> str:
     return CPU_EP if ep == "cpu" else _register(ep)
 
 
-def parse_placement(log: str) -> Placement:
+def placement(session: ort.InferenceSession) -> Placement:
+    """Where `session`'s nodes run, from onnxruntime's graph-assignment API; the session must have been created
+    with RECORD_PLACEMENT set (add_to_session does)."""
     nodes: dict[str, int] = {}
     cpu_ops: dict[str, int] = {}
-    current = None
-    for line in log.splitlines():
-        m = _PLACED.search(line)
-        if m:
-            current = m.group(1)
-            nodes[current] = nodes.get(current, 0) + int(m.group(2))
-            continue
-        n = _NODE.search(line)
-        if n and current == CPU_EP:
-            cpu_ops[n.group(1)] = cpu_ops.get(n.group(1), 0) + 1
-        elif "VerifyEachNodeIsAssignedToAnEp" not in line:
-            current = None
+    for sub in session.get_provider_graph_assignment_info():
+        assigned = sub.get_nodes()
+        nodes[sub.ep_name] = nodes.get(sub.ep_name, 0) + len(assigned)
+        if sub.ep_name == CPU_EP:
+            for node in assigned:
+                cpu_ops[node.op_type] = cpu_ops.get(node.op_type, 0) + 1
+    if not nodes:
+        raise EdgegenError("onnxruntime recorded no node placement for this session; cannot report placement")
     return Placement(nodes, cpu_ops)
-
-
-_capture_lock = threading.Lock()
-
-
-def placement(create: Callable[[ort.SessionOptions], ort.InferenceSession], so: ort.SessionOptions) -> Placement:
-    """Create a throwaway session with verbose logging while capturing the process's stderr (onnxruntime
-    logs from C++ to file descriptor 2) and read its placement log. The session is not kept: a session's
-    log level is fixed at creation, and plugin EPs would log every run verbosely."""
-    so.log_severity_level = 0
-    with _capture_lock, tempfile.TemporaryFile(mode="w+b") as log:
-        saved = os.dup(2)
-        try:
-            os.dup2(log.fileno(), 2)
-            create(so)
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        log.seek(0)
-        text = log.read().decode("utf-8", "replace")
-    found = parse_placement(text)
-    if not found.nodes:
-        raise EdgegenError("onnxruntime wrote no node placement log; cannot report placement")
-    return found
 
 
 def _first_line(exc: BaseException) -> str:

@@ -243,27 +243,40 @@ def test_no_adapter_names_the_vulkan_driver(ep: str, monkeypatch) -> None:
         providers.devices(ep)
 
 
-def test_unknown_ep_and_placement_log_parsing() -> None:
+def test_one_list_of_eps() -> None:
+    """providers.EPS names the EPs; the export profiles and the CLI's choices are keyed by it."""
+    from edgegen.cli import ExportEP, RunEP
+    from edgegen.export.graphs import PROFILES
+
+    assert tuple(PROFILES) == providers.EPS
+    assert tuple(e.value for e in ExportEP) == providers.EPS
+    assert tuple(e.value for e in RunEP) == ("auto", *providers.EPS)
+
+
+def test_unknown_ep_and_placement_from_graph_assignment(tmp_path) -> None:
+    """Placement comes from onnxruntime's graph-assignment API, not its log text: a graph's nodes, counted
+    per EP, with the op types left on the CPU EP."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgegen.runtime.manifest import GraphSpec
+    from edgegen.runtime.model import open_session
+
     with pytest.raises(EdgegenError, match="unknown; use one of"):
         providers.check_name("tpu")
-    log = "\n".join([
-        "[V:onnxruntime:, session_state.cc:1598 VerifyEachNodeIsAssignedToAnEp] Node placements",
-        "[V:onnxruntime:, session_state.cc:1604 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on "
-        "[CPUExecutionProvider]. Number of nodes: 2",
-        "[V:onnxruntime:, session_state.cc:1606 VerifyEachNodeIsAssignedToAnEp]   Cast (Cast_4)",
-        "[V:onnxruntime:, session_state.cc:1606 VerifyEachNodeIsAssignedToAnEp]   Sin (Sin_12)",
-        "[V:onnxruntime:, session_state.cc:1604 VerifyEachNodeIsAssignedToAnEp]  Node(s) placed on "
-        "[WebGpuExecutionProvider]. Number of nodes: 98",
-        "[V:onnxruntime:, session_state.cc:1606 VerifyEachNodeIsAssignedToAnEp]   Gather (Gather_1)",
-        "[W:onnxruntime:, session_state.cc:1618 VerifyEachNodeIsAssignedToAnEp] Some nodes were not assigned",
-    ])
-    placed = providers.parse_placement(log)
-    assert placed.nodes == {"CPUExecutionProvider": 2, "WebGpuExecutionProvider": 98}
-    assert placed.cpu_ops == {"Cast": 1, "Sin": 1}
-    assert placed.share("WebGpuExecutionProvider") == pytest.approx(0.98)
-    one = providers.parse_placement("VerifyEachNodeIsAssignedToAnEp]  All nodes placed on [CPUExecutionProvider]. "
-                                    "Number of nodes: 7")
-    assert one.share("CPUExecutionProvider") == 1.0
+    nodes = [helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT), helper.make_node("Sin", ["c"], ["s"]),
+             helper.make_node("Add", ["s", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    placements: dict = {}
+    open_session(tmp_path, GraphSpec("g.onnx", [], [], {}, {}), None, placements=placements)
+    placed = placements["g.onnx"]
+    assert placed.nodes == {"CPUExecutionProvider": 3}
+    assert placed.cpu_ops == {"Cast": 1, "Sin": 1, "Add": 1}
+    assert placed.share("CPUExecutionProvider") == 1.0 and placed.share("WebGpuExecutionProvider") == 0.0
 
 
 def test_cli_ep_errors_are_one_line(demo_bundles) -> None:

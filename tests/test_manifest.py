@@ -141,6 +141,24 @@ def test_every_graph_input_and_output_is_listed(bundle: Path) -> None:
         assert [(t.name, t.dtype, t.shape) for t in spec.outputs] == _io(graph.output), name
 
 
+def test_graph_io_is_named_by_the_manifest_module(bundle: Path) -> None:
+    """Every tensor of the graphs is one manifest.py names: an IO constant (with the dtype it gives it), a K/V
+    buffer, or a present output; the name helpers invert each other."""
+    from edgegen.runtime import manifest as names
+
+    m = load_manifest(bundle)
+    buffers = {n for b in m.model.kv_buffers for n in (b.name, names.value_buffer(b.name))}
+    steps = [""] + [names.draft_step(i) for i in range(m.generation["draft_tokens"])]
+    presents = {n for layer in range(len(m.model.layer_types)) for s in steps for n in names.present_kv(layer, s)}
+    for spec in m.graphs.values():
+        for t in spec.inputs + spec.outputs:
+            assert t.name in names.DTYPES or t.name in buffers or t.name in presents, t.name
+            assert t.name not in names.DTYPES or t.dtype == names.DTYPES[t.name], (t.name, t.dtype)
+    assert names.buffer_of(names.new_kv(3)[1]) == names.past_kv(3)[1] and names.buffer_of(names.LOGITS) is None
+    assert names.mask_kind(names.mask_input("full_attention")) == "full_attention" and names.mask_kind("x.y") is None
+    assert names.is_buffer(names.past_kv(2)[1]) and not names.is_buffer(names.present_kv(2)[0])
+
+
 def test_kv_aliases_bind_every_present_output_to_a_target_buffer(bundle: Path) -> None:
     manifest = load_manifest(bundle)
     target_inputs = {t.name: t for t in manifest.graphs["target"].inputs}

@@ -24,7 +24,8 @@ pytest.importorskip("onnxruntime_qnn", reason="the QNN EP plugin is installed by
 from edgegen.demo import DEMO_PAIR  # noqa: E402
 from edgegen.runtime.generate import Generator  # noqa: E402
 from edgegen.runtime.model import Bundle  # noqa: E402
-from edgegen.runtime.static import attention_mask, placement, static_session  # noqa: E402
+from edgegen.runtime.providers import ort_name, placement  # noqa: E402
+from edgegen.runtime.qnn import attention_mask  # noqa: E402
 
 MAX_CONTEXT = 256
 PROMPT = "def parse_args("
@@ -95,13 +96,25 @@ def test_graphs_are_static_standard_op_qdq(qnn_bundle):
     assert all(check["passed"] for check in parity["checks"].values())
 
 
+def test_graph_io_is_named_by_the_manifest_module(qnn_bundle):
+    """The static graphs' IO is what manifest.py names: IO constants, K/V buffers, new rows, RoPE and masks."""
+    from edgegen.runtime import manifest as names
+
+    m = names.load_manifest(qnn_bundle)
+    known = set(names.DTYPES) | {names.mask_input(k) for k in names.LAYER_KINDS}
+    known |= {n for k in names.LAYER_KINDS for n in names.rope_inputs(k)}
+    known |= {n for b in m.model.kv_buffers for n in (*names.past_kv(b.layer), *names.new_kv(b.layer))}
+    for spec in m.graphs.values():
+        assert {t.name for t in spec.inputs + spec.outputs} <= known, spec.file
+
+
 def test_every_node_runs_on_the_htp(qnn_bundle):
     """Placement with session.disable_cpu_ep_fallback=1: the session would fail to load with any CPU node."""
-    for name in ("target", "assistant"):
-        counts = placement(static_session(qnn_bundle / f"{name}.onnx", "qnn", None, strict=True))
-        share = counts.get("QNNExecutionProvider", 0) / sum(counts.values())
-        print(f"\n{name}: {counts} -> {share:.1%} on QNN HTP")
-        assert share >= 0.95
+    report = Bundle(qnn_bundle, ep="qnn", strict=True, report_placement=True).placement_report()
+    assert set(report) == {"target.onnx", "assistant.onnx"}
+    for name, placed in report.items():
+        print(f"\n{name}: {placed['nodes']} -> {placed['share']:.1%} on QNN HTP")
+        assert placed["share"] >= 0.95
 
 
 def _cpu_logits(cpu_bundle: Path, ids: list[int]) -> np.ndarray:
@@ -171,7 +184,7 @@ def test_context_binaries_load_and_match(qnn_bundle, htp, tmp_path):
     manifest["static"]["context_binaries"] = compile_context_binaries(copy, "60")
     (copy / "manifest.json").write_text(json.dumps(manifest))
     compiled = Bundle(copy, ep="qnn")
-    assert placement(compiled.target.session) == {"QNNExecutionProvider": 1}  # one EPContext node
+    assert placement(compiled.target.session).nodes == {ort_name("qnn"): 1}  # one EPContext node
     assert Generator(compiled).generate(ids, 4, use_assistant=False).token_ids == want
 
 
