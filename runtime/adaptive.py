@@ -2,7 +2,8 @@
 
 With per-position acceptance rates a_1..a_K (conditional: a_i = P(draft i accepted | drafts < i were)),
 a round with k drafts yields E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j tokens and costs k*c_draft +
-c_verify(k). `AutoDraft` measures all of these as it goes (exponential moving averages), picks the k
+c_verify(k). `AutoDraft` measures all of these as it goes (acceptance: running means from a prior of 0.5,
+then exponential moving averages once those weigh more; costs: the minimum of recent timings), picks the k
 with the best E(k)/cost(k) — k = 0 is plain decoding — and probes now and then: while drafting is off,
 with one round of drafting, so it notices when the text becomes predictable again; while drafting fewer
 than k_max, alternately with a plain step and a full-length round, so deeper positions' rates are learned.
@@ -36,7 +37,11 @@ class AutoDraft:
     max_probe_every: int = 256  # while drafting is off, each failed probe doubles the gap up to this
     window: int = 8  # costs are the minimum of the last `window` timings: robust to one-off stalls
     prior_accept: float = 0.5  # optimistic start: drafting is tried before it is judged
+    # Until the EMA's weight is the larger, a rate is the running mean of its observations with the prior
+    # counted as this many: one failed round already says more than a 10% step away from 0.5 would.
+    prior_weight: float = 2.0
     accept: list[float] = field(default_factory=list)
+    _seen: list[int] = field(default_factory=list)  # observations per position
     verify_s: dict[int, deque] = field(default_factory=dict)
     draft_s: dict[int, deque] = field(default_factory=dict)  # by k: a fused k-step round is cheaper than k steps
     _rounds: int = 0
@@ -45,6 +50,7 @@ class AutoDraft:
 
     def __post_init__(self):
         self.accept = [self.prior_accept] * self.k_max
+        self._seen = [0] * self.k_max
         self._gap = self.probe_every
 
     def expected_tokens(self, k: int) -> float:
@@ -125,9 +131,10 @@ class AutoDraft:
             self.draft_s.setdefault(k, deque(maxlen=self.window)).append(draft_s)
             # Drafting that pays resets the probe gap; a probe that found nothing backs off.
             self._gap = self.probe_every if accepted else min(2 * self._gap, self.max_probe_every)
-        d = self.decay
         for i in range(min(k, accepted + 1)):  # positions that were actually judged this round
-            self.accept[i] = d * self.accept[i] + (1 - d) * (1.0 if i < accepted else 0.0)
+            self._seen[i] += 1
+            weight = max(1 - self.decay, 1 / (self._seen[i] + self.prior_weight))
+            self.accept[i] += weight * ((1.0 if i < accepted else 0.0) - self.accept[i])
 
 
 def describe(drafting: dict) -> str:

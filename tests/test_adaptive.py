@@ -47,7 +47,7 @@ def test_the_decision_follows_the_costs_and_names_them(plain_ms: float, draft_ms
     if k:  # the round it runs is the one it measured
         assert (shown_k, draft, verify) == (k, 4 * draft_ms, verify_ms)
     assert (per_token < plain) == (k > 0)  # the reason, in the numbers shown
-    assert abs(per_token - (draft + verify) / expected) < 0.01
+    assert per_token == pytest.approx((draft + verify) / expected, rel=0.01)  # shown values are rounded
 
 
 def test_fixed_and_off_policies_describe_themselves() -> None:
@@ -74,3 +74,18 @@ def test_probes_learn_positions_deeper_than_the_rounds_it_drafts() -> None:
         run(k)
     assert chosen[0] == 1  # what the start says
     assert policy.best(4) == 4 and chosen[-20:].count(4) >= 19
+
+
+def test_first_observations_move_the_rates_more_than_the_ema_would() -> None:
+    """A drafter whose first rounds all fail is judged useless after one round (prior 0.5 counted as two
+    observations: 0.5 -> 0.33), not after several (EMA alone: 0.5 -> 0.45); later observations use the EMA."""
+    policy = AutoDraft(4)
+    policy.update(4, 0, 4e-3, 20e-3)
+    assert policy.accept[0] == pytest.approx(1 / 3) and policy.accept[1:] == [0.5] * 3
+    policy.update(0, 0, 0.0, 10e-3)
+    assert policy.best(4) == 0  # k=1: 1.33 expected tokens for 1 + 12.5 ms, against 10 ms a token
+    for _ in range(20):
+        policy.update(1, 1, 1e-3, 11e-3)
+    before = policy.accept[0]
+    policy.update(1, 0, 1e-3, 11e-3)
+    assert policy.accept[0] == pytest.approx(before * policy.decay)  # past the warm-up: the EMA's step
