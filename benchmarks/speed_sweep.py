@@ -18,6 +18,8 @@ Policies (runtime/model.py `session_options` sets the one edgegen uses):
 - spin: they spin (onnxruntime's default): fast handoffs, but an idle session's pool keeps spinning while
   the other session runs;
 - spin-stop: they spin during a run and stop when it returns (`session.force_spinning_stop=1`);
+- nospin-dyn4, spin-stop-dyn4: as nospin / spin-stop, with `session.dynamic_block_base=4` (parallel loops
+  handed out in shrinking blocks, so a preempted thread delays a call less);
 - --global-pool: all sessions share one process-wide pool (`set_global_thread_pool_sizes`,
   `use_per_session_threads=False`); set once per process, so it is its own run.
 """
@@ -42,6 +44,11 @@ POLICIES = {
     "nospin": {"session.intra_op.allow_spinning": "0"},
     "spin": {"session.intra_op.allow_spinning": "1"},
     "spin-stop": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
+    # Parallel loops cut into shrinking blocks that threads take in turn (onnxruntime's dynamic block base),
+    # instead of one share per thread: a thread the OS preempts holds up less of each call.
+    "nospin-dyn4": {"session.intra_op.allow_spinning": "0", "session.dynamic_block_base": "4"},
+    "spin-stop-dyn4": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1",
+                       "session.dynamic_block_base": "4"},
 }
 
 
@@ -134,6 +141,7 @@ def main() -> None:
     ap.add_argument("--draft-tokens", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--prefill", default="", help="prompt lengths for time to first token, e.g. 512,2048")
+    ap.add_argument("--kinds", default="decode,verify,draft,round", help="calls to time (a subset of the default)")
     args = ap.parse_args()
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     ort.set_default_logger_severity(3)  # overriding edgegen's own spinning entry logs a warning per session
@@ -152,6 +160,8 @@ def main() -> None:
     k = args.draft_tokens
     kinds = {"decode": lambda p: p.target(1), f"verify{k + 1}": lambda p: p.target(k + 1),
              f"draft{k}": lambda p: p.draft(), "round": lambda p: p.round()}
+    wanted = args.kinds.split(",")
+    kinds = {kind: fn for kind, fn in kinds.items() if kind.rstrip("0123456789") in wanted}
     times = {(label, kind): [] for label, _, _ in configs for kind in kinds}
     for fn in kinds.values():  # warm-up
         for _, _, probe in configs:
@@ -162,13 +172,15 @@ def main() -> None:
                 times[(label, kind)].append(fn(probe))
     base = configs[0][0]
     print(f"context {args.context}, {args.threads} threads, k={k}, median of {args.repeats} interleaved; "
-          f"ratios against '{base}'")
+          f"ratios against '{base}'; [fastest call, its ratio]: on a shared machine the least disturbed")
     for label, _, _ in configs:
         cells = []
         for kind in kinds:
             ms = 1000 * statistics.median(times[(label, kind)])
             ratio = ms / (1000 * statistics.median(times[(base, kind)]))
-            cells.append(f"{kind} {ms:7.1f} ms ({ratio:.2f}x)")
+            fastest = min(times[(label, kind)])
+            cells.append(f"{kind} {ms:7.1f} ms ({ratio:.2f}x) "
+                         f"[{1000 * fastest:.1f}, {fastest / min(times[(base, kind)]):.2f}x]")
         print(f"{label:55s} " + "  ".join(cells))
     for n in [int(x) for x in args.prefill.split(",") if x]:
         for label, bundle, _ in configs:
