@@ -213,6 +213,23 @@ def apply_rope(g: Graph, x: str, cos: str, sin: str) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
 
+def rope_by_gather(memo: dict):
+    """An apply_rope computing the same bits in 4 nodes instead of 6: rotate_half(x)*sin as
+    (x with its halves swapped, one Gather) * (sin with its first half negated, once per graph and layer
+    kind, kept in `memo`). (-a)*b and a*(-b) are the same float, so nothing changes but the node count."""
+
+    def rope(g: Graph, x: str, cos: str, sin: str, d: int) -> str:
+        if ("signed sin", sin) not in memo:
+            signs = np.concatenate([-np.ones(d // 2), np.ones(d // 2)]).astype(np.float32)
+            memo[("signed sin", sin)] = g.op("Mul", sin, g.weight(f"rope_signs.{d}", signs))
+        if ("swap", d) not in memo:
+            memo[("swap", d)] = g.const(np.concatenate([np.arange(d // 2, d), np.arange(d // 2)]))
+        swapped = g.op("Gather", x, memo[("swap", d)], axis=-1)
+        return g.op("Add", g.op("Mul", x, cos), g.op("Mul", swapped, memo[("signed sin", sin)]))
+
+    return rope
+
+
 def heads(g: Graph, x: str, n: int, d: int) -> str:
     return g.op("Reshape", x, g.const([1, -1, n, d]))
 
@@ -241,10 +258,14 @@ def kv_names(i: int, step: str = "") -> tuple[str, str, str, str]:
     return f"past_key.{i}", f"past_value.{i}", f"present_key.{i}{step}", f"present_value.{i}{step}"
 
 
-def project_qkv(g, lin, x, w: Weights, layer: LayerPlan, num_heads: int, cos, sin, eps, prefix):
+def project_qkv(g, lin, x, w: Weights, layer: LayerPlan, num_heads: int, cos, sin, eps, prefix, rope=None):
     """Per-head q, k (normed, RoPE applied) and raw v [1, S, heads, d] of one layer; k and v are None for a
-    KV-shared layer. v's scale-free norm is the caller's: its op choice depends on the EP."""
+    KV-shared layer. v's scale-free norm is the caller's: its op choice depends on the EP. rope: a
+    rope_by_gather function, or None for apply_rope."""
     d = layer.head_dim
+    if rope is None:
+        def rope(g, x, cos, sin, d):
+            return apply_rope(g, x, cos, sin)
     fused = _fused(g, lin)
     if fused and not layer.shared:
         parts = [w[f"{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")]
@@ -253,14 +274,14 @@ def project_qkv(g, lin, x, w: Weights, layer: LayerPlan, num_heads: int, cos, si
     else:
         q = lin(x, f"{prefix}.q_proj", w["q_proj.weight"])
     q = heads(g, q, num_heads, d)
-    q = apply_rope(g, rms_norm(g, q, w.array("q_norm.weight"), f"{prefix}.q_norm", eps), cos, sin)
+    q = rope(g, rms_norm(g, q, w.array("q_norm.weight"), f"{prefix}.q_norm", eps), cos, sin, d)
     if layer.shared:
         return q, None, None
     if not fused:
         k = lin(x, f"{prefix}.k_proj", w["k_proj.weight"])
         v = lin(x, f"{prefix}.v_proj", w["v_proj.weight"])
     k = heads(g, k, layer.kv_heads, d)
-    k = apply_rope(g, rms_norm(g, k, w.array("k_norm.weight"), f"{prefix}.k_norm", eps), cos, sin)
+    k = rope(g, rms_norm(g, k, w.array("k_norm.weight"), f"{prefix}.k_norm", eps), cos, sin, d)
     return q, k, heads(g, v, layer.kv_heads, d)
 
 
@@ -268,7 +289,8 @@ def attention_block(g, lin, x, w: Weights, layer: LayerPlan, num_heads: int, win
                     kv_source: dict, step: str = "") -> str:
     """Self-attention of one decoder layer. `kv_source[store]` holds the store layer's new (k, v)."""
     d = layer.head_dim
-    q, k, v = project_qkv(g, lin, x, w, layer, num_heads, cos, sin, eps, prefix)
+    rope = rope_by_gather(kv_source.setdefault("memo", {})) if g.profile.standard_attention else None
+    q, k, v = project_qkv(g, lin, x, w, layer, num_heads, cos, sin, eps, prefix, rope)
     if not layer.shared:
         v = _rms_noscale(g, v, eps)
         kv_source[layer.index] = (g.op("Reshape", k, g.const([1, -1, layer.kv_heads * d])),
