@@ -183,10 +183,13 @@ def main() -> None:
                          f"[{1000 * fastest:.1f}, {fastest / min(times[(base, kind)]):.2f}x]")
         print(f"{label:55s} " + "  ".join(cells))
     for n in [int(x) for x in args.prefill.split(",") if x]:
-        for label, bundle, _ in configs:
-            runs = [prefill_ms(bundle, n, rng) for _ in range(3)]
-            print(f"time to first token, {n}-token prompt, {label}: {statistics.median(runs):.0f} ms "
-                  f"(runs {', '.join(f'{r:.0f}' for r in runs)})")
+        runs = {label: [] for label, _, _ in configs}
+        for _ in range(3):  # interleaved, like the calls above
+            for label, bundle, _ in configs:
+                runs[label].append(prefill_ms(bundle, n, rng))
+        for label, ms in runs.items():
+            print(f"time to first token, {n}-token prompt, {label}: {statistics.median(ms):.0f} ms "
+                  f"(runs {', '.join(f'{r:.0f}' for r in ms)}; {min(ms) / min(runs[base]):.2f}x the first's fastest)")
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 
