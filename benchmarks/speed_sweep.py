@@ -9,7 +9,8 @@
 Every configuration (bundle, policy) is opened once; then, `--repeats` times in turn, each one measures at
 `--context` positions: a one-token target call (decode), a (k+1)-token call (verify), a fused k-step draft
 round, and a "round" (verify then draft round back to back, as the speculative loop alternates the two
-sessions: this is where one session's spinning threads slow the other). Medians over the repeats are
+sessions: this is where one session's spinning threads slow the other); `--kinds chunk` adds a 128-row
+prompt chunk (the most one prefill call writes into E2B's ring buffers). Medians over the repeats are
 printed with their ratio to the first configuration, measured in the same run; `uptime` is printed before
 and after because the machine may be shared.
 
@@ -102,10 +103,11 @@ class Probe:
         self.hidden = hidden[-1]
         self.cache.trim(context)
 
-    def target(self, n: int) -> float:
+    def target(self, n: int, logits: int | None = None) -> float:
+        """One call of n new rows keeping `logits` rows of logits (default n: a verify call; 1: a prompt chunk)."""
         ids = self.rng.integers(4, self.vocab, n)
         t = time.perf_counter()
-        self.bundle.target.forward(self.cache, ids, logits_to_keep=n)
+        self.bundle.target.forward(self.cache, ids, logits_to_keep=logits or n)
         dt = time.perf_counter() - t
         self.cache.trim(self.context)
         return dt
@@ -141,7 +143,8 @@ def main() -> None:
     ap.add_argument("--draft-tokens", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--prefill", default="", help="prompt lengths for time to first token, e.g. 512,2048")
-    ap.add_argument("--kinds", default="decode,verify,draft,round", help="calls to time (a subset of the default)")
+    ap.add_argument("--kinds", default="decode,verify,draft,round",
+                    help="calls to time: decode, verify, draft, round, chunk (a 128-row prompt chunk)")
     args = ap.parse_args()
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     ort.set_default_logger_severity(3)  # overriding edgegen's own spinning entry logs a warning per session
@@ -159,7 +162,8 @@ def main() -> None:
             configs.append((label, b, Probe(b, args.context, args.draft_tokens, rng)))
     k = args.draft_tokens
     kinds = {"decode": lambda p: p.target(1), f"verify{k + 1}": lambda p: p.target(k + 1),
-             f"draft{k}": lambda p: p.draft(), "round": lambda p: p.round()}
+             f"draft{k}": lambda p: p.draft(), "round": lambda p: p.round(),
+             "chunk128": lambda p: p.target(128, logits=1)}
     wanted = args.kinds.split(",")
     kinds = {kind: fn for kind, fn in kinds.items() if kind.rstrip("0123456789") in wanted}
     times = {(label, kind): [] for label, _, _ in configs for kind in kinds}
