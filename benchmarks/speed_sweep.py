@@ -9,7 +9,8 @@
 Every configuration (bundle, policy) is opened once; then, `--repeats` times in turn, each one measures at
 `--context` positions: a one-token target call (decode), a (k+1)-token call (verify), a fused k-step draft
 round, and a "round" (verify then draft round back to back, as the speculative loop alternates the two
-sessions: this is where one session's spinning threads slow the other). Medians over the repeats are
+sessions: this is where one session's spinning threads slow the other); `--kinds chunk` adds a 128-row
+prompt chunk (the most one prefill call writes into E2B's ring buffers). Medians over the repeats are
 printed with their ratio to the first configuration, measured in the same run; `uptime` is printed before
 and after because the machine may be shared.
 
@@ -18,6 +19,8 @@ Policies (runtime/model.py `session_options` sets the one edgegen uses):
 - spin: they spin (onnxruntime's default): fast handoffs, but an idle session's pool keeps spinning while
   the other session runs;
 - spin-stop: they spin during a run and stop when it returns (`session.force_spinning_stop=1`);
+- nospin-dyn4, spin-stop-dyn4: as nospin / spin-stop, with `session.dynamic_block_base=4` (parallel loops
+  handed out in shrinking blocks, so a preempted thread delays a call less);
 - --global-pool: all sessions share one process-wide pool (`set_global_thread_pool_sizes`,
   `use_per_session_threads=False`); set once per process, so it is its own run.
 """
@@ -42,6 +45,11 @@ POLICIES = {
     "nospin": {"session.intra_op.allow_spinning": "0"},
     "spin": {"session.intra_op.allow_spinning": "1"},
     "spin-stop": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
+    # Parallel loops cut into shrinking blocks that threads take in turn (onnxruntime's dynamic block base),
+    # instead of one share per thread: a thread the OS preempts holds up less of each call.
+    "nospin-dyn4": {"session.intra_op.allow_spinning": "0", "session.dynamic_block_base": "4"},
+    "spin-stop-dyn4": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1",
+                       "session.dynamic_block_base": "4"},
 }
 
 
@@ -95,10 +103,11 @@ class Probe:
         self.hidden = hidden[-1]
         self.cache.trim(context)
 
-    def target(self, n: int) -> float:
+    def target(self, n: int, logits: int | None = None) -> float:
+        """One call of n new rows keeping `logits` rows of logits (default n: a verify call; 1: a prompt chunk)."""
         ids = self.rng.integers(4, self.vocab, n)
         t = time.perf_counter()
-        self.bundle.target.forward(self.cache, ids, logits_to_keep=n)
+        self.bundle.target.forward(self.cache, ids, logits_to_keep=logits or n)
         dt = time.perf_counter() - t
         self.cache.trim(self.context)
         return dt
@@ -134,6 +143,8 @@ def main() -> None:
     ap.add_argument("--draft-tokens", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--prefill", default="", help="prompt lengths for time to first token, e.g. 512,2048")
+    ap.add_argument("--kinds", default="decode,verify,draft,round",
+                    help="calls to time: decode, verify, draft, round, chunk (a 128-row prompt chunk)")
     args = ap.parse_args()
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     ort.set_default_logger_severity(3)  # overriding edgegen's own spinning entry logs a warning per session
@@ -151,7 +162,10 @@ def main() -> None:
             configs.append((label, b, Probe(b, args.context, args.draft_tokens, rng)))
     k = args.draft_tokens
     kinds = {"decode": lambda p: p.target(1), f"verify{k + 1}": lambda p: p.target(k + 1),
-             f"draft{k}": lambda p: p.draft(), "round": lambda p: p.round()}
+             f"draft{k}": lambda p: p.draft(), "round": lambda p: p.round(),
+             "chunk128": lambda p: p.target(128, logits=1)}
+    wanted = args.kinds.split(",")
+    kinds = {kind: fn for kind, fn in kinds.items() if kind.rstrip("0123456789") in wanted}
     times = {(label, kind): [] for label, _, _ in configs for kind in kinds}
     for fn in kinds.values():  # warm-up
         for _, _, probe in configs:
@@ -162,19 +176,24 @@ def main() -> None:
                 times[(label, kind)].append(fn(probe))
     base = configs[0][0]
     print(f"context {args.context}, {args.threads} threads, k={k}, median of {args.repeats} interleaved; "
-          f"ratios against '{base}'")
+          f"ratios against '{base}'; [fastest call, its ratio]: on a shared machine the least disturbed")
     for label, _, _ in configs:
         cells = []
         for kind in kinds:
             ms = 1000 * statistics.median(times[(label, kind)])
             ratio = ms / (1000 * statistics.median(times[(base, kind)]))
-            cells.append(f"{kind} {ms:7.1f} ms ({ratio:.2f}x)")
+            fastest = min(times[(label, kind)])
+            cells.append(f"{kind} {ms:7.1f} ms ({ratio:.2f}x) "
+                         f"[{1000 * fastest:.1f}, {fastest / min(times[(base, kind)]):.2f}x]")
         print(f"{label:55s} " + "  ".join(cells))
     for n in [int(x) for x in args.prefill.split(",") if x]:
-        for label, bundle, _ in configs:
-            runs = [prefill_ms(bundle, n, rng) for _ in range(3)]
-            print(f"time to first token, {n}-token prompt, {label}: {statistics.median(runs):.0f} ms "
-                  f"(runs {', '.join(f'{r:.0f}' for r in runs)})")
+        runs = {label: [] for label, _, _ in configs}
+        for _ in range(3):  # interleaved, like the calls above
+            for label, bundle, _ in configs:
+                runs[label].append(prefill_ms(bundle, n, rng))
+        for label, ms in runs.items():
+            print(f"time to first token, {n}-token prompt, {label}: {statistics.median(ms):.0f} ms "
+                  f"(runs {', '.join(f'{r:.0f}' for r in ms)}; {min(ms) / min(runs[base]):.2f}x the first's fastest)")
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 

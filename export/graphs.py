@@ -24,8 +24,8 @@ from onnx import TensorProto
 
 from edgegen.export.onnx_graph import Graph, WeightFile
 from edgegen.export.quantize import Linears, Quant, TiedTable
-from edgegen.export.row_exact import CHUNK, row_exact_scores, window_start
-from edgegen.export.weights import Tensor, Weights
+from edgegen.export.row_exact import CHUNK, key_chunks, row_exact_scores, window_start
+from edgegen.export.weights import StackedRows, Tensor, Weights
 from edgegen.runtime.manifest import (
     DTYPES,
     GUMBEL,
@@ -97,13 +97,17 @@ class Profile:
     # The fp32 graphs are calibrated on the real loop and QDQ-quantized after the build (export/qnn.py), in
     # place of the --quant weight formats.
     qdq: bool = False
+    # Projections of one input as one matmul, split after: q/k/v of a layer that writes K/V, gate/up of the
+    # MLP. Fewer, larger MatMulNBits calls (each wakes the thread pool once); every output column is
+    # computed from the same rows, blocks and kernel as when the projections run apart.
+    fused_projections: bool = False
 
 
 # One profile per execution provider, keyed by runtime/providers.py's EPS (tests/test_ep.py checks they agree).
 PROFILES = {
     # Row-exact standard-op attention on the CPU: a verify row computes the same bits as a decode row, so
     # greedy speculation equals plain decoding (with fp32 or int8-compute weights; export/row_exact.py).
-    "cpu": Profile("cpu", standard_attention=True, row_exact=True, ring_kv=True),
+    "cpu": Profile("cpu", standard_attention=True, row_exact=True, ring_kv=True, fused_projections=True),
     "qnn": Profile("qnn", standard_attention=True, static_shapes=True, qdq=True),
     "webgpu": Profile("webgpu", rope_tables=True, logits_start_input=True, device_ids=True),
     "openvino": Profile("openvino", standard_norm=True, standard_attention=True),
@@ -244,13 +248,42 @@ def apply_rope(g: Graph, x: str, cos: str, sin: str) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))
 
 
+def rope_by_gather(memo: dict):
+    """An apply_rope computing the same bits in 4 nodes instead of 6: rotate_half(x)*sin as
+    (x with its halves swapped, one Gather) * (sin with its first half negated, once per graph and layer
+    kind, kept in `memo`). (-a)*b and a*(-b) are the same float, so nothing changes but the node count."""
+
+    def rope(g: Graph, x: str, cos: str, sin: str, d: int) -> str:
+        if ("signed sin", sin) not in memo:
+            signs = np.concatenate([-np.ones(d // 2), np.ones(d // 2)]).astype(np.float32)
+            memo[("signed sin", sin)] = g.op("Mul", sin, g.weight(f"rope_signs.{d}", signs))
+        if ("swap", d) not in memo:
+            memo[("swap", d)] = g.const(np.concatenate([np.arange(d // 2, d), np.arange(d // 2)]))
+        swapped = g.op("Gather", x, memo[("swap", d)], axis=-1)
+        return g.op("Add", g.op("Mul", x, cos), g.op("Mul", swapped, memo[("signed sin", sin)]))
+
+    return rope
+
+
 def heads(g: Graph, x: str, n: int, d: int) -> str:
     return g.op("Reshape", x, g.const([1, -1, n, d]))
 
 
+def _fused(g: Graph, lin: Linears) -> bool:
+    """Whether this graph's projections of one input run as one matmul (Profile.fused_projections). Block-
+    quantized weights only (MatMulNBits): the QNN graphs share the cpu profile and quantize their fp32
+    MatMuls per tensor afterwards, where one scale over q, k and v would cost accuracy."""
+    return g.profile.fused_projections and lin.quant.kind != "fp32"
+
+
 def mlp(g: Graph, lin: Linears, x: str, w: Weights, prefix: str) -> str:
-    gate = lin(x, f"{prefix}.gate_proj", w["gate_proj.weight"])
-    up = lin(x, f"{prefix}.up_proj", w["up_proj.weight"])
+    if _fused(g, lin):
+        width = w["gate_proj.weight"].shape[0]
+        both = lin(x, f"{prefix}.gate_up_proj", StackedRows([w["gate_proj.weight"], w["up_proj.weight"]]))
+        gate, up = g.op("Split", both, g.const([width, width]), axis=-1, out=2)
+    else:
+        gate = lin(x, f"{prefix}.gate_proj", w["gate_proj.weight"])
+        up = lin(x, f"{prefix}.up_proj", w["up_proj.weight"])
     return lin(g.op("Mul", g.op("Gelu", gate, approximate="tanh"), up), f"{prefix}.down_proj", w["down_proj.weight"])
 
 
@@ -260,24 +293,39 @@ def kv_names(i: int, step: str = "") -> tuple[str, str, str, str]:
     return (*past_kv(i), *present_kv(i, step))
 
 
-def project_qkv(g, lin, x, w: Weights, layer: LayerPlan, num_heads: int, cos, sin, eps, prefix):
+def project_qkv(g, lin, x, w: Weights, layer: LayerPlan, num_heads: int, cos, sin, eps, prefix, rope=None):
     """Per-head q, k (normed, RoPE applied) and raw v [1, S, heads, d] of one layer; k and v are None for a
-    KV-shared layer. v's scale-free norm is the caller's: its op choice depends on the EP."""
+    KV-shared layer. v's scale-free norm is the caller's: its op choice depends on the EP. rope: a
+    rope_by_gather function, or None for apply_rope."""
     d = layer.head_dim
-    q = heads(g, lin(x, f"{prefix}.q_proj", w["q_proj.weight"]), num_heads, d)
-    q = apply_rope(g, rms_norm(g, q, w.array("q_norm.weight"), f"{prefix}.q_norm", eps), cos, sin)
+    if rope is None:
+        def rope(g, x, cos, sin, d):
+            return apply_rope(g, x, cos, sin)
+    fused = _fused(g, lin)
+    if fused and not layer.shared:
+        parts = [w[f"{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")]
+        qkv = lin(x, f"{prefix}.qkv_proj", StackedRows(parts))
+        q, k, v = g.op("Split", qkv, g.const([p.shape[0] for p in parts]), axis=-1, out=3)
+    else:
+        q = lin(x, f"{prefix}.q_proj", w["q_proj.weight"])
+    q = heads(g, q, num_heads, d)
+    q = rope(g, rms_norm(g, q, w.array("q_norm.weight"), f"{prefix}.q_norm", eps), cos, sin, d)
     if layer.shared:
         return q, None, None
-    k = heads(g, lin(x, f"{prefix}.k_proj", w["k_proj.weight"]), layer.kv_heads, d)
-    k = apply_rope(g, rms_norm(g, k, w.array("k_norm.weight"), f"{prefix}.k_norm", eps), cos, sin)
-    return q, k, heads(g, lin(x, f"{prefix}.v_proj", w["v_proj.weight"]), layer.kv_heads, d)
+    if not fused:
+        k = lin(x, f"{prefix}.k_proj", w["k_proj.weight"])
+        v = lin(x, f"{prefix}.v_proj", w["v_proj.weight"])
+    k = heads(g, k, layer.kv_heads, d)
+    k = rope(g, rms_norm(g, k, w.array("k_norm.weight"), f"{prefix}.k_norm", eps), cos, sin, d)
+    return q, k, heads(g, v, layer.kv_heads, d)
 
 
 def attention_block(g, lin, x, w: Weights, layer: LayerPlan, num_heads: int, window: int, cos, sin, eps, prefix,
                     kv_source: dict, step: str = "") -> str:
     """Self-attention of one decoder layer. `kv_source[store]` holds the store layer's new (k, v)."""
     d = layer.head_dim
-    q, k, v = project_qkv(g, lin, x, w, layer, num_heads, cos, sin, eps, prefix)
+    rope = rope_by_gather(kv_source.setdefault("memo", {})) if g.profile.standard_attention else None
+    q, k, v = project_qkv(g, lin, x, w, layer, num_heads, cos, sin, eps, prefix, rope)
     if not layer.shared:
         v = _rms_noscale(g, v, eps)
         kv_source[layer.index] = (g.op("Reshape", k, g.const([1, -1, layer.kv_heads * d])),
@@ -286,59 +334,86 @@ def attention_block(g, lin, x, w: Weights, layer: LayerPlan, num_heads: int, win
     _, _, pres_k, pres_v = kv_names(layer.index, step)
     if g.profile.standard_attention:
         if not layer.shared:  # write the S new rows in place; shared layers and the drafter read the result
-            kv_source[layer.index] = tuple(_scatter_rows(g, buf, new, out, layer)
+            memo = kv_source.setdefault("memo", {})
+            kv_source[layer.index] = tuple(_scatter_rows(g, buf, new, out, layer, memo)
                                            for buf, new, out in ((past_k, k, pres_k), (past_v, v, pres_v)))
-        out = _standard_attention(g, q, *kv_source[layer.store], layer, num_heads, window, kv_source["mask_positions"])
+        out = _standard_attention(g, q, *kv_source[layer.store], layer, num_heads, window, kv_source["mask_positions"],
+                                  kv_source.setdefault("memo", {}))
         return lin(out, f"{prefix}.o_proj", w["o_proj.weight"])
     k_new, v_new = kv_source[layer.store]
     q = g.op("Reshape", q, g.const([1, -1, num_heads * d]))
-    out = g.op("GroupQueryAttention", q, k_new, v_new, past_k, past_v, "seqlens_k", "total_sequence_length",
+    out = g.op("GroupQueryAttention", q, k_new, v_new, past_k, past_v, SEQLENS_K, TOTAL_SEQUENCE_LENGTH,
                domain="com.microsoft", out=[f"attn.{layer.index}{step}", pres_k, pres_v], num_heads=num_heads,
                kv_num_heads=layer.kv_heads, scale=1.0,
                local_window_size=window if layer.kind == "sliding_attention" else -1)[0]
     return lin(out, f"{prefix}.o_proj", w["o_proj.weight"])
 
 
-def _scatter_rows(g: Graph, buffer: str, new: str, out: str, layer: LayerPlan) -> str:
+def _scatter_rows(g: Graph, buffer: str, new: str, out: str, layer: LayerPlan, memo: dict | None = None) -> str:
     """buffer [1, kv, rows, d] with the rows of position_ids (ring: slots position mod R) replaced by
-    new [1, S, kv, d] (cast to the buffer's dtype); output `out`."""
+    new [1, S, kv, d] (cast to the buffer's dtype); output `out`. memo: as in _standard_attention; the
+    scatter index is built once per buffer shape (K and V, and every layer of a kind, share it)."""
+    memo = {} if memo is None else memo
     rows = g.op("Transpose", new, perm=[0, 2, 1, 3])  # [1, kv, S, d]
     if g.profile.kv_fp16:
         rows = g.op("Cast", rows, to=F16)
-    slots = g.op("Mod", "position_ids", g.const([layer.ring])) if layer.ring else "position_ids"
-    index = g.op("Expand", g.op("Reshape", slots, g.const([1, 1, -1, 1])), g.op("Shape", rows))
-    return g.op("ScatterElements", buffer, index, rows, axis=2, out=out)
+    key = ("scatter index", layer.ring, layer.kv_heads, layer.head_dim)
+    if key not in memo:
+        slots = g.op("Mod", POSITION_IDS, g.const([layer.ring])) if layer.ring else POSITION_IDS
+        memo[key] = g.op("Expand", g.op("Reshape", slots, g.const([1, 1, -1, 1])), g.op("Shape", rows))
+    return g.op("ScatterElements", buffer, memo[key], rows, axis=2, out=out)
 
 
 def _standard_attention(g: Graph, q: str, keys: str, values: str, layer: LayerPlan, num_heads: int, window: int,
-                        query_positions: str) -> str:
+                        query_positions: str, memo: dict | None = None) -> str:
     """GroupQueryAttention's result from standard ops. q [1, S, H, d]; keys/values are whole buffers
     [1, kv, max_ctx, d], of which the first total_sequence_length rows are valid, or rings [1, kv, R, d]
     (layer.ring) whose slot s holds the newest position = s mod R below total_sequence_length. Query i sits
     at query_positions[i]: it sees keys j <= that position (sliding layers: the last `window` of them).
-    Query head h reads K/V head h // (H / kv), scale 1 (Gemma 4 normalizes q and k instead)."""
+    Query head h reads K/V head h // (H / kv), scale 1 (Gemma 4 normalizes q and k instead).
+    memo: values this graph computes once and every layer reuses (the graph's kv_source["memo"]): the masks
+    of each layer kind, and each store buffer's keys and values as attention reads them (KV-shared layers read
+    their store's; a draft round's steps read the same buffers); each is built where it is first needed."""
+    memo = {} if memo is None else memo
+
+    def once(key, build):
+        if key not in memo:
+            memo[key] = build()
+        return memo[key]
+
     d, kv = layer.head_dim, layer.kv_heads
     group = num_heads // kv
-    total = g.op("Reshape", g.op("Cast", "total_sequence_length", to=I64), g.const([1]))
+    total = once("total", lambda: g.op("Reshape", g.op("Cast", TOTAL_SEQUENCE_LENGTH, to=I64), g.const([1])))
     sliding = window if layer.kind == "sliding_attention" else 0
     first = None
-    if not layer.ring:  # a ring is read whole: R keys in every call, so decode and verify block alike
+    if not layer.ring and g.profile.row_exact and sliding:
         # Keys before `first` are masked for every query: row_exact sliding layers skip them (a 128-aligned start).
-        first = window_start(g, query_positions, sliding) if g.profile.row_exact and sliding else None
-        keys, values = (g.op("Slice", t, first or g.const([0]), total, g.const([2])) for t in (keys, values))
-    if g.profile.kv_fp16:  # after the Slice: only the rows attended to are converted
-        keys, values = (g.op("Cast", t, to=F32) for t in (keys, values))
-    # [1, kv, 1, T, d]: the group axis broadcasts against the query heads that share each K/V head.
-    keys, values = (g.op("Unsqueeze", t, g.const([2])) for t in (keys, values))
+        first = once(("first", query_positions, sliding), lambda: window_start(g, query_positions, sliding))
+
+    def read(buffer):
+        """[1, kv, 1, T, d] float32: the buffer's rows this call attends to (a ring is read whole: R keys in
+        every call, so decode and verify block alike)."""
+        if not layer.ring:
+            buffer = g.op("Slice", buffer, first or g.const([0]), total, g.const([2]))
+        if g.profile.kv_fp16:  # after the Slice: only the rows attended to are converted
+            buffer = g.op("Cast", buffer, to=F32)
+        # The group axis broadcasts against the query heads that share each K/V head.
+        return g.op("Unsqueeze", buffer, g.const([2]))
+
+    keys = once(("read", keys, first), lambda: read(keys))
+    values = once(("read", values, first), lambda: read(values))
     q = g.op("Transpose", g.op("Reshape", q, g.const([1, -1, kv, group, d])), perm=[0, 2, 3, 1, 4])  # [1,kv,g,S,d]
     if g.profile.row_exact:  # the same bits for a query row whatever the call's other rows (export/row_exact.py)
-        scores = row_exact_scores(g, q, keys, d)
+        scores = row_exact_scores(g, q, once(("chunks", keys), lambda: key_chunks(g, keys, d)))
     else:
-        scores = g.op("MatMul", q, g.op("Transpose", keys, perm=[0, 1, 2, 4, 3]))  # [1, kv, group, S, T]
+        keys_t = once(("transposed", keys), lambda: g.op("Transpose", keys, perm=[0, 1, 2, 4, 3]))
+        scores = g.op("MatMul", q, keys_t)  # [1, kv, group, S, T]
     if layer.ring:
-        mask = _ring_mask(g, query_positions, total, sliding, layer.ring)
+        mask = once(("ring mask", query_positions, sliding, layer.ring),
+                    lambda: _ring_mask(g, query_positions, total, sliding, layer.ring))
     else:
-        mask = _attention_mask(g, query_positions, total, sliding, first)
+        mask = once(("mask", query_positions, sliding, first),
+                    lambda: _attention_mask(g, query_positions, total, sliding, first))
     probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
     out = g.op("Transpose", g.op("MatMul", probs, values), perm=[0, 3, 1, 2, 4])  # [1, S, kv, group, d]
     return g.op("Reshape", out, g.const([1, -1, num_heads * d]))

@@ -17,21 +17,31 @@ from edgegen.export.onnx_graph import Graph
 CHUNK = 128  # no wider than MLAS's smallest K block: one chunk's dot product is never split
 
 
-def row_exact_scores(g: Graph, q: str, keys: str, head_dim: int) -> str:
-    """q [1, kv, group, S, d] . keys [1, kv, 1, T, d]^T -> scores [1, kv, group, S, T], row-exact.
+def key_chunks(g: Graph, keys: str, head_dim: int) -> list[str]:
+    """keys [1, kv, 1, T, d] -> its head-dim chunks of CHUNK, transposed [1, kv, 1, c, T], for row_exact_scores.
+    Computed once per buffer: every layer that reads the buffer (KV-shared layers) uses the same chunks."""
+    chunks = []
+    for c in range(0, head_dim, CHUNK):
+        part = keys if head_dim <= CHUNK else g.op("Slice", keys, g.const([c]), g.const([min(c + CHUNK, head_dim)]),
+                                                    g.const([-1]))
+        chunks.append(g.op("Transpose", part, perm=[0, 1, 2, 4, 3]))
+    return chunks
+
+
+def row_exact_scores(g: Graph, q: str, chunks: list[str]) -> str:
+    """q [1, kv, group, S, d] . keys^T -> scores [1, kv, group, S, T], row-exact; `chunks`: key_chunks(keys).
 
     MLAS's SGEMM splits the inner dimension into blocks whose size it picks from the output width (here
     T, the number of keys, or a thread's share of it), and sums each block separately: one MatMul over
     d = 256 or 512 rounds a score differently at T = 29 than at T = 33. Dot products of 128 never split,
     and the partial scores are added here, elementwise, always in the same order.
     """
-    if head_dim <= CHUNK:
-        return g.op("MatMul", q, g.op("Transpose", keys, perm=[0, 1, 2, 4, 3]))
+    if len(chunks) == 1:
+        return g.op("MatMul", q, chunks[0])
     total = None
-    for c in range(0, head_dim, CHUNK):
-        start, end, axis = g.const([c]), g.const([min(c + CHUNK, head_dim)]), g.const([-1])
-        part = g.op("MatMul", g.op("Slice", q, start, end, axis),
-                    g.op("Transpose", g.op("Slice", keys, start, end, axis), perm=[0, 1, 2, 4, 3]))
+    for i, keys_t in enumerate(chunks):
+        start, end, axis = g.const([i * CHUNK]), g.const([(i + 1) * CHUNK]), g.const([-1])
+        part = g.op("MatMul", g.op("Slice", q, start, end, axis), keys_t)
         total = part if total is None else g.op("Add", total, part)
     return total
 

@@ -210,3 +210,33 @@ def to_bfloat16(x: np.ndarray) -> np.ndarray:
     """float32 -> bf16 bits (uint16), round to nearest even."""
     bits = np.asarray(x, np.float32).view(np.uint32)
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+class StackedRows:
+    """Several lazy tensors of the same width read as one, their rows one after another (q/k/v or gate/up
+    projections exported as one matmul): rows by slicing, `.numpy()` for the whole, in float32."""
+
+    def __init__(self, parts: list):
+        widths = {tuple(p.shape[1:]) for p in parts}
+        if len(widths) != 1:
+            raise ValueError(f"stacked tensors differ in width: {sorted(widths)}")
+        self.parts = parts
+        self.shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("row slices must be contiguous")
+        out, offset = [], 0
+        for p in self.parts:
+            lo, hi = max(start, offset), min(stop, offset + p.shape[0])
+            if lo < hi:
+                out.append(np.asarray(p[lo - offset : hi - offset], np.float32))
+            offset += p.shape[0]
+        return np.concatenate(out) if out else np.empty((0, *self.shape[1:]), np.float32)
+
+    def numpy(self) -> np.ndarray:
+        return self[:]
+
+    def block_rows(self) -> int:
+        return min(p.block_rows() if hasattr(p, "block_rows") else max(1, p.shape[0]) for p in self.parts)
