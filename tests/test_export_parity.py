@@ -24,6 +24,7 @@ from edgegen.export.loading import Pair, load_pair
 from edgegen.export.quantize import Quant
 from edgegen.export.verify import rounded_copy
 from edgegen.runtime.generate import Generator
+from edgegen.runtime.manifest import past_kv
 from edgegen.runtime.model import Bundle
 
 # fp32 bundles: the bound is NOISE_FACTOR times PyTorch's own fp32 rounding error on the same computation
@@ -117,7 +118,7 @@ def _assistant_diffs(bundle: Bundle, target: torch.nn.Module, assistant: torch.n
     stores = bundle.manifest.model.store_layers
     cache = bundle.new_cache()
     for kind, (k, v) in ref.shared_kv_states.items():
-        for name, t in ((f"past_key.{stores[kind]}", k), (f"past_value.{stores[kind]}", v)):
+        for name, t in zip(past_kv(stores[kind]), (k, v), strict=True):
             cache.write(name, t[:, :, :p].numpy())
     cache.length = p
     first = {"sliding_attention": max(0, p - window), "full_attention": 0}

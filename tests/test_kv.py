@@ -12,30 +12,32 @@ from edgegen.export.bundle import ExportOptions, export_bundle
 from edgegen.runtime import model as runtime_model
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.kv import KVCache, cache_bytes
-from edgegen.runtime.manifest import KVBuffer
+from edgegen.runtime.manifest import KVBuffer, past_kv
 from edgegen.runtime.model import Bundle
 
 WINDOW, RING, CONTEXT = 16, 256, 1024
-BUFFERS = [KVBuffer("past_key.0", 0, "sliding_attention", 1, 32, RING, "float16"),
-           KVBuffer("past_key.4", 4, "full_attention", 1, 64, "max_context", "float16")]
+K0, V0 = past_kv(0)
+K4 = past_kv(4)[0]
+BUFFERS = [KVBuffer(K0, 0, "sliding_attention", 1, 32, RING, "float16"),
+           KVBuffer(K4, 4, "full_attention", 1, 64, "max_context", "float16")]
 
 
 def test_buffers_are_allocated_from_the_manifest_lengths_and_dtype() -> None:
     cache = KVCache(BUFFERS, CONTEXT, WINDOW)
-    assert cache.arrays["past_value.0"].shape == (1, 1, RING, 32)
-    assert cache.arrays["past_key.4"].shape == (1, 1, CONTEXT, 64)
+    assert cache.arrays[V0].shape == (1, 1, RING, 32)
+    assert cache.arrays[K4].shape == (1, 1, CONTEXT, 64)
     assert {a.dtype for a in cache.arrays.values()} == {np.dtype(np.float16)}
     assert cache.nbytes == cache_bytes(BUFFERS, CONTEXT) == 2 * 2 * (RING * 32 + CONTEXT * 64)
     assert cache.max_rows == RING - WINDOW
     # The OrtValues the graphs are bound to are the arrays' memory.
-    assert cache.values["past_key.0"].data_ptr() == cache.arrays["past_key.0"].ctypes.data
+    assert cache.values[K0].data_ptr() == cache.arrays[K0].ctypes.data
 
 
 def test_write_puts_positions_at_their_slots() -> None:
     cache = KVCache(BUFFERS, CONTEXT, WINDOW)
     rows = np.arange(600, dtype=np.float32).reshape(1, 1, 600, 1) * np.ones((1, 1, 1, 32), np.float32)
-    cache.write("past_key.0", rows)
-    ring = cache.arrays["past_key.0"][0, 0, :, 0]
+    cache.write(K0, rows)
+    ring = cache.arrays[K0][0, 0, :, 0]
     assert [ring[p % RING] for p in (344, 500, 599)] == [344, 500, 599]  # the last RING positions
     assert cache.written == 600
 
