@@ -30,22 +30,14 @@ import numpy as np
 
 
 def profiled_bundle(path: Path, threads: int, prefix: str):
-    """A Bundle whose target session writes an onnxruntime profile (edgegen's own session options + profiling)."""
-    from edgegen.runtime import model
+    """A Bundle whose sessions write onnxruntime profiles (edgegen's own session options + profiling)."""
+    from speed_sweep import bundle_with
 
-    base = model.session_options
-
-    def options(t):
-        so = base(t)
+    def tweak(so):
         so.enable_profiling = True
         so.profile_file_prefix = prefix
-        return so
 
-    model.session_options = options
-    try:
-        return model.Bundle(path, threads=threads, hashes="never")
-    finally:
-        model.session_options = base
+    return bundle_with(path, threads, tweak)
 
 
 def fill(bundle, cache, context: int, rng) -> None:

@@ -69,18 +69,15 @@ def slice_bundle(compute: str, block: int, max_context: int = 4160) -> Path:
     return out
 
 
-def open_bundle(path: Path, threads: int, policy: str, global_pool: bool):
-    """A Bundle whose sessions carry `policy` (edgegen's own session_options, entries overridden)."""
+def bundle_with(path: Path, threads: int, tweak):
+    """A Bundle whose sessions are opened with edgegen's own session options, then `tweak(options)`."""
     from edgegen.runtime import model
 
     base = model.session_options
 
     def options(t):
         so = base(t)
-        for key, value in POLICIES[policy].items():
-            so.add_session_config_entry(key, value)
-        if global_pool:
-            so.use_per_session_threads = False
+        tweak(so)
         return so
 
     model.session_options = options
@@ -88,6 +85,18 @@ def open_bundle(path: Path, threads: int, policy: str, global_pool: bool):
         return model.Bundle(path, threads=threads, hashes="never")
     finally:
         model.session_options = base
+
+
+def open_bundle(path: Path, threads: int, policy: str, global_pool: bool):
+    """A Bundle whose sessions carry `policy` (session config entries overridden)."""
+
+    def tweak(so):
+        for key, value in POLICIES[policy].items():
+            so.add_session_config_entry(key, value)
+        if global_pool:
+            so.use_per_session_threads = False
+
+    return bundle_with(path, threads, tweak)
 
 
 class Probe:
