@@ -17,6 +17,7 @@ Assistant step graph: every layer is KV-shared and cross-attends to the target's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -586,7 +587,9 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
     each feeding its token and projected hidden state to the next; the token is
     argmax(logits * inv_temperature + gumbel[i]) (zeros for greedy, Gumbel noise for sampling), so a
     whole round costs one session call. It reads the same weight bytes as `assistant` (`data`).
-    Static shapes (qnn): one step over buffers of max_context rows, positions and masks from the host.
+    Static shapes (qnn): steps over buffers of max_context rows, positions and masks from the host (the same
+    for every step of a round: all sit at one position); draft_round takes the noise already scaled by the
+    temperature (no inv_temperature input).
     """
     cfg = config.get_text_config()
     layers = assistant_plan(cfg, target_plan)
@@ -604,6 +607,7 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
     target_table = TiedTable(g, target_quant, "target_embed_tokens" if static else "embed_tokens",
                              target_w["embed_tokens.weight"], shared=not static)
     own_head = "lm_head.weight" if "lm_head.weight" in aw else "model.embed_tokens.weight"  # tied by default
+    # static: the head's table is added at the first head, after the layers' weights in the graph's file
     own = None if static else TiedTable(g, quant, "lm_head", aw[own_head])
     if static:
         rope, attention = _host_rope(layers), StaticAttention(1, max_context, [])
@@ -611,14 +615,14 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
         rope = {kind: rope_tables(g, POSITION_IDS, freq, f"assistant.{kind}", max_context)
                 for kind, freq in inv_freqs(cfg).items()}
         attention = attention_block
-    drafter = _Drafter(g, lin, aw, config, layers, rope, _assistant_kv_source(g, stores), attention, own)
+    drafter = _Drafter(g, lin, aw, config, layers, rope, _assistant_kv_source(g, stores), attention, own,
+                       lambda: TiedTable(g, quant, "lm_head", aw[own_head]))
 
     embed_scale = TextScales.of(target_cfg).embed
     if steps is None:
         h, hidden = drafter.step(target_table.rows(tok, embed_scale), hidden, "")
-        if static:  # (the head's table comes after the layers' weights in the graph's file)
+        if static:
             _output(g, hidden, PROJECTED_HIDDEN, [1, 1, target_plan.hidden])
-            drafter.own = TiedTable(g, quant, "lm_head", aw[own_head])
             _output(g, drafter.head(h), LOGITS, [1, 1, vocab])
             return g, layers
         logits = drafter.head(h)
@@ -631,7 +635,10 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
         h, hidden = drafter.step(target_table.rows(tok, embed_scale), hidden, draft_step(i))
         logits = drafter.head(h)
         noise = g.op("Gather", gumbel, g.const([i]), axis=0)  # [1, V]
-        scored = g.op("Add", g.op("Mul", g.op("Reshape", logits, g.const([1, vocab])), inv_t), noise)
+        flat = g.op("Reshape", logits, g.const([1, vocab]))
+        # static (qnn): the host scales the noise by the temperature instead (argmax(l/T + g) = argmax(l + T*g)),
+        # so no activation range depends on the temperature the user picks
+        scored = g.op("Add", flat if static else g.op("Mul", flat, inv_t), noise)
         tok = g.op("ArgMax", scored, axis=-1, keepdims=1)  # [1, 1]
         tokens.append(g.op("Unsqueeze", scored, g.const([0])) if profile.device_ids else tok)
         all_logits.append(g.op("Reshape", logits, g.const([1, vocab])))
@@ -657,6 +664,7 @@ class _Drafter:
     kv_source: dict
     attention: object  # attention_block or StaticAttention
     own: TiedTable | None
+    make_own: Callable[[], TiedTable]  # the head's table, when `own` is not made yet
 
     def step(self, emb: str, hidden: str, suffix: str) -> tuple[str, str]:
         """(normed hidden state, projected hidden state) of one draft step from the token's embedding."""
@@ -674,6 +682,8 @@ class _Drafter:
     def head(self, h: str) -> str:
         """Logits [1, 1, V]: the centroid head, or the lm_head (static shapes: as a Gemm)."""
         vocab = self.config.get_text_config().vocab_size
+        if self.own is None:
+            self.own = self.make_own()
         if self.config.use_ordered_embeddings:
             return centroid_logits(self.g, self.lin, self.own, h, self.aw.sub("masked_embedding"), self.config, vocab)
         if self.g.profile.static_shapes:
@@ -693,7 +703,8 @@ def _assistant_inputs(g: Graph, layers: list[LayerPlan], hidden_size: int, vocab
         _common_inputs(g)
     if steps is None:
         return tok, hidden, None, None
-    return tok, hidden, _input(g, INV_TEMPERATURE, []), _input(g, GUMBEL, [steps, vocab])
+    inv_t = None if g.profile.static_shapes else _input(g, INV_TEMPERATURE, [])
+    return tok, hidden, inv_t, _input(g, GUMBEL, [steps, vocab])
 
 
 def _assistant_kv_source(g: Graph, stores: list[LayerPlan]) -> dict:

@@ -34,6 +34,8 @@ CALIBRATION_PROMPTS = (
     "for i in range(10):\n    if i % 2 == 0:\n",
 )
 CALIBRATION_NEW_TOKENS = 24
+CALIBRATION_SAMPLING = 1.0  # temperature of one more pass: the fused round's noise input gets its real range
+GRAPHS = ("target", "assistant", "draft_round")
 MAX_SAMPLES = 96  # recorded calls per graph used for calibration (each holds a copy of the K/V buffers)
 QDQ = {"kind": "qdq", "activations": "uint16", "weights": "int8 symmetric per tensor"}
 MIN_QDQ_TOP1 = 0.9  # teacher-forced top-1 agreement of the QDQ target with its fp32 graph
@@ -93,13 +95,16 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
     shared = WeightFile(staging / "unused_shared.weights")  # a static graph stores its tables itself
     tgraph, plan, ple_table = build_target_graph(pair.weights, cfg, fp32, staging, shared, pair.lm_head, profile,
                                                  max_context, rows=rows)
-    agraph, _ = build_assistant_graph(pair.assistant_weights, pair.assistant.config, pair.weights, cfg, plan, fp32,
-                                      fp32, staging, shared, profile=profile, max_context=max_context)
-    for g in (tgraph, agraph):
+    graphs = [tgraph]
+    for steps in (None, rows - 1):  # the single step, and the fused round of k = S - 1 steps
+        graphs.append(build_assistant_graph(pair.assistant_weights, pair.assistant.config, pair.weights, cfg, plan,
+                                            fp32, fp32, staging, shared, steps=steps, profile=profile,
+                                            max_context=max_context)[0])
+    for g in graphs:
         g.save(staging)
         g.data.close()
     shared.close()
-    del tgraph, agraph
+    del tgraph, graphs
 
     stage("write")
     ple = contents.write_ple(tmp, ple_table, cfg.num_hidden_layers, Quant("fp32")) if ple_table is not None else None
@@ -115,14 +120,14 @@ def export_static(pair, opts, tmp: Path, max_context: int, stage) -> Manifest:
                 "inv_freq": host_inv_freqs(cfg, pair.assistant.config.get_text_config())},
     )
     contents.check_tokenizer(tmp, cfg.vocab_size)
-    for name in ("target", "assistant"):
+    for name in GRAPHS:
         manifest.graphs[name] = contents.graph_spec(staging / f"{name}.onnx", {}, {"kind": "fp32"})
     _link_host_files(tmp, staging, manifest)
     contents.record_files(staging, manifest)  # the runtime checks sizes and hashes of what it loads
 
     calls, kv_ranges, report = _calibrate(staging, pair, manifest)
     stage("verify")
-    for name in ("target", "assistant"):
+    for name in GRAPHS:
         _quantize(staging / f"{name}.onnx", tmp / f"{name}.onnx", _subsample(calls[name]), kv_ranges)
         manifest.static.setdefault("quantized_io", {})[name] = quantized_io(tmp / f"{name}.onnx")
         manifest.graphs[name] = contents.graph_spec(tmp / f"{name}.onnx", {}, QDQ)
@@ -172,21 +177,33 @@ def _calibrate(staging: Path, pair, manifest: Manifest) -> tuple[dict[str, list[
     import torch
 
     from edgegen.runtime.generate import Generator
+    from edgegen.runtime.sampling import Sampling
 
     gen = Generator(staging, draft_tokens=manifest.static["query_rows"] - 1)
-    target, assistant = _Recorder(gen.bundle.target), _Recorder(gen.bundle.assistant)
+    bundle = gen.bundle
+    recorders = {name: _Recorder(getattr(bundle, name)) for name in GRAPHS}
     prompts = _prompts(staging, manifest.model.vocab_size)
+    # Greedy and sampled drafting run in the fused round; the single step (top-k/top-p sampling) is recorded
+    # on the greedy prompts with the round set aside.
     for ids in prompts:
         gen.reset()
         gen.generate(ids, max_new_tokens=CALIBRATION_NEW_TOKENS)
+    gen.reset()
+    gen.generate(prompts[0], CALIBRATION_NEW_TOKENS, sampling=Sampling(temperature=CALIBRATION_SAMPLING, seed=0))
+    fused, bundle.draft_round = bundle.draft_round, None
+    for ids in prompts:
+        gen.reset()
+        gen.generate(ids, max_new_tokens=CALIBRATION_NEW_TOKENS)
+    bundle.draft_round = fused
+    target = recorders["target"]
     # The static fp32 target against PyTorch, teacher-forced in chunks of S rows (with a padded last one)
     # over built-in text that runs past the sliding window.
     from edgegen.export.verify import prompt_ids
 
     m = manifest.model
     ids = prompt_ids(staging, m.vocab_size, min(m.sliding_window + 38, m.max_context - 1))
-    target.stop()
-    assistant.stop()
+    for recorder in recorders.values():
+        recorder.stop()
     cache, rows = gen.bundle.new_cache(), gen.bundle.target.rows
     got = np.concatenate([gen.bundle.target.forward(cache, ids[a:a + rows], logits_to_keep=len(ids[a:a + rows]))[0]
                           for a in range(0, len(ids), rows)])
@@ -195,10 +212,10 @@ def _calibrate(staging: Path, pair, manifest: Manifest) -> tuple[dict[str, list[
     err = float(np.abs(got - ref).max())
     report = {"fp32_static_vs_pytorch": {"max_abs_logit_error": err, "positions": len(ids),
                                           "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean())},
-              "calibration": {"prompts": len(prompts), "target_calls": len(target.calls),
-                              "assistant_calls": len(assistant.calls)},
+              "calibration": {"prompts": len(prompts),
+                              **{f"{name}_calls": len(r.calls) for name, r in recorders.items()}},
               "checks": {"fp32_static_vs_pytorch": {"value": err, "tolerance": FP32_ATOL, "passed": err <= FP32_ATOL}}}
-    return {"target": target.calls, "assistant": assistant.calls}, target.kv_ranges, report
+    return {name: r.calls for name, r in recorders.items()}, target.kv_ranges, report
 
 
 def _quantize(src: Path, dst: Path, calls: list[dict], kv_ranges: dict[str, tuple[float, float]]) -> None:
@@ -342,7 +359,7 @@ def compile_context_binaries(bundle: Path, soc_model: str) -> dict[str, str]:
 
     graphs = load_manifest(bundle).graphs
     out = {}
-    for name in ("target", "assistant"):
+    for name in GRAPHS:
         ctx = bundle / f"{name}_ctx.onnx"
         session = open_session(bundle, graphs[name], None, "qnn", options={"soc_model": str(soc_model)},
                                config={"ep.context_enable": "1", "ep.context_file_path": str(ctx),

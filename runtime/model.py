@@ -240,11 +240,17 @@ class DraftRound(GraphSession):
         k = self.steps if k is None else k
         if not 0 < k <= self.steps:
             raise ValueError(f"a round of {k} drafts does not fit the fused round's {self.steps} steps")
+        out = self._call(cache, token, hidden, inv_temperature,
+                         self._zeros if gumbel is None else gumbel.astype(np.float32, copy=False))
+        return [int(t) for t in out[names.TOKENS].reshape(-1)[:k]], out[names.LOGITS][:k]
+
+    def _call(self, cache: KVCache, token: int, hidden: np.ndarray, inv_temperature: float,
+              gumbel: np.ndarray) -> dict[str, np.ndarray]:
+        """The round's one session call (the qnn profile feeds it from the host: runtime/qnn.py)."""
         feeds = _draft_feeds(cache, token, hidden)
         feeds[names.INV_TEMPERATURE] = np.array(inv_temperature, dtype=np.float32)
-        feeds[names.GUMBEL] = self._zeros if gumbel is None else gumbel.astype(np.float32, copy=False)
-        out = self.run(feeds, cache)
-        return [int(t) for t in out[names.TOKENS].reshape(-1)[:k]], out[names.LOGITS][:k]
+        feeds[names.GUMBEL] = gumbel
+        return self.run(feeds, cache)
 
 
 class Bundle:
@@ -275,8 +281,8 @@ class Bundle:
         if m.ep_profile == "qnn":  # static shapes, host-side K/V (runtime/qnn.py)
             from edgegen.runtime.qnn import open_qnn
 
-            self.target, self._assistant = open_qnn(m, self.ep, ple, session)
-            self._open_assistant = self.draft_round = None
+            self.target, self._assistant, self.draft_round = open_qnn(m, self.ep, ple, session)
+            self._open_assistant = None
             return
 
         self.target = Target(session(m.graphs["target"]), m.graphs["target"], ple,

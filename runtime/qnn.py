@@ -25,6 +25,7 @@ import onnxruntime as ort
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.kv import KVCache
 from edgegen.runtime.manifest import (
+    GUMBEL,
     HIDDEN,
     INPUT_IDS,
     LAST_HIDDEN,
@@ -41,7 +42,7 @@ from edgegen.runtime.manifest import (
     rope_inputs,
     value_buffer,
 )
-from edgegen.runtime.model import Assistant, GraphSession, Target
+from edgegen.runtime.model import Assistant, DraftRound, GraphSession, Target
 
 PAD_ID = 0
 
@@ -163,19 +164,29 @@ class HostWork:
     """What the host does around one qnn-profile graph: RoPE rows and masks for the call's positions, and
     the boundary quantization of the IO the graph takes or gives quantized (see export/qnn.py)."""
 
-    def __init__(self, spec: GraphSpec, manifest: Manifest, tag: str):
+    def __init__(self, spec: GraphSpec, manifest: Manifest, graph: str, tag: str):
+        """graph: its name in the manifest; tag: whose RoPE frequencies it uses (target or assistant)."""
         m = manifest.model
         self.window, self.max_context = m.sliding_window, m.max_context
         self.mask_value = float(manifest.static.get("mask_value", -100.0))
         self.kinds = _graph_kinds(spec)
         self.rope = Rope(manifest.static["inv_freq"], tag)
-        self.quantized = encodings(manifest, tag)
+        self.quantized = encodings(manifest, graph)
 
     def position_feeds(self, past: int, query_pos: np.ndarray, rope_pos: np.ndarray, new_rows: int) -> dict:
         feeds = self.rope.feeds(rope_pos, self.kinds)
         for kind in self.kinds:
             feeds[mask_input(kind)] = attention_mask(kind == "sliding_attention", self.window, past, query_pos,
                                                      self.max_context, new_rows, self.mask_value)
+        return feeds
+
+    def draft_feeds(self, cache: StaticCache, token: int, hidden: np.ndarray) -> dict:
+        """A draft step's inputs: every step of a round sits at the constant position P = cache.length and
+        reads the accepted rows [0, P)."""
+        p = cache.length
+        feeds = self.position_feeds(p, np.array([p - 1]), np.array([p]), 0)
+        feeds[TOKEN] = np.array([[token]], np.int64)
+        feeds[HIDDEN] = np.asarray(hidden, np.float32).reshape(1, 1, -1)
         return feeds
 
     def run(self, graph: GraphSession, feeds: dict, cache: StaticCache) -> dict[str, np.ndarray]:
@@ -197,7 +208,7 @@ class StaticTarget(Target):
 
     def __init__(self, session, spec: GraphSpec, manifest: Manifest, ple):
         super().__init__(session, spec, ple)
-        self.host = HostWork(spec, manifest, "target")
+        self.host = HostWork(spec, manifest, "target", "target")
         self.quantized = self.host.quantized
         self.rows = next(t.shape[1] for t in spec.inputs if t.name == INPUT_IDS)
 
@@ -217,18 +228,30 @@ class StaticTarget(Target):
 class StaticAssistant(Assistant):
     def __init__(self, session, spec: GraphSpec, manifest: Manifest):
         super().__init__(session, spec)
-        self.host = HostWork(spec, manifest, "assistant")
+        self.host = HostWork(spec, manifest, "assistant", "assistant")
         self.quantized = self.host.quantized
 
     def step(self, cache: StaticCache, token: int, hidden: np.ndarray):
         """One draft step at the constant position P = cache.length over the accepted rows [0, P)."""
-        p = cache.length
-        feeds = self.host.position_feeds(p, np.array([p - 1]), np.array([p]), 0)
-        feeds[TOKEN] = np.array([[token]], np.int64)
-        feeds[HIDDEN] = np.asarray(hidden, np.float32).reshape(1, 1, -1)
-        out = self.host.run(self, feeds, cache)
+        out = self.host.run(self, self.host.draft_feeds(cache, token, hidden), cache)
         logits = out[LOGITS][0, 0]
         return logits, int(logits.argmax()), out[PROJECTED_HIDDEN][0, 0]
+
+
+class StaticDraftRound(DraftRound):
+    """The fused round with static shapes: the draft step's host inputs once for all steps, and the Gumbel
+    noise scaled by the temperature on the host (the graph adds it to the logits as they are)."""
+
+    def __init__(self, session, spec: GraphSpec, manifest: Manifest):
+        super().__init__(session, spec)
+        self.host = HostWork(spec, manifest, "draft_round", "assistant")
+        self.quantized = self.host.quantized
+
+    def _call(self, cache: StaticCache, token: int, hidden: np.ndarray, inv_temperature: float,
+              gumbel: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = self.host.draft_feeds(cache, token, hidden)
+        feeds[GUMBEL] = gumbel if inv_temperature == 1.0 else gumbel / np.float32(inv_temperature)
+        return self.host.run(self, feeds, cache)
 
 
 def new_cache(manifest: Manifest) -> StaticCache:
@@ -242,9 +265,10 @@ def new_cache(manifest: Manifest) -> StaticCache:
 
 
 def open_qnn(manifest: Manifest, ep: str, ple, session: Callable[..., ort.InferenceSession]):
-    """(target, assistant or None) for a qnn-profile bundle; `session(spec, file=..., options=...)` opens a
-    graph (runtime/model.py open_session). On QNN, precompiled EP context graphs are used when the bundle has
-    them, with the EP configured for their SoC (binaries are compiled for one; one simulator per process)."""
+    """(target, assistant or None, draft_round or None) for a qnn-profile bundle; `session(spec, file=...,
+    options=...)` opens a graph (runtime/model.py open_session). On QNN, precompiled EP context graphs are used
+    when the bundle has them, with the EP configured for their SoC (binaries are compiled for one; one
+    simulator per process)."""
     if ep not in ("qnn", "cpu"):
         raise EdgegenError(f"execution provider '{ep}' cannot run a static (qnn profile) bundle; use qnn or cpu")
     binaries = manifest.static.get("context_binaries", {}) if ep == "qnn" else {}
@@ -255,7 +279,9 @@ def open_qnn(manifest: Manifest, ep: str, ple, session: Callable[..., ort.Infere
         return session(manifest.graphs[name], file=binaries.get(name), options=options)
 
     target = StaticTarget(graph("target"), manifest.graphs["target"], manifest, ple)
-    assistant = None
+    assistant = draft_round = None
     if "assistant" in manifest.graphs:
         assistant = StaticAssistant(graph("assistant"), manifest.graphs["assistant"], manifest)
-    return target, assistant
+    if "draft_round" in manifest.graphs:
+        draft_round = StaticDraftRound(graph("draft_round"), manifest.graphs["draft_round"], manifest)
+    return target, assistant, draft_round

@@ -32,6 +32,7 @@ PROMPT = "def parse_args("
 NEW_TOKENS = 12
 CONTRIB_OPS = {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization", "MatMulNBits",
                "GatherBlockQuantized"}
+GRAPHS = ("target", "assistant", "draft_round")
 NEAR_TIE = 1.0  # a first divergence from CPU fp32 is accepted only where fp32's own top-2 margin is below this
 
 
@@ -63,7 +64,7 @@ def htp(qnn_bundle) -> Bundle:
 def test_graphs_are_static_standard_op_qdq(qnn_bundle):
     manifest = json.loads((qnn_bundle / "manifest.json").read_text())
     assert manifest["ep_profile"] == "qnn"
-    for name in ("target", "assistant"):
+    for name in GRAPHS:
         model = onnx.load(str(qnn_bundle / f"{name}.onnx"), load_external_data=False)
         ops = {n.op_type for n in model.graph.node}
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, name
@@ -84,8 +85,9 @@ def test_graphs_are_static_standard_op_qdq(qnn_bundle):
         assert specs[past] == "uint16" and all(np.dtype(d).name == d for d in specs.values()), specs
     # One encoding per K/V buffer in both graphs: the host keeps its buffers quantized and feeds them as they are.
     io = manifest["static"]["quantized_io"]
-    shared = [name for name in io["assistant"] if name.startswith("past_")]
-    assert shared and all(io["assistant"][name] == io["target"][name] for name in shared)
+    for drafter in ("assistant", "draft_round"):
+        shared = [name for name in io[drafter] if name.startswith("past_")]
+        assert shared and all(io[drafter][name] == io["target"][name] for name in shared)
     rows = manifest["static"]["query_rows"]
     assert rows == manifest["generation"]["draft_tokens"] + 1
     parity = manifest["parity"]
@@ -111,7 +113,7 @@ def test_graph_io_is_named_by_the_manifest_module(qnn_bundle):
 def test_every_node_runs_on_the_htp(qnn_bundle):
     """Placement with session.disable_cpu_ep_fallback=1: the session would fail to load with any CPU node."""
     report = Bundle(qnn_bundle, ep="qnn", strict=True, report_placement=True).placement_report()
-    assert set(report) == {"target.onnx", "assistant.onnx"}
+    assert set(report) == {f"{name}.onnx" for name in GRAPHS}
     for name, placed in report.items():
         print(f"\n{name}: {placed['nodes']} -> {placed['share']:.1%} on QNN HTP")
         assert placed["share"] >= 0.95
@@ -146,6 +148,41 @@ def test_speculative_equals_plain_on_htp_and_agrees_with_cpu(htp, cpu_bundle):
     margin = float(logits[cpu[first]] - logits[plain.token_ids[first]])
     print(f"first divergence from CPU fp32 at token {first}: fp32 logit margin {margin:.4f}")
     assert margin < NEAR_TIE
+
+
+class _Calls:
+    """Counts a graph's session calls."""
+
+    def __init__(self, graph):
+        self.n, run = 0, graph.run
+
+        def counted(feeds, cache):
+            self.n += 1
+            return run(feeds, cache)
+
+        graph.run = counted
+
+
+def test_drafting_is_one_call_per_round_on_htp(qnn_bundle):
+    """The fused draft_round drafts k tokens in one HTP call; the single-step drafter (still in the bundle,
+    for top-k/top-p sampling) is not called. Greedy speculation with either equals plain decoding."""
+    bundle = Bundle(qnn_bundle, ep="qnn")
+    steps = bundle.draft_round.steps
+    assert steps == bundle.target.rows - 1
+    gen = Generator(bundle, draft_tokens=steps)
+    ids = gen.tokenizer.encode(PROMPT)
+    plain = gen.generate(ids, NEW_TOKENS, use_assistant=False).token_ids
+    rounds, single = _Calls(bundle.draft_round), _Calls(bundle.assistant)
+    gen.reset()
+    fused = gen.generate(ids, NEW_TOKENS)
+    rounds_run = fused.stats.drafted_by_position[0]  # rounds that drafted (the last may draft none)
+    print(f"\nqnn htp fused round: {rounds.n} draft calls for {fused.stats.drafted} drafts in {rounds_run} rounds")
+    assert fused.token_ids == plain
+    assert rounds.n == rounds_run > 0 and single.n == 0 and fused.stats.drafted > rounds.n
+    bundle.draft_round = None  # single steps: k calls a round
+    gen.reset()
+    stepped = gen.generate(ids, NEW_TOKENS)
+    assert stepped.token_ids == plain and single.n == stepped.stats.drafted
 
 
 def test_long_prompt_to_a_full_context_on_the_cpu_ep(qnn_bundle):
