@@ -447,15 +447,17 @@ def _vi(name, shape, elem_type: int = F32):
 
 def build_target_graph(w: Weights, cfg, quant: Quant, out_dir, shared: WeightFile,
                        untied_lm_head: Tensor | None = None, profile: Profile = PROFILES["cpu"],
-                       max_context: int = 0, ring: int = 0, rows: int = 0) -> tuple[Graph, TargetPlan, PLETable | None]:
+                       max_context: int = 0, ring: int = 0, rows: int = 0,
+                       name: str = "target") -> tuple[Graph, TargetPlan, PLETable | None]:
     """`w`: the text model's weights (embed_tokens, layers.N..., norm), read one tensor at a time.
     Returns the graph, its plan, and the host-side PLE table (token component, scale folded in).
     max_context: positions the RoPE tables cover (profiles with rope_tables) and, with static shapes, the
     rows of every K/V buffer. ring: sliding layers' ring length (kv_ring), 0 for full-length buffers.
-    rows: the query rows of a call with static shapes (the qnn profile: draft tokens + 1)."""
+    rows: the query rows of a call with static shapes (the qnn profile: draft tokens + 1 for `target`, more
+    for its `prefill` graph, the same model with a longer query: `name`)."""
     plan = plan_target(cfg, ring)
     scales = TextScales.of(cfg)
-    g = Graph("target", out_dir, shared, profile=profile)
+    g = Graph(name, out_dir, shared, profile=profile)
     lin = Linears(g, quant)
     eps = cfg.rms_norm_eps
     static = profile.static_shapes
@@ -734,8 +736,9 @@ def _assistant_kv_source(g: Graph, stores: list[LayerPlan]) -> dict:
 #     kind (causal, sliding window, valid cache rows), so the graph holds no int64 arithmetic;
 #   - K/V buffers are plain inputs [1, kv_heads, max_ctx, d]; the target returns only the S new rows of
 #     each store layer (manifest.new_kv), which the host writes into its buffers (runtime/qnn.py);
-#   - every query length is fixed at export: the target runs S = draft_tokens + 1 rows per call (verify;
-#     prefill goes in chunks of S; a decode step pads), the assistant one row.
+#   - every query length is fixed at export: the target runs S = draft_tokens + 1 rows per call (verify; a
+#     decode step pads), its `prefill` graph P > S rows (prompts in chunks of P), the assistant one row (the
+#     fused draft_round k steps of one row).
 # Their IO is listed in runtime/manifest.py.
 
 MASK_VALUE = -100.0  # additive mask; finite and small so that a uint16 QDQ range keeps score precision

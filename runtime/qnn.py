@@ -6,13 +6,15 @@ The NPU graph has fixed shapes and no position arithmetic, so the host does thre
   - an additive mask per layer kind: causal, sliding window, and only the cache rows that are valid;
   - the K/V rows: the target returns the S new rows of each store layer and the host writes the valid
     ones into its numpy buffers. Rolling back rejected drafts stays a length change (`StaticCache.trim`).
-The target runs S = k+1 rows per call: prefill goes in chunks of S, verify of fewer rows and decode pad
-the rest (padded rows are computed and dropped). The assistant runs one row per call. Graphs whose IO is
-quantized (the QDQ export moves the boundary Q/DQ to the host) are fed and read through their encodings.
+The target runs S = k+1 rows per call (verify of fewer rows and decode pad the rest; padded rows are
+computed and dropped), its prefill graph P rows (prompts in chunks of P). The assistant runs one row per
+call, the fused round k steps of one row. Graphs whose IO is quantized (the QDQ export moves the boundary
+Q/DQ to the host) are fed and read through their encodings.
 
 Sessions are opened and run like every other graph's (runtime/model.py: open_session, GraphSession.run),
-and the graphs are the same Target and Assistant: `StaticTarget` changes only how one call of at most S rows
-is fed (Target.forward splits longer ones), `StaticAssistant` how a draft step is, so the loop runs unchanged.
+and the graphs are the same Target, Assistant and DraftRound: `StaticTarget` changes only how one call of at
+most S (prefill: P) rows is fed (Target.forward splits longer ones), `StaticAssistant` and `StaticDraftRound`
+how a draft step or round is, so the loop runs unchanged.
 """
 
 from __future__ import annotations
@@ -203,17 +205,23 @@ class HostWork:
 
 
 class StaticTarget(Target):
-    """The target with static shapes: Target.forward splits calls into S rows (StaticCache.max_rows), each
-    call is padded to S rows and the host writes the new K/V rows of the real ones."""
+    """The target with static shapes: Target.forward splits calls into the most rows a graph takes
+    (StaticCache.max_rows), each call is padded to its graph's rows and the host writes the new K/V rows of the
+    real ones. Calls of more than S rows run on `prefill` (the same model with P > S query rows), when the
+    bundle has it."""
 
-    def __init__(self, session, spec: GraphSpec, manifest: Manifest, ple):
+    def __init__(self, session, spec: GraphSpec, manifest: Manifest, ple, name: str = "target",
+                 prefill: StaticTarget | None = None):
         super().__init__(session, spec, ple)
-        self.host = HostWork(spec, manifest, "target", "target")
+        self.host = HostWork(spec, manifest, name, "target")
         self.quantized = self.host.quantized
         self.rows = next(t.shape[1] for t in spec.inputs if t.name == INPUT_IDS)
+        self.prefill = prefill
 
     def _forward(self, cache: StaticCache, ids: np.ndarray, logits_to_keep: int):
         n, past = ids.shape[1], cache.length
+        if n > self.rows:
+            return self.prefill._forward(cache, ids, logits_to_keep)
         ids = np.concatenate([ids, np.full((1, self.rows - n), PAD_ID, np.int64)], axis=1)
         pos = past + np.arange(self.rows)
         feeds = self.host.position_feeds(past, pos, pos, self.rows)
@@ -256,9 +264,9 @@ class StaticDraftRound(DraftRound):
 
 def new_cache(manifest: Manifest) -> StaticCache:
     """The host-side K/V buffers of a qnn-profile bundle: quantized as the target takes them; a call writes
-    at most the target's S query rows."""
-    return StaticCache(manifest.model.kv_buffers, manifest.model.max_context, encodings(manifest, "target"),
-                       int(manifest.static["query_rows"]))
+    at most the prefill graph's P query rows (the target's S without one)."""
+    rows = manifest.static.get("prefill_rows", manifest.static["query_rows"])
+    return StaticCache(manifest.model.kv_buffers, manifest.model.max_context, encodings(manifest, "target"), int(rows))
 
 
 # -- sessions ----------------------------------------------------------------------------------------------
@@ -278,7 +286,10 @@ def open_qnn(manifest: Manifest, ep: str, ple, session: Callable[..., ort.Infere
     def graph(name: str) -> ort.InferenceSession:
         return session(manifest.graphs[name], file=binaries.get(name), options=options)
 
-    target = StaticTarget(graph("target"), manifest.graphs["target"], manifest, ple)
+    prefill = None
+    if "prefill" in manifest.graphs:
+        prefill = StaticTarget(graph("prefill"), manifest.graphs["prefill"], manifest, ple, "prefill")
+    target = StaticTarget(graph("target"), manifest.graphs["target"], manifest, ple, prefill=prefill)
     assistant = draft_round = None
     if "assistant" in manifest.graphs:
         assistant = StaticAssistant(graph("assistant"), manifest.graphs["assistant"], manifest)

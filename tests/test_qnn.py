@@ -1,10 +1,12 @@
 """The QNN HTP profile (`edgegen export --ep qnn`), run on the HTP simulator of the onnxruntime-qnn wheel.
 
-One export of the demo pair (max context 256) serves the module. What is checked: the graphs are static
-and standard-op QDQ; every node is placed on the HTP with CPU fallback disabled; the draft/verify loop on
-the HTP gives exactly the HTP's plain greedy output; the tokens agree with the CPU fp32 bundle (or the first
-divergence is a near tie there, reported with its logit margin); acceptance is reported; precompiled
-context binaries load and give the same tokens. The host-side masks are checked against their definition.
+One export of the demo pair (max context 256) serves the module. What is checked: the graphs (target,
+its prefill graph, the drafter's step and fused round) are static and standard-op QDQ and store each weight
+once; drafting is one HTP call per round; long prompts go in prefill chunks; every node is placed on the
+HTP with CPU fallback disabled; the draft/verify loop on the HTP gives exactly the HTP's plain greedy output;
+the tokens agree with the CPU fp32 bundle (or the first divergence is a near tie there, reported with its logit
+margin); acceptance is reported; precompiled context binaries load and give the same tokens. The host-side
+masks are checked against their definition.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ PROMPT = "def parse_args("
 NEW_TOKENS = 12
 CONTRIB_OPS = {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization", "MatMulNBits",
                "GatherBlockQuantized"}
-GRAPHS = ("target", "assistant", "draft_round")
+GRAPHS = ("target", "prefill", "assistant", "draft_round")
 NEAR_TIE = 1.0  # a first divergence from CPU fp32 is accepted only where fp32's own top-2 margin is below this
 
 
@@ -90,12 +92,40 @@ def test_graphs_are_static_standard_op_qdq(qnn_bundle):
         assert shared and all(io[drafter][name] == io["target"][name] for name in shared)
     rows = manifest["static"]["query_rows"]
     assert rows == manifest["generation"]["draft_tokens"] + 1
+    assert manifest["graphs"]["prefill"]["inputs"][0]["shape"] == [1, manifest["static"]["prefill_rows"]]
     parity = manifest["parity"]
     print(f"\nqnn export parity: {json.dumps({k: v for k, v in parity.items() if k != 'calibration'})}")
-    # The standard-op graph is exact: chunks of S rows (last one padded), past the sliding window.
-    assert parity["fp32_static_vs_pytorch"]["max_abs_logit_error"] < 1e-4
-    assert parity["fp32_static_vs_pytorch"]["positions"] > manifest["model"]["sliding_window"]
+    # The standard-op graphs are exact: chunks of S rows and of P rows (last ones padded), past the sliding window.
+    for key in ("fp32_static_vs_pytorch", "fp32_prefill_vs_pytorch"):
+        assert parity[key]["max_abs_logit_error"] < 1e-4
+        assert parity[key]["positions"] > manifest["model"]["sliding_window"]
     assert all(check["passed"] for check in parity["checks"].values())
+
+
+def test_every_weight_is_stored_once(qnn_bundle):
+    """The graphs share weight bytes: the target's embedding is stored once for the target, prefill, drafter
+    and fused round (the drafter embeds with it); prefill and draft_round keep no weight file of their own."""
+    import hashlib
+
+    manifest = json.loads((qnn_bundle / "manifest.json").read_text())
+    held: dict[str, tuple[str, str]] = {}
+    embedding = {}
+    for name in GRAPHS:
+        model = onnx.load(str(qnn_bundle / f"{name}.onnx"), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            e = {x.key: x.value for x in t.external_data}
+            assert e["location"] in manifest["files"]
+            start = int(e.get("offset", 0))
+            raw = (qnn_bundle / e["location"]).read_bytes()[start:start + int(e["length"])]
+            place = (e["location"], e.get("offset", "0"))
+            assert held.setdefault(hashlib.sha256(raw).hexdigest(), place) == place, (name, t.name)
+            if "embed_tokens" in t.name:
+                embedding[name] = place
+    assert len(set(embedding.values())) == 1 and embedding["target"][0] == "target.weights", embedding
+    assert set(embedding) == set(GRAPHS)
+    assert not (qnn_bundle / "prefill.weights").exists() and not (qnn_bundle / "draft_round.weights").exists()
 
 
 def test_graph_io_is_named_by_the_manifest_module(qnn_bundle):
@@ -191,7 +221,11 @@ def test_long_prompt_to_a_full_context_on_the_cpu_ep(qnn_bundle):
     bundle = Bundle(qnn_bundle, ep="cpu")
     rng = np.random.default_rng(0)
     ids = [int(t) for t in rng.integers(4, bundle.manifest.model.vocab_size, MAX_CONTEXT - 40)]
+    prefill = bundle.target.prefill
+    assert prefill.rows == bundle.manifest.static["prefill_rows"] > bundle.target.rows
+    calls = _Calls(prefill)
     spec = Generator(bundle, draft_tokens=4).generate(ids, 64)
+    assert calls.n == -(-len(ids) // prefill.rows)  # the prompt in chunks of P rows, not S
     plain = Generator(bundle).generate(ids, 64, use_assistant=False)
     assert spec.token_ids == plain.token_ids
     assert spec.stop_reason == "context" or spec.token_ids[-1] in bundle.manifest.generation["eos_token_ids"]
