@@ -1,7 +1,8 @@
 """Per-call cost of qnn-profile bundles: target (S rows) and assistant (one row), on the QNN HTP (simulator
 on x86_64) and on the CPU EP running the same QDQ graphs; plus session load time. Then session calls per
 generated token of greedy speculative decoding (draft k = S - 1; a bundle with the fused `draft_round` drafts a
-round in one call) and the calls and time of prefilling a long prompt.
+round in one call) and the calls and time of prefilling a long prompt (a bundle with a `prefill` graph feeds it
+in chunks of P rows, else of S).
 
     python benchmarks/qnn_calls.py BUNDLE [BUNDLE ...] [--calls 10] [--ep qnn cpu] [--prompt 512]
 
@@ -62,7 +63,8 @@ class _Counter:
 
 
 def _counted(bundle: Bundle) -> dict[str, _Counter]:
-    graphs = {"target": bundle.target, "assistant": bundle.assistant, "draft_round": bundle.draft_round}
+    graphs = {"target": bundle.target, "prefill": getattr(bundle.target, "prefill", None),
+              "assistant": bundle.assistant, "draft_round": bundle.draft_round}
     return {name: _Counter(g) for name, g in graphs.items() if g is not None}
 
 
@@ -85,14 +87,15 @@ def calls_per_token(path: str, ep: str, prompt_tokens: int, new_tokens: int = 48
     per_token = {name: round(c.n / n, 3) for name, c in counters.items()}
     prompt = rng.integers(4, vocab, prompt_tokens)
     cache = bundle.new_cache()
-    before = counters["target"].n
+    targets = [c for name, c in counters.items() if name in ("target", "prefill")]
+    before = sum(c.n for c in targets)
     t = time.perf_counter()
     bundle.target.forward(cache, prompt)
     prefill_s = time.perf_counter() - t
     return {"bundle": path, "ep": ep, "rows": rows, "tokens": n, "calls_per_token": per_token,
             "total_calls_per_token": round(sum(per_token.values()), 3),
             "acceptance": round(result.stats.accepted / max(result.stats.drafted, 1), 3),
-            f"prefill_{prompt_tokens}_calls": counters["target"].n - before,
+            f"prefill_{prompt_tokens}_calls": sum(c.n for c in targets) - before,
             f"prefill_{prompt_tokens}_s": round(prefill_s, 3)}
 
 
