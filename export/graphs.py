@@ -590,8 +590,9 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
     argmax(logits * inv_temperature + gumbel[i]) (zeros for greedy, Gumbel noise for sampling), so a
     whole round costs one session call. It reads the same weight bytes as `assistant` (`data`).
     Static shapes (qnn): steps over buffers of max_context rows, positions and masks from the host (the same
-    for every step of a round: all sit at one position); draft_round takes the noise already scaled by the
-    temperature (no inv_temperature input).
+    for every step of a round: all sit at one position); draft_round is greedy only (no inv_temperature or
+    gumbel input): an argmax over uint16-quantized noisy logits would not draw from the distribution q the
+    loop accepts drafts by, so sampling drafts in single steps on the host's exact q.
     """
     cfg = config.get_text_config()
     layers = assistant_plan(cfg, target_plan)
@@ -636,11 +637,10 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
     for i in range(steps):
         h, hidden = drafter.step(target_table.rows(tok, embed_scale), hidden, draft_step(i))
         logits = drafter.head(h)
-        noise = g.op("Gather", gumbel, g.const([i]), axis=0)  # [1, V]
-        flat = g.op("Reshape", logits, g.const([1, vocab]))
-        # static (qnn): the host scales the noise by the temperature instead (argmax(l/T + g) = argmax(l + T*g)),
-        # so no activation range depends on the temperature the user picks
-        scored = g.op("Add", flat if static else g.op("Mul", flat, inv_t), noise)
+        scored = flat = g.op("Reshape", logits, g.const([1, vocab]))
+        if not static:  # static (qnn): greedy only, see above
+            noise = g.op("Gather", gumbel, g.const([i]), axis=0)  # [1, V]
+            scored = g.op("Add", g.op("Mul", flat, inv_t), noise)
         tok = g.op("ArgMax", scored, axis=-1, keepdims=1)  # [1, 1]
         tokens.append(g.op("Unsqueeze", scored, g.const([0])) if profile.device_ids else tok)
         all_logits.append(g.op("Reshape", logits, g.const([1, vocab])))
@@ -705,8 +705,9 @@ def _assistant_inputs(g: Graph, layers: list[LayerPlan], hidden_size: int, vocab
         _common_inputs(g)
     if steps is None:
         return tok, hidden, None, None
-    inv_t = None if g.profile.static_shapes else _input(g, INV_TEMPERATURE, [])
-    return tok, hidden, inv_t, _input(g, GUMBEL, [steps, vocab])
+    if g.profile.static_shapes:  # a greedy round
+        return tok, hidden, None, None
+    return tok, hidden, _input(g, INV_TEMPERATURE, []), _input(g, GUMBEL, [steps, vocab])
 
 
 def _assistant_kv_source(g: Graph, stores: list[LayerPlan]) -> dict:

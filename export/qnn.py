@@ -34,7 +34,6 @@ CALIBRATION_PROMPTS = (
     "for i in range(10):\n    if i % 2 == 0:\n",
 )
 CALIBRATION_NEW_TOKENS = 24
-CALIBRATION_SAMPLING = 1.0  # temperature of one more pass: the fused round's noise input gets its real range
 GRAPHS = ("target", "prefill", "assistant", "draft_round")  # `target` first: the others share its weight bytes
 # Query rows of the prefill graph: a 512-token prompt takes 8 calls instead of 103 at S = 5. A call's cost on
 # the HTP grows with its rows, so short prompts (padded to P) pay for it; see README ("QNN").
@@ -183,7 +182,6 @@ def _calibrate(staging: Path, pair, manifest: Manifest) -> tuple[dict[str, list[
     import torch
 
     from edgegen.runtime.generate import Generator
-    from edgegen.runtime.sampling import Sampling
 
     gen = Generator(staging, draft_tokens=manifest.static["query_rows"] - 1)
     bundle = gen.bundle
@@ -191,13 +189,11 @@ def _calibrate(staging: Path, pair, manifest: Manifest) -> tuple[dict[str, list[
               "draft_round": bundle.draft_round}
     recorders = {name: _Recorder(graphs[name]) for name in GRAPHS}
     prompts = _prompts(staging, manifest.model.vocab_size)
-    # Greedy and sampled drafting run in the fused round; the single step (top-k/top-p sampling) is recorded
-    # on the greedy prompts with the round set aside.
+    # Greedy drafting runs in the fused round; the single step (sampling) is recorded on the same prompts
+    # with the round set aside.
     for ids in prompts:
         gen.reset()
         gen.generate(ids, max_new_tokens=CALIBRATION_NEW_TOKENS)
-    gen.reset()
-    gen.generate(prompts[0], CALIBRATION_NEW_TOKENS, sampling=Sampling(temperature=CALIBRATION_SAMPLING, seed=0))
     fused, bundle.draft_round = bundle.draft_round, None
     for ids in prompts:
         gen.reset()

@@ -227,6 +227,8 @@ class DraftRound(GraphSession):
     k < steps drafts is the same call cut to its first k: each step reads only the shared cache and the step
     before it, so those are the drafts k single steps would give."""
 
+    samples = True  # it also drafts by temperature-only sampling (inv_temperature and Gumbel noise inputs)
+
     def __init__(self, session, spec: GraphSpec):
         super().__init__(session, spec)
         self.steps = next(o.shape[1] for o in spec.outputs if o.name == names.TOKENS)

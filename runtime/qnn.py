@@ -8,7 +8,7 @@ The NPU graph has fixed shapes and no position arithmetic, so the host does thre
     ones into its numpy buffers. Rolling back rejected drafts stays a length change (`StaticCache.trim`).
 The target runs S = k+1 rows per call (verify of fewer rows and decode pad the rest; padded rows are
 computed and dropped), its prefill graph P rows (prompts in chunks of P). The assistant runs one row per
-call, the fused round k steps of one row. Graphs whose IO is quantized (the QDQ export moves the boundary
+call, the fused (greedy) round k steps of one row. Graphs whose IO is quantized (the QDQ export moves the boundary
 Q/DQ to the host) are fed and read through their encodings.
 
 Sessions are opened and run like every other graph's (runtime/model.py: open_session, GraphSession.run),
@@ -27,7 +27,6 @@ import onnxruntime as ort
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.kv import KVCache
 from edgegen.runtime.manifest import (
-    GUMBEL,
     HIDDEN,
     INPUT_IDS,
     LAST_HIDDEN,
@@ -247,8 +246,10 @@ class StaticAssistant(Assistant):
 
 
 class StaticDraftRound(DraftRound):
-    """The fused round with static shapes: the draft step's host inputs once for all steps, and the Gumbel
-    noise scaled by the temperature on the host (the graph adds it to the logits as they are)."""
+    """The fused round with static shapes: the draft step's host inputs once for all steps. Greedy only
+    (export/graphs.py build_assistant_graph says why): sampling drafts in single steps."""
+
+    samples = False
 
     def __init__(self, session, spec: GraphSpec, manifest: Manifest):
         super().__init__(session, spec)
@@ -257,9 +258,7 @@ class StaticDraftRound(DraftRound):
 
     def _call(self, cache: StaticCache, token: int, hidden: np.ndarray, inv_temperature: float,
               gumbel: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = self.host.draft_feeds(cache, token, hidden)
-        feeds[GUMBEL] = gumbel if inv_temperature == 1.0 else gumbel / np.float32(inv_temperature)
-        return self.host.run(self, feeds, cache)
+        return self.host.run(self, self.host.draft_feeds(cache, token, hidden), cache)
 
 
 def new_cache(manifest: Manifest) -> StaticCache:

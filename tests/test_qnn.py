@@ -194,8 +194,8 @@ class _Calls:
 
 
 def test_drafting_is_one_call_per_round_on_htp(qnn_bundle):
-    """The fused draft_round drafts k tokens in one HTP call; the single-step drafter (still in the bundle,
-    for top-k/top-p sampling) is not called. Greedy speculation with either equals plain decoding."""
+    """The fused draft_round drafts k greedy tokens in one HTP call; the single-step drafter (still in the
+    bundle, for sampling) is not called. Greedy speculation with either equals plain decoding."""
     bundle = Bundle(qnn_bundle, ep="qnn")
     steps = bundle.draft_round.steps
     assert steps == bundle.target.rows - 1
@@ -209,8 +209,16 @@ def test_drafting_is_one_call_per_round_on_htp(qnn_bundle):
     print(f"\nqnn htp fused round: {rounds.n} draft calls for {fused.stats.drafted} drafts in {rounds_run} rounds")
     assert fused.token_ids == plain
     assert rounds.n == rounds_run > 0 and single.n == 0 and fused.stats.drafted > rounds.n
-    bundle.draft_round = None  # single steps: k calls a round
+    # Sampling drafts in single steps (the round is greedy: a quantized noisy argmax would not draw from q).
+    from edgegen.runtime.sampling import Sampling
+
     gen.reset()
+    before = rounds.n
+    sampled = gen.generate(ids, 8, sampling=Sampling(temperature=0.8, seed=3))
+    assert rounds.n == before and single.n == sampled.stats.drafted > 0
+    bundle.draft_round = None  # greedy in single steps: k calls a round
+    gen.reset()
+    single.n = 0
     stepped = gen.generate(ids, NEW_TOKENS)
     assert stepped.token_ids == plain and single.n == stepped.stats.drafted
 
