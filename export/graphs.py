@@ -17,6 +17,7 @@ Assistant step graph: every layer is KV-shared and cross-attends to the target's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -521,15 +522,17 @@ def _vi(name, shape, elem_type: int = F32):
 
 def build_target_graph(w: Weights, cfg, quant: Quant, out_dir, shared: WeightFile,
                        untied_lm_head: Tensor | None = None, profile: Profile = PROFILES["cpu"],
-                       max_context: int = 0, ring: int = 0, rows: int = 0) -> tuple[Graph, TargetPlan, PLETable | None]:
+                       max_context: int = 0, ring: int = 0, rows: int = 0,
+                       name: str = "target") -> tuple[Graph, TargetPlan, PLETable | None]:
     """`w`: the text model's weights (embed_tokens, layers.N..., norm), read one tensor at a time.
     Returns the graph, its plan, and the host-side PLE table (token component, scale folded in).
     max_context: positions the RoPE tables cover (profiles with rope_tables) and, with static shapes, the
     rows of every K/V buffer. ring: sliding layers' ring length (kv_ring), 0 for full-length buffers.
-    rows: the query rows of a call with static shapes (the qnn profile: draft tokens + 1)."""
+    rows: the query rows of a call with static shapes (the qnn profile: draft tokens + 1 for `target`, more
+    for its `prefill` graph, the same model with a longer query: `name`)."""
     plan = plan_target(cfg, ring)
     scales = TextScales.of(cfg)
-    g = Graph("target", out_dir, shared, profile=profile)
+    g = Graph(name, out_dir, shared, profile=profile)
     lin = Linears(g, quant)
     eps = cfg.rms_norm_eps
     static = profile.static_shapes
@@ -661,7 +664,10 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
     each feeding its token and projected hidden state to the next; the token is
     argmax(logits * inv_temperature + gumbel[i]) (zeros for greedy, Gumbel noise for sampling), so a
     whole round costs one session call. It reads the same weight bytes as `assistant` (`data`).
-    Static shapes (qnn): one step over buffers of max_context rows, positions and masks from the host.
+    Static shapes (qnn): steps over buffers of max_context rows, positions and masks from the host (the same
+    for every step of a round: all sit at one position); draft_round is greedy only (no inv_temperature or
+    gumbel input): an argmax over uint16-quantized noisy logits would not draw from the distribution q the
+    loop accepts drafts by, so sampling drafts in single steps on the host's exact q.
     """
     cfg = config.get_text_config()
     layers = assistant_plan(cfg, target_plan)
@@ -679,6 +685,7 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
     target_table = TiedTable(g, target_quant, "target_embed_tokens" if static else "embed_tokens",
                              target_w["embed_tokens.weight"], shared=not static)
     own_head = "lm_head.weight" if "lm_head.weight" in aw else "model.embed_tokens.weight"  # tied by default
+    # static: the head's table is added at the first head, after the layers' weights in the graph's file
     own = None if static else TiedTable(g, quant, "lm_head", aw[own_head])
     if static:
         rope, attention = _host_rope(layers), StaticAttention(1, max_context, [])
@@ -686,14 +693,14 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
         rope = {kind: rope_tables(g, POSITION_IDS, freq, f"assistant.{kind}", max_context)
                 for kind, freq in inv_freqs(cfg).items()}
         attention = attention_block
-    drafter = _Drafter(g, lin, aw, config, layers, rope, _assistant_kv_source(g, stores), attention, own)
+    drafter = _Drafter(g, lin, aw, config, layers, rope, _assistant_kv_source(g, stores), attention, own,
+                       lambda: TiedTable(g, quant, "lm_head", aw[own_head]))
 
     embed_scale = TextScales.of(target_cfg).embed
     if steps is None:
         h, hidden = drafter.step(target_table.rows(tok, embed_scale), hidden, "")
-        if static:  # (the head's table comes after the layers' weights in the graph's file)
+        if static:
             _output(g, hidden, PROJECTED_HIDDEN, [1, 1, target_plan.hidden])
-            drafter.own = TiedTable(g, quant, "lm_head", aw[own_head])
             _output(g, drafter.head(h), LOGITS, [1, 1, vocab])
             return g, layers
         logits = drafter.head(h)
@@ -705,8 +712,10 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
     for i in range(steps):
         h, hidden = drafter.step(target_table.rows(tok, embed_scale), hidden, draft_step(i))
         logits = drafter.head(h)
-        noise = g.op("Gather", gumbel, g.const([i]), axis=0)  # [1, V]
-        scored = g.op("Add", g.op("Mul", g.op("Reshape", logits, g.const([1, vocab])), inv_t), noise)
+        scored = flat = g.op("Reshape", logits, g.const([1, vocab]))
+        if not static:  # static (qnn): greedy only, see above
+            noise = g.op("Gather", gumbel, g.const([i]), axis=0)  # [1, V]
+            scored = g.op("Add", g.op("Mul", flat, inv_t), noise)
         tok = g.op("ArgMax", scored, axis=-1, keepdims=1)  # [1, 1]
         tokens.append(g.op("Unsqueeze", scored, g.const([0])) if profile.device_ids else tok)
         all_logits.append(g.op("Reshape", logits, g.const([1, vocab])))
@@ -732,6 +741,7 @@ class _Drafter:
     kv_source: dict
     attention: object  # attention_block or StaticAttention
     own: TiedTable | None
+    make_own: Callable[[], TiedTable]  # the head's table, when `own` is not made yet
 
     def step(self, emb: str, hidden: str, suffix: str) -> tuple[str, str]:
         """(normed hidden state, projected hidden state) of one draft step from the token's embedding."""
@@ -749,6 +759,8 @@ class _Drafter:
     def head(self, h: str) -> str:
         """Logits [1, 1, V]: the centroid head, or the lm_head (static shapes: as a Gemm)."""
         vocab = self.config.get_text_config().vocab_size
+        if self.own is None:
+            self.own = self.make_own()
         if self.config.use_ordered_embeddings:
             return centroid_logits(self.g, self.lin, self.own, h, self.aw.sub("masked_embedding"), self.config, vocab)
         if self.g.profile.static_shapes:
@@ -767,6 +779,8 @@ def _assistant_inputs(g: Graph, layers: list[LayerPlan], hidden_size: int, vocab
         _input(g, POSITION_IDS, [1, 1])
         _common_inputs(g)
     if steps is None:
+        return tok, hidden, None, None
+    if g.profile.static_shapes:  # a greedy round
         return tok, hidden, None, None
     return tok, hidden, _input(g, INV_TEMPERATURE, []), _input(g, GUMBEL, [steps, vocab])
 
@@ -798,8 +812,9 @@ def _assistant_kv_source(g: Graph, stores: list[LayerPlan]) -> dict:
 #     kind (causal, sliding window, valid cache rows), so the graph holds no int64 arithmetic;
 #   - K/V buffers are plain inputs [1, kv_heads, max_ctx, d]; the target returns only the S new rows of
 #     each store layer (manifest.new_kv), which the host writes into its buffers (runtime/qnn.py);
-#   - every query length is fixed at export: the target runs S = draft_tokens + 1 rows per call (verify;
-#     prefill goes in chunks of S; a decode step pads), the assistant one row.
+#   - every query length is fixed at export: the target runs S = draft_tokens + 1 rows per call (verify; a
+#     decode step pads), its `prefill` graph P > S rows (prompts in chunks of P), the assistant one row (the
+#     fused draft_round k steps of one row).
 # Their IO is listed in runtime/manifest.py.
 
 MASK_VALUE = -100.0  # additive mask; finite and small so that a uint16 QDQ range keeps score precision

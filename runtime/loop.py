@@ -199,7 +199,7 @@ class TokenLoop:
         if not k:
             return [], []
         fused = self.bundle.draft_round
-        if fused is not None and k <= fused.steps and s.top_k == 0 and s.top_p == 1.0:
+        if fused is not None and k <= fused.steps and (s.greedy or fused.samples and s.top_k == 0 and s.top_p == 1.0):
             if s.greedy:
                 tokens, logits = fused.run_round(self.cache, token, hidden, k=k)
                 check_finite(logits, "assistant")

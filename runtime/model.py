@@ -227,6 +227,8 @@ class DraftRound(GraphSession):
     k < steps drafts is the same call cut to its first k: each step reads only the shared cache and the step
     before it, so those are the drafts k single steps would give."""
 
+    samples = True  # it also drafts by temperature-only sampling (inv_temperature and Gumbel noise inputs)
+
     def __init__(self, session, spec: GraphSpec):
         super().__init__(session, spec)
         self.steps = next(o.shape[1] for o in spec.outputs if o.name == names.TOKENS)
@@ -240,11 +242,17 @@ class DraftRound(GraphSession):
         k = self.steps if k is None else k
         if not 0 < k <= self.steps:
             raise ValueError(f"a round of {k} drafts does not fit the fused round's {self.steps} steps")
+        out = self._call(cache, token, hidden, inv_temperature,
+                         self._zeros if gumbel is None else gumbel.astype(np.float32, copy=False))
+        return [int(t) for t in out[names.TOKENS].reshape(-1)[:k]], out[names.LOGITS][:k]
+
+    def _call(self, cache: KVCache, token: int, hidden: np.ndarray, inv_temperature: float,
+              gumbel: np.ndarray) -> dict[str, np.ndarray]:
+        """The round's one session call (the qnn profile feeds it from the host: runtime/qnn.py)."""
         feeds = _draft_feeds(cache, token, hidden)
         feeds[names.INV_TEMPERATURE] = np.array(inv_temperature, dtype=np.float32)
-        feeds[names.GUMBEL] = self._zeros if gumbel is None else gumbel.astype(np.float32, copy=False)
-        out = self.run(feeds, cache)
-        return [int(t) for t in out[names.TOKENS].reshape(-1)[:k]], out[names.LOGITS][:k]
+        feeds[names.GUMBEL] = gumbel
+        return self.run(feeds, cache)
 
 
 class Bundle:
@@ -275,8 +283,8 @@ class Bundle:
         if m.ep_profile == "qnn":  # static shapes, host-side K/V (runtime/qnn.py)
             from edgegen.runtime.qnn import open_qnn
 
-            self.target, self._assistant = open_qnn(m, self.ep, ple, session)
-            self._open_assistant = self.draft_round = None
+            self.target, self._assistant, self.draft_round = open_qnn(m, self.ep, ple, session)
+            self._open_assistant = None
             return
 
         self.target = Target(session(m.graphs["target"]), m.graphs["target"], ple,

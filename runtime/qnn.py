@@ -6,13 +6,15 @@ The NPU graph has fixed shapes and no position arithmetic, so the host does thre
   - an additive mask per layer kind: causal, sliding window, and only the cache rows that are valid;
   - the K/V rows: the target returns the S new rows of each store layer and the host writes the valid
     ones into its numpy buffers. Rolling back rejected drafts stays a length change (`StaticCache.trim`).
-The target runs S = k+1 rows per call: prefill goes in chunks of S, verify of fewer rows and decode pad
-the rest (padded rows are computed and dropped). The assistant runs one row per call. Graphs whose IO is
-quantized (the QDQ export moves the boundary Q/DQ to the host) are fed and read through their encodings.
+The target runs S = k+1 rows per call (verify of fewer rows and decode pad the rest; padded rows are
+computed and dropped), its prefill graph P rows (prompts in chunks of P). The assistant runs one row per
+call, the fused (greedy) round k steps of one row. Graphs whose IO is quantized (the QDQ export moves the boundary
+Q/DQ to the host) are fed and read through their encodings.
 
 Sessions are opened and run like every other graph's (runtime/model.py: open_session, GraphSession.run),
-and the graphs are the same Target and Assistant: `StaticTarget` changes only how one call of at most S rows
-is fed (Target.forward splits longer ones), `StaticAssistant` how a draft step is, so the loop runs unchanged.
+and the graphs are the same Target, Assistant and DraftRound: `StaticTarget` changes only how one call of at
+most S (prefill: P) rows is fed (Target.forward splits longer ones), `StaticAssistant` and `StaticDraftRound`
+how a draft step or round is, so the loop runs unchanged.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from edgegen.runtime.manifest import (
     rope_inputs,
     value_buffer,
 )
-from edgegen.runtime.model import Assistant, GraphSession, Target
+from edgegen.runtime.model import Assistant, DraftRound, GraphSession, Target
 
 PAD_ID = 0
 
@@ -163,19 +165,29 @@ class HostWork:
     """What the host does around one qnn-profile graph: RoPE rows and masks for the call's positions, and
     the boundary quantization of the IO the graph takes or gives quantized (see export/qnn.py)."""
 
-    def __init__(self, spec: GraphSpec, manifest: Manifest, tag: str):
+    def __init__(self, spec: GraphSpec, manifest: Manifest, graph: str, tag: str):
+        """graph: its name in the manifest; tag: whose RoPE frequencies it uses (target or assistant)."""
         m = manifest.model
         self.window, self.max_context = m.sliding_window, m.max_context
         self.mask_value = float(manifest.static.get("mask_value", -100.0))
         self.kinds = _graph_kinds(spec)
         self.rope = Rope(manifest.static["inv_freq"], tag)
-        self.quantized = encodings(manifest, tag)
+        self.quantized = encodings(manifest, graph)
 
     def position_feeds(self, past: int, query_pos: np.ndarray, rope_pos: np.ndarray, new_rows: int) -> dict:
         feeds = self.rope.feeds(rope_pos, self.kinds)
         for kind in self.kinds:
             feeds[mask_input(kind)] = attention_mask(kind == "sliding_attention", self.window, past, query_pos,
                                                      self.max_context, new_rows, self.mask_value)
+        return feeds
+
+    def draft_feeds(self, cache: StaticCache, token: int, hidden: np.ndarray) -> dict:
+        """A draft step's inputs: every step of a round sits at the constant position P = cache.length and
+        reads the accepted rows [0, P)."""
+        p = cache.length
+        feeds = self.position_feeds(p, np.array([p - 1]), np.array([p]), 0)
+        feeds[TOKEN] = np.array([[token]], np.int64)
+        feeds[HIDDEN] = np.asarray(hidden, np.float32).reshape(1, 1, -1)
         return feeds
 
     def run(self, graph: GraphSession, feeds: dict, cache: StaticCache) -> dict[str, np.ndarray]:
@@ -192,17 +204,23 @@ class HostWork:
 
 
 class StaticTarget(Target):
-    """The target with static shapes: Target.forward splits calls into S rows (StaticCache.max_rows), each
-    call is padded to S rows and the host writes the new K/V rows of the real ones."""
+    """The target with static shapes: Target.forward splits calls into the most rows a graph takes
+    (StaticCache.max_rows), each call is padded to its graph's rows and the host writes the new K/V rows of the
+    real ones. Calls of more than S rows run on `prefill` (the same model with P > S query rows), when the
+    bundle has it."""
 
-    def __init__(self, session, spec: GraphSpec, manifest: Manifest, ple):
+    def __init__(self, session, spec: GraphSpec, manifest: Manifest, ple, name: str = "target",
+                 prefill: StaticTarget | None = None):
         super().__init__(session, spec, ple)
-        self.host = HostWork(spec, manifest, "target")
+        self.host = HostWork(spec, manifest, name, "target")
         self.quantized = self.host.quantized
         self.rows = next(t.shape[1] for t in spec.inputs if t.name == INPUT_IDS)
+        self.prefill = prefill
 
     def _forward(self, cache: StaticCache, ids: np.ndarray, logits_to_keep: int):
         n, past = ids.shape[1], cache.length
+        if n > self.rows:
+            return self.prefill._forward(cache, ids, logits_to_keep)
         ids = np.concatenate([ids, np.full((1, self.rows - n), PAD_ID, np.int64)], axis=1)
         pos = past + np.arange(self.rows)
         feeds = self.host.position_feeds(past, pos, pos, self.rows)
@@ -217,34 +235,47 @@ class StaticTarget(Target):
 class StaticAssistant(Assistant):
     def __init__(self, session, spec: GraphSpec, manifest: Manifest):
         super().__init__(session, spec)
-        self.host = HostWork(spec, manifest, "assistant")
+        self.host = HostWork(spec, manifest, "assistant", "assistant")
         self.quantized = self.host.quantized
 
     def step(self, cache: StaticCache, token: int, hidden: np.ndarray):
         """One draft step at the constant position P = cache.length over the accepted rows [0, P)."""
-        p = cache.length
-        feeds = self.host.position_feeds(p, np.array([p - 1]), np.array([p]), 0)
-        feeds[TOKEN] = np.array([[token]], np.int64)
-        feeds[HIDDEN] = np.asarray(hidden, np.float32).reshape(1, 1, -1)
-        out = self.host.run(self, feeds, cache)
+        out = self.host.run(self, self.host.draft_feeds(cache, token, hidden), cache)
         logits = out[LOGITS][0, 0]
         return logits, int(logits.argmax()), out[PROJECTED_HIDDEN][0, 0]
 
 
+class StaticDraftRound(DraftRound):
+    """The fused round with static shapes: the draft step's host inputs once for all steps. Greedy only
+    (export/graphs.py build_assistant_graph says why): sampling drafts in single steps."""
+
+    samples = False
+
+    def __init__(self, session, spec: GraphSpec, manifest: Manifest):
+        super().__init__(session, spec)
+        self.host = HostWork(spec, manifest, "draft_round", "assistant")
+        self.quantized = self.host.quantized
+
+    def _call(self, cache: StaticCache, token: int, hidden: np.ndarray, inv_temperature: float,
+              gumbel: np.ndarray) -> dict[str, np.ndarray]:
+        return self.host.run(self, self.host.draft_feeds(cache, token, hidden), cache)
+
+
 def new_cache(manifest: Manifest) -> StaticCache:
     """The host-side K/V buffers of a qnn-profile bundle: quantized as the target takes them; a call writes
-    at most the target's S query rows."""
-    return StaticCache(manifest.model.kv_buffers, manifest.model.max_context, encodings(manifest, "target"),
-                       int(manifest.static["query_rows"]))
+    at most the prefill graph's P query rows (the target's S without one)."""
+    rows = manifest.static.get("prefill_rows", manifest.static["query_rows"])
+    return StaticCache(manifest.model.kv_buffers, manifest.model.max_context, encodings(manifest, "target"), int(rows))
 
 
 # -- sessions ----------------------------------------------------------------------------------------------
 
 
 def open_qnn(manifest: Manifest, ep: str, ple, session: Callable[..., ort.InferenceSession]):
-    """(target, assistant or None) for a qnn-profile bundle; `session(spec, file=..., options=...)` opens a
-    graph (runtime/model.py open_session). On QNN, precompiled EP context graphs are used when the bundle has
-    them, with the EP configured for their SoC (binaries are compiled for one; one simulator per process)."""
+    """(target, assistant or None, draft_round or None) for a qnn-profile bundle; `session(spec, file=...,
+    options=...)` opens a graph (runtime/model.py open_session). On QNN, precompiled EP context graphs are used
+    when the bundle has them, with the EP configured for their SoC (binaries are compiled for one; one
+    simulator per process)."""
     if ep not in ("qnn", "cpu"):
         raise EdgegenError(f"execution provider '{ep}' cannot run a static (qnn profile) bundle; use qnn or cpu")
     binaries = manifest.static.get("context_binaries", {}) if ep == "qnn" else {}
@@ -254,8 +285,13 @@ def open_qnn(manifest: Manifest, ep: str, ple, session: Callable[..., ort.Infere
     def graph(name: str) -> ort.InferenceSession:
         return session(manifest.graphs[name], file=binaries.get(name), options=options)
 
-    target = StaticTarget(graph("target"), manifest.graphs["target"], manifest, ple)
-    assistant = None
+    prefill = None
+    if "prefill" in manifest.graphs:
+        prefill = StaticTarget(graph("prefill"), manifest.graphs["prefill"], manifest, ple, "prefill")
+    target = StaticTarget(graph("target"), manifest.graphs["target"], manifest, ple, prefill=prefill)
+    assistant = draft_round = None
     if "assistant" in manifest.graphs:
         assistant = StaticAssistant(graph("assistant"), manifest.graphs["assistant"], manifest)
-    return target, assistant
+    if "draft_round" in manifest.graphs:
+        draft_round = StaticDraftRound(graph("draft_round"), manifest.graphs["draft_round"], manifest)
+    return target, assistant, draft_round

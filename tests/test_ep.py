@@ -52,19 +52,20 @@ EPS = [pytest.param(ep, marks=needs(ep)) for ep in ("cpu", "webgpu", "openvino")
 
 @pytest.fixture(scope="module")
 def demo_bundles(tmp_path_factory):
-    """`demo_bundles(profile) -> Path`: the demo pair exported (and verified) with that EP profile."""
+    """`demo_bundles(profile, quant="fp32") -> Path`: the demo pair exported (and verified) with that EP profile
+    and weight format."""
     from edgegen.export.bundle import ExportOptions, export_bundle
 
     root = tmp_path_factory.mktemp("ep-bundles")
-    cache: dict[str, Path] = {}
+    cache: dict[tuple[str, str], Path] = {}
 
-    def make(profile: str) -> Path:
-        if profile not in cache:
-            out = root / profile
+    def make(profile: str, quant: str = "fp32") -> Path:
+        if (profile, quant) not in cache:
+            out = root / (profile if quant == "fp32" else f"{profile}-{quant}")
             export_bundle(str(DEMO_PAIR / "target"), str(DEMO_PAIR / "assistant"), out,
-                          ExportOptions(max_context=MAX_CONTEXT, ep=profile))
-            cache[profile] = out
-        return cache[profile]
+                          ExportOptions(max_context=MAX_CONTEXT, ep=profile, quant=quant))
+            cache[profile, quant] = out
+        return cache[profile, quant]
 
     return make
 
@@ -155,6 +156,37 @@ def test_logits_match_cpu_fp32(ep: str, demo_bundles) -> None:
     diff = float(np.abs(logits[ep] - logits["cpu"]).max())
     print(f"{ep}: max |logits - CPU fp32| = {diff:.2e}")
     assert diff < 1e-3
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("ep", [pytest.param(ep, marks=needs(ep)) for ep in ("webgpu", "openvino")])
+def test_quantized_bundle_runs_on_its_ep(ep: str, quant: str, demo_bundles) -> None:
+    """int8 / int4 weights (MatMulNBits, GatherBlockQuantized; the drafter int8) exported for the EP's profile:
+    every node on the EP with CPU fallback disabled, logits equal the same bundle on the CPU EP within the fp32
+    tolerance above (exact compute: fp32 activations off the CPU profile), and greedy speculation equals plain."""
+    path = demo_bundles(ep, quant)
+    bundle = Bundle(path, ep=ep, strict=True, report_placement=True)
+    assert bundle.manifest.graphs["target"].quantization["kind"] == quant
+    for graph, placed in bundle.placement_report().items():
+        assert placed["share"] >= 0.95, f"{graph}: only {placed['share']:.1%} of nodes on {ep} ({placed['cpu_ops']})"
+    ids = list(range(10, 170))  # past the sliding window
+    cpu = Bundle(path, ep="cpu")
+    logits = {name: b.target.forward(b.new_cache(), ids, logits_to_keep=len(ids))[0]
+              for name, b in (("cpu", cpu), (ep, bundle))}
+    diff = float(np.abs(logits[ep] - logits["cpu"]).max())
+    gen = Generator(bundle, draft_tokens=DRAFT)
+    drafted = accepted = 0
+    for prompt in PROMPTS:
+        prompt_ids = gen.tokenizer.encode(prompt)
+        gen.reset()
+        plain = gen.generate(prompt_ids, NEW_TOKENS, use_assistant=False).token_ids
+        gen.reset()
+        spec = gen.generate(prompt_ids, NEW_TOKENS)
+        assert spec.token_ids == plain, f"{ep} {quant}: speculative output differs from plain decoding"
+        drafted, accepted = drafted + spec.stats.drafted, accepted + spec.stats.accepted
+    print(f"{ep} {quant}: max |logits - same bundle on CPU| = {diff:.2e}, acceptance {accepted}/{drafted}")
+    assert diff < 1e-3
+    assert drafted > 0
 
 
 def test_chunked_target_calls_equal_one_call(demo_bundles) -> None:

@@ -1,10 +1,12 @@
 """The QNN HTP profile (`edgegen export --ep qnn`), run on the HTP simulator of the onnxruntime-qnn wheel.
 
-One export of the demo pair (max context 256) serves the module. What is checked: the graphs are static
-and standard-op QDQ; every node is placed on the HTP with CPU fallback disabled; the draft/verify loop on
-the HTP gives exactly the HTP's plain greedy output; the tokens agree with the CPU fp32 bundle (or the first
-divergence is a near tie there, reported with its logit margin); acceptance is reported; precompiled
-context binaries load and give the same tokens. The host-side masks are checked against their definition.
+One export of the demo pair (max context 256) serves the module. What is checked: the graphs (target,
+its prefill graph, the drafter's step and fused round) are static and standard-op QDQ and store each weight
+once; drafting is one HTP call per round; long prompts go in prefill chunks; every node is placed on the
+HTP with CPU fallback disabled; the draft/verify loop on the HTP gives exactly the HTP's plain greedy output;
+the tokens agree with the CPU fp32 bundle (or the first divergence is a near tie there, reported with its logit
+margin); acceptance is reported; precompiled context binaries load and give the same tokens. The host-side
+masks are checked against their definition.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ PROMPT = "def parse_args("
 NEW_TOKENS = 12
 CONTRIB_OPS = {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization", "MatMulNBits",
                "GatherBlockQuantized"}
+GRAPHS = ("target", "prefill", "assistant", "draft_round")
 NEAR_TIE = 1.0  # a first divergence from CPU fp32 is accepted only where fp32's own top-2 margin is below this
 
 
@@ -63,7 +66,7 @@ def htp(qnn_bundle) -> Bundle:
 def test_graphs_are_static_standard_op_qdq(qnn_bundle):
     manifest = json.loads((qnn_bundle / "manifest.json").read_text())
     assert manifest["ep_profile"] == "qnn"
-    for name in ("target", "assistant"):
+    for name in GRAPHS:
         model = onnx.load(str(qnn_bundle / f"{name}.onnx"), load_external_data=False)
         ops = {n.op_type for n in model.graph.node}
         assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, name
@@ -84,16 +87,45 @@ def test_graphs_are_static_standard_op_qdq(qnn_bundle):
         assert specs[past] == "uint16" and all(np.dtype(d).name == d for d in specs.values()), specs
     # One encoding per K/V buffer in both graphs: the host keeps its buffers quantized and feeds them as they are.
     io = manifest["static"]["quantized_io"]
-    shared = [name for name in io["assistant"] if name.startswith("past_")]
-    assert shared and all(io["assistant"][name] == io["target"][name] for name in shared)
+    for drafter in ("assistant", "draft_round"):
+        shared = [name for name in io[drafter] if name.startswith("past_")]
+        assert shared and all(io[drafter][name] == io["target"][name] for name in shared)
     rows = manifest["static"]["query_rows"]
     assert rows == manifest["generation"]["draft_tokens"] + 1
+    assert manifest["graphs"]["prefill"]["inputs"][0]["shape"] == [1, manifest["static"]["prefill_rows"]]
     parity = manifest["parity"]
     print(f"\nqnn export parity: {json.dumps({k: v for k, v in parity.items() if k != 'calibration'})}")
-    # The standard-op graph is exact: chunks of S rows (last one padded), past the sliding window.
-    assert parity["fp32_static_vs_pytorch"]["max_abs_logit_error"] < 1e-4
-    assert parity["fp32_static_vs_pytorch"]["positions"] > manifest["model"]["sliding_window"]
+    # The standard-op graphs are exact: chunks of S rows and of P rows (last ones padded), past the sliding window.
+    for key in ("fp32_static_vs_pytorch", "fp32_prefill_vs_pytorch"):
+        assert parity[key]["max_abs_logit_error"] < 1e-4
+        assert parity[key]["positions"] > manifest["model"]["sliding_window"]
     assert all(check["passed"] for check in parity["checks"].values())
+
+
+def test_every_weight_is_stored_once(qnn_bundle):
+    """The graphs share weight bytes: the target's embedding is stored once for the target, prefill, drafter
+    and fused round (the drafter embeds with it); prefill and draft_round keep no weight file of their own."""
+    import hashlib
+
+    manifest = json.loads((qnn_bundle / "manifest.json").read_text())
+    held: dict[str, tuple[str, str]] = {}
+    embedding = {}
+    for name in GRAPHS:
+        model = onnx.load(str(qnn_bundle / f"{name}.onnx"), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            e = {x.key: x.value for x in t.external_data}
+            assert e["location"] in manifest["files"]
+            start = int(e.get("offset", 0))
+            raw = (qnn_bundle / e["location"]).read_bytes()[start:start + int(e["length"])]
+            place = (e["location"], e.get("offset", "0"))
+            assert held.setdefault(hashlib.sha256(raw).hexdigest(), place) == place, (name, t.name)
+            if "embed_tokens" in t.name:
+                embedding[name] = place
+    assert len(set(embedding.values())) == 1 and embedding["target"][0] == "target.weights", embedding
+    assert set(embedding) == set(GRAPHS)
+    assert not (qnn_bundle / "prefill.weights").exists() and not (qnn_bundle / "draft_round.weights").exists()
 
 
 def test_graph_io_is_named_by_the_manifest_module(qnn_bundle):
@@ -111,7 +143,7 @@ def test_graph_io_is_named_by_the_manifest_module(qnn_bundle):
 def test_every_node_runs_on_the_htp(qnn_bundle):
     """Placement with session.disable_cpu_ep_fallback=1: the session would fail to load with any CPU node."""
     report = Bundle(qnn_bundle, ep="qnn", strict=True, report_placement=True).placement_report()
-    assert set(report) == {"target.onnx", "assistant.onnx"}
+    assert set(report) == {f"{name}.onnx" for name in GRAPHS}
     for name, placed in report.items():
         print(f"\n{name}: {placed['nodes']} -> {placed['share']:.1%} on QNN HTP")
         assert placed["share"] >= 0.95
@@ -148,13 +180,60 @@ def test_speculative_equals_plain_on_htp_and_agrees_with_cpu(htp, cpu_bundle):
     assert margin < NEAR_TIE
 
 
+class _Calls:
+    """Counts a graph's session calls."""
+
+    def __init__(self, graph):
+        self.n, run = 0, graph.run
+
+        def counted(feeds, cache):
+            self.n += 1
+            return run(feeds, cache)
+
+        graph.run = counted
+
+
+def test_drafting_is_one_call_per_round_on_htp(qnn_bundle):
+    """The fused draft_round drafts k greedy tokens in one HTP call; the single-step drafter (still in the
+    bundle, for sampling) is not called. Greedy speculation with either equals plain decoding."""
+    bundle = Bundle(qnn_bundle, ep="qnn")
+    steps = bundle.draft_round.steps
+    assert steps == bundle.target.rows - 1
+    gen = Generator(bundle, draft_tokens=steps)
+    ids = gen.tokenizer.encode(PROMPT)
+    plain = gen.generate(ids, NEW_TOKENS, use_assistant=False).token_ids
+    rounds, single = _Calls(bundle.draft_round), _Calls(bundle.assistant)
+    gen.reset()
+    fused = gen.generate(ids, NEW_TOKENS)
+    rounds_run = fused.stats.drafted_by_position[0]  # rounds that drafted (the last may draft none)
+    print(f"\nqnn htp fused round: {rounds.n} draft calls for {fused.stats.drafted} drafts in {rounds_run} rounds")
+    assert fused.token_ids == plain
+    assert rounds.n == rounds_run > 0 and single.n == 0 and fused.stats.drafted > rounds.n
+    # Sampling drafts in single steps (the round is greedy: a quantized noisy argmax would not draw from q).
+    from edgegen.runtime.sampling import Sampling
+
+    gen.reset()
+    before = rounds.n
+    sampled = gen.generate(ids, 8, sampling=Sampling(temperature=0.8, seed=3))
+    assert rounds.n == before and single.n == sampled.stats.drafted > 0
+    bundle.draft_round = None  # greedy in single steps: k calls a round
+    gen.reset()
+    single.n = 0
+    stepped = gen.generate(ids, NEW_TOKENS)
+    assert stepped.token_ids == plain and single.n == stepped.stats.drafted
+
+
 def test_long_prompt_to_a_full_context_on_the_cpu_ep(qnn_bundle):
     """The same QDQ graphs on the CPU EP (fast): a prompt past the sliding window, drafting until the
     static context is full. Speculative equals plain, and the run stops at the context, not with an error."""
     bundle = Bundle(qnn_bundle, ep="cpu")
     rng = np.random.default_rng(0)
     ids = [int(t) for t in rng.integers(4, bundle.manifest.model.vocab_size, MAX_CONTEXT - 40)]
+    prefill = bundle.target.prefill
+    assert prefill.rows == bundle.manifest.static["prefill_rows"] > bundle.target.rows
+    calls = _Calls(prefill)
     spec = Generator(bundle, draft_tokens=4).generate(ids, 64)
+    assert calls.n == -(-len(ids) // prefill.rows)  # the prompt in chunks of P rows, not S
     plain = Generator(bundle).generate(ids, 64, use_assistant=False)
     assert spec.token_ids == plain.token_ids
     assert spec.stop_reason == "context" or spec.token_ids[-1] in bundle.manifest.generation["eos_token_ids"]
