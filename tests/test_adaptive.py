@@ -89,3 +89,15 @@ def test_first_observations_move_the_rates_more_than_the_ema_would() -> None:
     before = policy.accept[0]
     policy.update(1, 0, 1e-3, 11e-3)
     assert policy.accept[0] == pytest.approx(before * policy.decay)  # past the warm-up: the EMA's step
+
+
+def test_the_first_measuring_round_is_short() -> None:
+    """Before anything is measured, `auto` drafts `first_k` (2), not k_max: with a useless drafter that round
+    costs a 3-row verify instead of a 5-row one. Then a plain step, then the costs decide."""
+    policy = AutoDraft(4)
+    assert policy.choose(4) == 2 and policy.choose(1) == 1
+    assert policy.explain()["k"] == 2
+    policy.update(2, 0, 2e-3, 16e-3)
+    assert policy.choose(4) == 0  # the plain step is measured next
+    policy.update(0, 0, 0.0, 10e-3)
+    assert policy.choose(4) == 0  # nothing accepted: k=1 gives 1.33 tokens for 1 ms + 13 ms (interpolated)
