@@ -277,15 +277,16 @@ def distill(target: str, out: str | Path, data: str | Path | None = None, option
         with torch.no_grad():
             t_out = target_model(input_ids=batch, return_shared_kv_states=True, output_hidden_states=True,
                                  use_cache=False)
+            # The teacher may run in bf16 (as stored); the assistant trains in fp32.
             logp = F.log_softmax(t_out.logits.float(), -1)
-            hidden = t_out.hidden_states[-1]
-            shared = dict(t_out.shared_kv_states)
+            hidden = t_out.hidden_states[-1].float()
+            shared = {name: tuple(x.float() for x in kv) for name, kv in t_out.shared_kv_states.items()}
         starts = None
         if opts.bursts_per_window and opts.bursts_per_window < opts.seq_len - opts.draft_tokens:
             pick = rng.choice(opts.seq_len - opts.draft_tokens, opts.bursts_per_window, replace=False)
             starts = torch.from_numpy(np.sort(pick) + 1)
-        loss, agree = unrolled_loss(assistant, text_model.embed_tokens, batch, hidden, shared, logp,
-                                    opts.draft_tokens, masks, starts)
+        embed = lambda x: text_model.embed_tokens(x).float()  # noqa: E731 - the teacher may be bf16
+        loss, agree = unrolled_loss(assistant, embed, batch, hidden, shared, logp, opts.draft_tokens, masks, starts)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -325,7 +326,7 @@ def _initial_assistant(target_model, target_dir: Path, opts: DistillOptions):
         return load_assistant_for(opts.init, target_dir)
     assistant = assistant_for(target_model, opts)
     if assistant.masked_embedding is not None:
-        emb = _text_model(target_model).embed_tokens.weight.detach().numpy()
+        emb = _text_model(target_model).embed_tokens.weight.detach().float().numpy()
         order = balanced_clusters(emb, opts.num_centroids, seed=opts.seed)
         assistant.masked_embedding.token_ordering.copy_(torch.from_numpy(order))
     return assistant

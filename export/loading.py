@@ -210,14 +210,25 @@ def _check_data_extent(f: Path, size: int, header_len: int) -> None:
         raise EdgegenError(f"weights '{f.name}' are truncated: {size} bytes, header says {8 + header_len + end}")
 
 
-_COMMON = dict(use_safetensors=True, trust_remote_code=False, dtype=torch.float32)
+_COMMON = dict(use_safetensors=True, trust_remote_code=False)
 
 
-def _from_pretrained(cls_name: str, path: Path, what: str):
+def stored_dtype(path: Path) -> torch.dtype:
+    """bfloat16 if every floating-point tensor of the checkpoint is stored in bf16, else float32: a teacher
+    kept in its own bf16 needs half the memory of an fp32 copy (E2B: ~9.3 instead of ~18.5 GB)."""
+    kinds = set()
+    for f in sorted(path.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        kinds |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"].startswith(("F", "BF"))}
+    return torch.bfloat16 if kinds == {"BF16"} else torch.float32
+
+
+def _from_pretrained(cls_name: str, path: Path, what: str, dtype: torch.dtype = torch.float32):
     import transformers
 
     try:
-        return getattr(transformers, cls_name).from_pretrained(path, **_COMMON).eval()
+        return getattr(transformers, cls_name).from_pretrained(path, dtype=dtype, **_COMMON).eval()
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EdgegenError(f"cannot load the {what}: {first[:200]}") from None
@@ -232,7 +243,8 @@ def _quiet_transformers() -> None:
 
 
 def load_target(target: str) -> tuple[torch.nn.Module, Path]:
-    """A Gemma 4 target alone (for `edgegen distill`): checked, then loaded in fp32."""
+    """A Gemma 4 target alone (for `edgegen distill`): checked, then loaded in the precision it is stored in
+    (bf16 stays bf16; never upcast to fp32 at real size)."""
     apply_transformers_shims()
     _quiet_transformers()
     target_dir = resolve(target, "target")
@@ -245,7 +257,8 @@ def load_target(target: str) -> tuple[torch.nn.Module, Path]:
     if not _text(cfg).get("num_kv_shared_layers"):
         raise EdgegenError("target has no KV-shared layers, so it has no store layers for an assistant to read")
     _check_weights(target_dir, "target")
-    return _from_pretrained(TARGET_TYPES[cfg["model_type"]], target_dir, "target"), target_dir
+    model = _from_pretrained(TARGET_TYPES[cfg["model_type"]], target_dir, "target", stored_dtype(target_dir))
+    return model, target_dir
 
 
 def load_assistant_for(assistant: str, target_dir: Path) -> torch.nn.Module:

@@ -162,3 +162,25 @@ def test_cli_errors_are_one_line(case, peaked_pair, tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_a_bf16_target_teaches_in_bf16(tmp_path):
+    """Published targets are stored in bf16: the teacher stays bf16 (an fp32 copy of E2B is ~18.5 GB), the
+    assistant still trains in fp32, and the result exports with passing parity checks."""
+    import torch
+
+    from edgegen.export.bundle import ExportOptions, export_bundle
+    from edgegen.export.loading import load_target
+    from edgegen.export.testing import save_bf16_pair
+
+    target, _ = save_bf16_pair(tmp_path / "pair", "e2b-like", multimodal=True)
+    teacher, _ = load_target(str(target))
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    del teacher
+    out = distill(str(target), tmp_path / "assistant", options=dataclasses.replace(CENTROIDS, steps=2))
+    from transformers import Gemma4AssistantForCausalLM
+
+    trained = Gemma4AssistantForCausalLM.from_pretrained(out)
+    assert {p.dtype for p in trained.parameters()} == {torch.float32}
+    manifest = export_bundle(str(target), str(out), tmp_path / "bundle", ExportOptions(max_context=128))
+    assert all(c["passed"] for c in manifest.parity["checks"].values())
