@@ -168,7 +168,7 @@ class Target(GraphSession):
             )
         whole = not self.max_chunk or (s <= self.max_chunk and (logits_to_keep == s or not s & (s - 1)))
         if whole and (not cache.max_rows or max(s, self.min_rows) <= cache.max_rows):
-            return self._forward(cache, ids, logits_to_keep, soft)
+            return self._forward(cache, ids, logits_to_keep, *_given(soft))
         logits, hidden, start = [], [], 0
         while start < s:
             n = s - start
@@ -177,7 +177,8 @@ class Target(GraphSession):
             if cache.max_rows:
                 n = min(n, cache.max_rows)
             wanted = min(n, logits_to_keep - (s - start - n))  # this chunk's share of the last N positions
-            lo, hi = self._forward(cache, ids[:, start:start + n], max(wanted, 1), _chunk(soft, start, start + n))
+            part = _given(_chunk(soft, start, start + n))
+            lo, hi = self._forward(cache, ids[:, start:start + n], max(wanted, 1), *part)
             if wanted > 0:
                 logits.append(lo[-wanted:])
                 hidden.append(hi[-wanted:])
@@ -189,10 +190,10 @@ class Target(GraphSession):
         pad = self.min_rows - s if past + self.min_rows <= cache.max_context else 0
         if pad > 0:  # repeat the last token: any id will do, its row is dropped
             ids = np.concatenate([ids, np.repeat(ids[:, -1:], pad, axis=1)], axis=1)
-            logits, hidden = self._run(cache, ids, logits_to_keep + pad, soft)
+            logits, hidden = self._run(cache, ids, logits_to_keep + pad, *_given(soft))
             cache.length = past + s
             return logits[:-pad], hidden[:-pad]
-        return self._run(cache, ids, logits_to_keep, soft)
+        return self._run(cache, ids, logits_to_keep, *_given(soft))
 
     def _soft_feeds(self, soft) -> dict[str, np.ndarray]:
         """soft_rows / soft_embeds: the call's soft tokens, or none (M = 0) for a text call."""
@@ -225,6 +226,12 @@ class Target(GraphSession):
         cache.length = past + s
         cache.wrote(past + s)
         return out[names.LOGITS][0], out[names.LAST_HIDDEN][0]
+
+
+def _given(soft) -> tuple:
+    """The soft-token argument of the internal calls, passed only when there is one: a text call is made with
+    exactly the arguments it always had."""
+    return () if soft is None else (soft,)
 
 
 def _chunk(soft: tuple[np.ndarray, np.ndarray] | None, start: int, stop: int):
