@@ -193,6 +193,7 @@ def _export_dynamic(pair, opts: ExportOptions, profile: Profile, tmp: Path, stag
     cfg, max_context = pair.text_config, opts.max_context
     steps = opts.draft_tokens_resolved(pair)
     plan, alayers, ple_table = _write_graphs(pair, profile, tquant, aquant, max_context, steps, tmp)
+    vquant = _write_vision(pair, profile, tquant, tmp)
 
     stage("write")
     ple = contents.write_ple(tmp, ple_table, cfg.num_hidden_layers, tquant) if ple_table is not None else None
@@ -210,11 +211,16 @@ def _export_dynamic(pair, opts: ExportOptions, profile: Profile, tmp: Path, stag
                              ("assistant", _aliases(alayers, profile), aquant),
                              ("draft_round", _aliases(alayers, profile, steps), aquant)):
         manifest.graphs[name] = contents.graph_spec(tmp / f"{name}.onnx", aliases, contents.quantization(q))
+    if vquant is not None:
+        from edgegen.export.vision import processor_settings
+
+        manifest.graphs["vision"] = contents.graph_spec(tmp / "vision.onnx", {}, contents.quantization(vquant))
+        manifest.vision = processor_settings(pair)
     contents.record_files(tmp, manifest)  # before verification, which loads the bundle the way the runtime will
 
     if opts.verify:
         stage("verify")
-        _verify(pair, tmp, manifest, tquant, aquant)
+        _verify(pair, tmp, manifest, tquant, aquant, vquant)
     return manifest
 
 
@@ -227,7 +233,7 @@ def _write_graphs(pair, profile: Profile, tquant: Quant, aquant: Quant, max_cont
     # Sliding layers' ring length (0: full-length buffers); the drafter reads the same rings.
     ring = kv_ring(profile, [cfg.sliding_window, pair.assistant.config.get_text_config().sliding_window], max_context)
     tgraph, plan, ple_table = build_target_graph(pair.weights, cfg, tquant, tmp, shared, pair.lm_head, profile,
-                                                 max_context, ring)
+                                                 max_context, ring, soft_tokens=takes_soft_tokens(pair, profile))
     assistant_args = (pair.assistant_weights, pair.assistant.config, pair.weights, cfg, plan, aquant, tquant, tmp,
                       shared)
     agraph, alayers = build_assistant_graph(*assistant_args, profile=profile, max_context=max_context)
@@ -240,11 +246,42 @@ def _write_graphs(pair, profile: Profile, tquant: Quant, aquant: Quant, max_cont
     return plan, alayers, ple_table
 
 
-def _verify(pair, tmp: Path, manifest: Manifest, tquant: Quant, aquant: Quant) -> None:
-    """The bundle against PyTorch (export/verify.py); the report goes into the manifest, a failed check raises."""
+def _write_vision(pair, profile: Profile, tquant: Quant, tmp: Path) -> Quant | None:
+    """The vision graph (export/vision.py) where the target takes soft tokens; its precision, or None."""
+    from edgegen.export.vision import build_vision_graph, exports_vision, vision_quant
+
+    if not (takes_soft_tokens(pair, profile) and exports_vision(pair)):
+        return None
+    vquant = vision_quant(tquant)
+    shared = WeightFile(tmp / f"vision.{SHARED_FILE}")  # the tower shares no weight with the text graphs
+    graph = build_vision_graph(pair, vquant, tmp, shared, profile)
+    graph.save(tmp)
+    graph.data.close()
+    shared.close()
+    if not graph.shared_names:
+        (tmp / f"vision.{SHARED_FILE}").unlink()
+    return vquant
+
+
+def takes_soft_tokens(pair, profile: Profile) -> bool:
+    """Whether the target graph takes embeddings at placeholder positions (graphs.soft_token_rows): for a
+    checkpoint with a vision or audio tower, on the cpu profile. Text-only checkpoints' graphs stay as they were."""
+    towers = any(getattr(pair.config, f"{m}_config", None) is not None for m in ("vision", "audio"))
+    return towers and profile.name == "cpu"
+
+
+def _verify(pair, tmp: Path, manifest: Manifest, tquant: Quant, aquant: Quant, vquant: Quant | None = None) -> None:
+    """The bundle against PyTorch (export/verify.py, export/vision.py); the report goes into the manifest, a
+    failed check raises."""
     from edgegen.export import verify
 
     manifest.parity = verify.verify_bundle(pair, tmp, manifest.model.max_context, tquant, aquant)
+    if vquant is not None:
+        from edgegen.export.vision import verify_vision
+
+        report = verify_vision(pair, tmp / "vision.onnx", vquant)
+        manifest.parity.setdefault("checks", {})["vision_soft_tokens"] = report.pop("vision_soft_tokens")
+        manifest.parity["vision"] = report
     contents.write_manifest(tmp, manifest)
     failed = [f"{k} {v['value']:.3g} > {v['tolerance']:.3g}" if "tolerance" in v else
               f"{k} {v['value']:.3g} < {v['minimum']:.3g}" if "minimum" in v else k

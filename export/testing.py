@@ -484,3 +484,133 @@ def save_bf16_pair(out_dir: str | Path, preset: Preset | str = "e2b-like", seed:
     copy.deepcopy(_TOKENIZER_CACHE[preset.vocab_size]).save_pretrained(target_dir)
     _save_random(Gemma4AssistantForCausalLM, assistant_config(preset), assistant_dir, seed + 1, preset.init_std)
     return target_dir, assistant_dir
+
+
+# -- multimodal preset --------------------------------------------------------------------------------------
+# A Gemma4ForConditionalGeneration with the real tokenizer (its <|image|>/<|audio|> tokens need the 262,144-token
+# vocabulary) and the towers of the published E2B config at reduced sizes. "E2B structure" is what transformers'
+# Gemma4VisionConfig / Gemma4AudioConfig default to (both documented against google/gemma-4-e2b-it): the vision
+# tower is a patch embedder (linear over 16x16x3 patches + a 2-axis position-embedding table), bidirectional
+# encoder layers with q/k/v norms and axial 2-D RoPE, 3x3 position-wise average pooling, then the multimodal
+# embedder (scale-free RMSNorm + projection into the text width); the audio tower is the subsampling conv
+# projection + conformer-style layers with chunked attention. Widths, depths and the position table shrink;
+# kernel sizes, patch size, pooling, RoPE kind and layer kinds do not. Clipped linears are on (finite random
+# bounds) in both towers so an export that drops a clamp is caught; the text model is the "real-vocab" preset.
+
+MULTIMODAL_PRESET = "real-vocab"
+IMAGE_SOFT_TOKENS = 70  # the smallest budget Gemma4ImageProcessor accepts (E2B's default is 280)
+SPECIAL_MEDIA_TOKENS = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                        "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"}
+
+
+def multimodal_towers() -> dict:
+    """Vision and audio configs of the multimodal preset (see above)."""
+    from transformers import Gemma4AudioConfig, Gemma4VisionConfig
+
+    vision = Gemma4VisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
+                                num_key_value_heads=3, head_dim=16, position_embedding_size=256,
+                                use_clipped_linears=True, initializer_range=0.06)
+    audio = Gemma4AudioConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              output_proj_dims=64, subsampling_conv_channels=[8, 4])
+    return {"vision_config": vision.to_dict(), "audio_config": audio.to_dict()}
+
+
+def _perturb_towers_(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Random position tables (HF initializes them to ones: every patch position would look alike) and finite
+    clip bounds on the clipped linears (HF: +-inf, i.e. no clamp)."""
+    with torch.no_grad():
+        for name, b in model.named_parameters():
+            if name.endswith("position_embedding_table"):
+                b.copy_(0.5 * torch.randn(b.shape, generator=generator))
+        for name, b in model.named_buffers():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("input_min", "output_min"):
+                b.fill_(-1.0 - torch.rand((), generator=generator).item())
+            elif leaf in ("input_max", "output_max"):
+                b.fill_(1.0 + torch.rand((), generator=generator).item())
+
+
+def build_multimodal_target(seed: int = 0):
+    """The random-weight multimodal target (Gemma4ForConditionalGeneration) of the multimodal preset."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    preset = PRESETS[MULTIMODAL_PRESET]
+    torch.manual_seed(seed)
+    text = target_text_config(preset, eos_token_id=[EOS_ID, GEMMA4_TURN_END_ID])
+    model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text.to_dict(), **multimodal_towers()))
+    _perturb_(model, torch.Generator().manual_seed(seed + 1))
+    _perturb_towers_(model, torch.Generator().manual_seed(seed + 2))
+    return model.eval()
+
+
+def write_processor(target_dir: Path, image_soft_tokens: int = IMAGE_SOFT_TOKENS) -> None:
+    """The processor files of a multimodal checkpoint: the real tokenizer with its media tokens named (as the
+    published tokenizer_config does), the image processor and the audio feature extractor, and
+    processor_config.json."""
+    import json
+
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    target_dir = Path(target_dir)
+    write_gemma4_tokenizer(target_dir)
+    path = target_dir / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["extra_special_tokens"] = dict(SPECIAL_MEDIA_TOKENS)
+    path.write_text(json.dumps(cfg, indent=1))
+    # One processor_config.json with each part's settings nested under its name, as ProcessorMixin saves it
+    # (an image processor and a feature extractor saved apart would both write preprocessor_config.json).
+    (target_dir / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "Gemma4Processor", "image_seq_length": image_soft_tokens, "audio_seq_length": 750,
+         "audio_ms_per_token": 40,
+         "image_processor": json.loads(Gemma4ImageProcessorPil(max_soft_tokens=image_soft_tokens).to_json_string()),
+         "feature_extractor": json.loads(Gemma4AudioFeatureExtractor().to_json_string())}, indent=1))
+
+
+def save_multimodal_pair(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write `<out>/target` (Gemma4ForConditionalGeneration + processor files) and `<out>/assistant` with
+    `save_pretrained`; return both paths."""
+    from transformers import GenerationConfig
+
+    out_dir = Path(out_dir)
+    target_dir, assistant_dir = out_dir / "target", out_dir / "assistant"
+    eos = [EOS_ID, GEMMA4_TURN_END_ID]
+    target = build_multimodal_target(seed)
+    target.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=eos, pad_token_id=PAD_ID,
+                                                do_sample=False)
+    target.save_pretrained(target_dir)
+    write_processor(target_dir)
+    build_assistant(MULTIMODAL_PRESET, seed).save_pretrained(assistant_dir)
+    return target_dir, assistant_dir
+
+
+def load_processor(target_dir: str | Path):
+    """transformers' Gemma4Processor for a checkpoint directory, without its video processor (which needs
+    torchvision, not a dependency here): the image processor, feature extractor and tokenizer it saved, and
+    Gemma4Processor's own prompt expansion."""
+    import json
+
+    from transformers import AutoTokenizer, Gemma4Processor
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+    from transformers.processing_utils import ProcessorMixin
+
+    class _Processor(Gemma4Processor):
+        def __init__(self, feature_extractor, image_processor, tokenizer, chat_template=None, **kwargs):
+            self.image_seq_length = kwargs.pop("image_seq_length", 280)
+            self.audio_seq_length = kwargs.pop("audio_seq_length", 750)
+            self.audio_ms_per_token = kwargs.pop("audio_ms_per_token", 40)
+            for name in ("image", "boi", "eoi", "audio", "boa", "eoa"):
+                setattr(self, f"{name}_token", getattr(tokenizer, f"{name}_token"))
+            self.image_token_id, self.audio_token_id = tokenizer.image_token_id, tokenizer.audio_token_id
+            self.video_token, self.video_token_id = "<|video|>", tokenizer.convert_tokens_to_ids("<|video|>")
+            ProcessorMixin.__init__(self, feature_extractor=feature_extractor, image_processor=image_processor,
+                                    tokenizer=tokenizer, chat_template=chat_template)
+
+    target_dir = Path(target_dir)
+    settings = json.loads((target_dir / "processor_config.json").read_text())
+    settings.pop("processor_class", None)
+    image_processor = Gemma4ImageProcessorPil.from_dict(settings.pop("image_processor"))
+    feature_extractor = Gemma4AudioFeatureExtractor.from_dict(settings.pop("feature_extractor"))
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    return _Processor(feature_extractor, image_processor, tokenizer, chat_template=tokenizer.chat_template, **settings)
