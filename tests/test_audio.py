@@ -1,0 +1,219 @@
+"""Audio input: the audio tower graph against PyTorch, numpy log-mel features and the `<|audio|>` expansion
+against transformers' Gemma4 feature extractor and processor, bad audio files as one line each."""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgegen.runtime import audio as raudio
+from edgegen.runtime.errors import EdgegenError
+
+RATE = 16000
+# Lengths chosen around the arithmetic's edges: under one hop, odd frame counts, one sample past a multiple
+# of the processor's 128-sample padding, and the 30 s maximum.
+SECONDS = (0.0113, 0.0125, 0.37, 1.0001, 2.7, 7.31, 30.0)
+
+
+def _clip(seconds: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * RATE))
+    t = np.arange(n) / RATE
+    tone = 0.4 * np.sin(2 * np.pi * (220 + 300 * t) * t)  # a chirp plus noise: energy across the mel bins
+    return (tone + 0.05 * rng.standard_normal(n)).astype(np.float32)
+
+
+def _write_wav(path: Path, samples: np.ndarray, rate: int = RATE, channels: int = 1, width: int = 2) -> Path:
+    pcm = np.clip(np.round(samples * 32767), -32768, 32767).astype("<i2")
+    if channels > 1:
+        pcm = np.repeat(pcm, channels)
+    raw = pcm.tobytes() if width == 2 else (pcm // 256 + 128).astype(np.uint8).tobytes()
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(channels)
+        f.setsampwidth(width)
+        f.setframerate(rate)
+        f.writeframes(raw)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from edgegen.export import testing
+
+    return testing.save_multimodal_pair(tmp_path_factory.mktemp("mm"))
+
+
+@pytest.fixture(scope="module")
+def processor(pair):
+    from edgegen.export import testing
+
+    return testing.load_processor(pair[0])
+
+
+@pytest.fixture(scope="module")
+def settings(pair):
+    from transformers import AutoConfig
+
+    from edgegen.export import audio as xaudio
+
+    return xaudio.audio_settings(pair[0], AutoConfig.from_pretrained(pair[0]).audio_config)
+
+
+# -- the tower graph ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int8", "int4"])
+def test_audio_graph_matches_pytorch(pair, tmp_path, quant):
+    """The audio graph (tower + embedder) against transformers on clips longer than one attention chunk, fed
+    to PyTorch padded and masked as the processor pads them; quantized graphs against PyTorch with the same
+    weight rounding."""
+    from transformers import AutoConfig
+
+    from edgegen.export import audio as xaudio
+    from edgegen.export.graphs import PROFILES
+    from edgegen.export.onnx_graph import WeightFile
+    from edgegen.export.quantize import Quant
+    from edgegen.export.weights import Checkpoint
+
+    config = AutoConfig.from_pretrained(pair[0])
+    ckpt = Checkpoint(pair[0])
+    assert xaudio.has_audio_tower(ckpt)
+    shared = WeightFile(tmp_path / "shared.weights")
+    g = xaudio.build_audio_graph(ckpt, config.audio_config, config.text_config.hidden_size, Quant(quant), tmp_path,
+                                 shared, PROFILES["cpu"])
+    g.save(tmp_path)
+    g.data.close()
+    shared.close()
+    report = xaudio.verify_audio(ckpt, config, tmp_path, Quant(quant), seconds=(0.37, 1.3, 2.9))
+    check = report["audio_embeddings_rel_max_diff"]
+    assert check["value"] <= 1e-4, check
+
+
+def test_clip_bounds_matter(pair):
+    """The preset's clipped linears have finite bounds, and the clip's activations cross them (so the graph
+    test above fails if a clamp is dropped)."""
+    import torch
+    from transformers import AutoConfig
+
+    from edgegen.export import audio as xaudio
+    from edgegen.export.weights import Checkpoint
+
+    config = AutoConfig.from_pretrained(pair[0])
+    tower, _ = xaudio.pytorch_tower(Checkpoint(pair[0]), config)
+    feats = raudio.LogMel(xaudio.audio_settings(pair[0], config.audio_config)["feature_extractor"])(_clip(1.0))
+    crossed = []
+    mods = [m for m in tower.modules() if type(m).__name__ == "Gemma4ClippableLinear"]
+    assert mods and all(bool(torch.isfinite(m.input_max)) for m in mods)
+    handles = [m.register_forward_pre_hook(
+        lambda m, args: crossed.append(bool(((args[0] > m.input_max) | (args[0] < m.input_min)).any())))
+        for m in mods]
+    with torch.no_grad():
+        tower(torch.from_numpy(feats[None]), torch.ones(1, len(feats), dtype=torch.bool))
+    for h in handles:
+        h.remove()
+    assert any(crossed)
+
+
+# -- features and placeholders ---------------------------------------------------------------------------------
+
+
+def test_features_match_transformers(settings):
+    """numpy log-mel frames equal Gemma4AudioFeatureExtractor's valid (mask=True) frames on clips of 7
+    lengths, and the frame count is the mask's."""
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+
+    ref = Gemma4AudioFeatureExtractor()
+    ours = raudio.LogMel(settings["feature_extractor"])
+    worst = 0.0
+    for i, s in enumerate(SECONDS):
+        clip = _clip(s, seed=i)
+        out = ref([clip], return_tensors="np")  # a list: a bare 1-D array is read as a batch of 1-sample clips
+        expected = out["input_features"][0][out["input_features_mask"][0]]
+        got = ours(clip)
+        assert got.shape == expected.shape, s
+        if len(got):
+            worst = max(worst, float(np.abs(got - expected).max()))
+    assert worst <= 1e-6, worst
+
+
+def test_features_match_with_preemphasis_and_normalisation(settings):
+    """The optional paths (HTK and plain pre-emphasis, input scale, per-bin mean and stddev) as configured."""
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+
+    rng = np.random.default_rng(3)
+    for htk in (True, False):
+        extra = dict(preemphasis=0.97, preemphasis_htk_flavor=htk, input_scale_factor=2.0,
+                     per_bin_mean=list(rng.standard_normal(128)), per_bin_stddev=list(1 + rng.random(128)))
+        ref = Gemma4AudioFeatureExtractor(**extra)
+        ours = raudio.LogMel({**settings["feature_extractor"], **extra})
+        clip = _clip(1.7, seed=5)
+        out = ref([clip], return_tensors="np")
+        expected = out["input_features"][0][out["input_features_mask"][0]]
+        assert np.abs(ours(clip) - expected).max() <= 1e-6
+
+
+def test_placeholder_expansion_matches_processor(pair, processor, settings):
+    """`<|audio|>` expands to the processor's ids, one and two clips per prompt, clips of 5 lengths."""
+    from edgegen.runtime.tokenizer import TextTokenizer
+
+    tok = TextTokenizer(pair[0], {"files": ["tokenizer.json"]})
+    ids = {name: tok.token_id(t) for name, t in (("audio", raudio.AUDIO_TOKEN), ("boa", raudio.BOA_TOKEN),
+                                                   ("eoa", raudio.EOA_TOKEN))}
+    assert ids == {"audio": processor.audio_token_id, "boa": tok.token_id(processor.boa_token),
+                   "eoa": tok.token_id(processor.eoa_token)}
+    ours = raudio.LogMel(settings["feature_extractor"])
+    cases = [(f"Transcribe {raudio.AUDIO_TOKEN} please.", [SECONDS[i]]) for i in (1, 2, 3, 4, 6)]
+    cases.append((f"A {raudio.AUDIO_TOKEN} then B {raudio.AUDIO_TOKEN}.", [0.37, 2.7]))
+    for text, lengths in cases:
+        clips = [_clip(s) for s in lengths]
+        expected = processor(text=text, audio=clips, return_tensors="np")["input_ids"][0].tolist()
+        counts = [raudio.tokens_for_frames(ours.frames(len(c))) for c in clips]
+        got = raudio.expand_placeholders(tok.encode(text), counts, ids["audio"], ids["boa"], ids["eoa"])
+        assert got == expected, (text, lengths)
+
+
+def test_wav_reading(tmp_path):
+    clip = _clip(0.5)
+    got = raudio.read_wav(_write_wav(tmp_path / "a.wav", clip), RATE)
+    pcm = np.clip(np.round(clip * 32767), -32768, 32767).astype(np.int16)
+    assert got.dtype == np.float32 and np.array_equal(got, pcm.astype(np.float32) / 32768)
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------
+
+
+def _bad_files(tmp: Path) -> dict[str, tuple[Path, str]]:
+    good = _write_wav(tmp / "good.wav", _clip(1.0))
+    truncated = tmp / "truncated.wav"
+    truncated.write_bytes(good.read_bytes()[:-5000])
+    garbage = tmp / "garbage.wav"
+    garbage.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot a chunk" * 3)
+    text = tmp / "notes.wav"
+    text.write_text("hello")
+    return {
+        "truncated": (truncated, "truncated"),
+        "garbage": (garbage, "not a readable WAV"),
+        "text": (text, "not a readable WAV"),
+        "missing": (tmp / "nope.wav", "does not exist"),
+        "rate": (_write_wav(tmp / "8k.wav", _clip(1.0), rate=8000), "8000 Hz"),
+        "stereo": (_write_wav(tmp / "stereo.wav", _clip(1.0), channels=2), "2 channels"),
+        "8bit": (_write_wav(tmp / "8bit.wav", _clip(1.0), width=1), "8-bit"),
+        "long": (_write_wav(tmp / "long.wav", _clip(31.0)), "at most 30 s"),
+        "short": (_write_wav(tmp / "short.wav", _clip(0.005)), "too short"),
+    }
+
+
+def test_bad_audio_is_one_line(tmp_path, settings):
+    extractor = raudio.LogMel(settings["feature_extractor"])
+    for name, (path, words) in _bad_files(tmp_path).items():
+        with pytest.raises(EdgegenError) as err:
+            raudio.load_clip(path, extractor)
+        message = str(err.value)
+        assert words in message and "\n" not in message, (name, message)
+    for bad, words in ((np.zeros((2, 100), np.float32), "1-D float"), (np.zeros(1000, np.int16), "1-D float"),
+                       (np.full(4000, np.nan, np.float32), "NaN")):
+        with pytest.raises(EdgegenError, match=words):
+            raudio.load_clip(bad, extractor)
