@@ -227,7 +227,7 @@ def _write_graphs(pair, profile: Profile, tquant: Quant, aquant: Quant, max_cont
     # Sliding layers' ring length (0: full-length buffers); the drafter reads the same rings.
     ring = kv_ring(profile, [cfg.sliding_window, pair.assistant.config.get_text_config().sliding_window], max_context)
     tgraph, plan, ple_table = build_target_graph(pair.weights, cfg, tquant, tmp, shared, pair.lm_head, profile,
-                                                 max_context, ring)
+                                                 max_context, ring, soft_tokens=takes_soft_tokens(pair, profile))
     assistant_args = (pair.assistant_weights, pair.assistant.config, pair.weights, cfg, plan, aquant, tquant, tmp,
                       shared)
     agraph, alayers = build_assistant_graph(*assistant_args, profile=profile, max_context=max_context)
@@ -238,6 +238,13 @@ def _write_graphs(pair, profile: Profile, tquant: Quant, aquant: Quant, max_cont
     for f in (tgraph.data, agraph.data, shared):
         f.close()
     return plan, alayers, ple_table
+
+
+def takes_soft_tokens(pair, profile: Profile) -> bool:
+    """Whether the target graph takes embeddings at placeholder positions (graphs.soft_token_rows): for a
+    checkpoint with a vision or audio tower, on the cpu profile. Text-only checkpoints' graphs stay as they were."""
+    towers = any(getattr(pair.config, f"{m}_config", None) is not None for m in ("vision", "audio"))
+    return towers and profile.name == "cpu"
 
 
 def _verify(pair, tmp: Path, manifest: Manifest, tquant: Quant, aquant: Quant) -> None:

@@ -42,6 +42,8 @@ from edgegen.runtime.manifest import (
     POSITION_IDS,
     PROJECTED_HIDDEN,
     SEQLENS_K,
+    SOFT_EMBEDS,
+    SOFT_ROWS,
     TOKEN,
     TOKENS,
     TOTAL_SEQUENCE_LENGTH,
@@ -523,7 +525,7 @@ def _vi(name, shape, elem_type: int = F32):
 def build_target_graph(w: Weights, cfg, quant: Quant, out_dir, shared: WeightFile,
                        untied_lm_head: Tensor | None = None, profile: Profile = PROFILES["cpu"],
                        max_context: int = 0, ring: int = 0, rows: int = 0,
-                       name: str = "target") -> tuple[Graph, TargetPlan, PLETable | None]:
+                       name: str = "target", soft_tokens: bool = False) -> tuple[Graph, TargetPlan, PLETable | None]:
     """`w`: the text model's weights (embed_tokens, layers.N..., norm), read one tensor at a time.
     Returns the graph, its plan, and the host-side PLE table (token component, scale folded in).
     max_context: positions the RoPE tables cover (profiles with rope_tables) and, with static shapes, the
@@ -551,6 +553,8 @@ def build_target_graph(w: Weights, cfg, quant: Quant, out_dir, shared: WeightFil
 
     table = TiedTable(g, quant, "embed_tokens", w["embed_tokens.weight"], shared=not static)
     x = table.rows(ids, scales.embed)
+    if soft_tokens:
+        x = soft_token_rows(g, x, plan.hidden)
     if not static:
         rope = {kind: rope_tables(g, pos, freq, f"target.{kind}", max_context) for kind, freq in inv_freqs(cfg).items()}
     per_layer, ple_table = _per_layer_inputs(g, lin, x, w, cfg, plan, scales, rows if static else -1)
@@ -581,6 +585,17 @@ def build_target_graph(w: Weights, cfg, quant: Quant, out_dir, shared: WeightFil
         for name in new_kv(layer.index):
             g.outputs.append(_vi(name, [1, layer.kv_heads, rows, layer.head_dim]))
     return g, plan, ple_table
+
+
+def soft_token_rows(g: Graph, x: str, hidden: int) -> str:
+    """x [1, S, H] with the rows soft_rows [M, 1] replaced by soft_embeds [M, H], as transformers' Gemma4Model
+    puts image and audio features into inputs_embeds (masked_scatter over the placeholder positions, after the
+    token embedding's scaling; the per-layer inputs are then projected from the merged rows). A text call
+    feeds M = 0 rows: the scatter copies x and changes no value. Attention stays causal inside an image's
+    tokens: E2B and E4B set use_bidirectional_attention to None (export/vision.py refuses "vision")."""
+    flat = g.op("Reshape", x, g.const([-1, hidden]))
+    merged = g.op("ScatterND", flat, _input(g, SOFT_ROWS, ["M", 1]), _input(g, SOFT_EMBEDS, ["M", hidden]))
+    return g.op("Reshape", merged, g.const([1, -1, hidden]))
 
 
 def _logits_start(g: Graph) -> str:

@@ -20,6 +20,7 @@ from edgegen.runtime.chat import Conversation
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.loop import Stats, Token, TokenLoop
 from edgegen.runtime.model import Bundle
+from edgegen.runtime.prompt import SoftTokens
 from edgegen.runtime.sampling import Sampling
 from edgegen.runtime.text import Event, text_events
 from edgegen.runtime.tokenizer import TextTokenizer
@@ -59,23 +60,26 @@ class Generator(TokenLoop):
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
                use_assistant: bool = True, draft_tokens: int | str | None = None,
-               stop_strings: tuple[str, ...] = ()) -> Iterator[Event]:
+               stop_strings: tuple[str, ...] = (),
+               soft: tuple[SoftTokens, ...] | list[SoftTokens] = ()) -> Iterator[Event]:
         """Continue a raw prompt (text, or token ids). Each event carries the answer and thinking text its
-        token added; the last one the stop reason."""
+        token added; the last one the stop reason. soft: embeddings at placeholder ids of a token-id prompt
+        (runtime/prompt.py)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        tokens = self.stream_ids(ids, max_new_tokens, sampling, use_assistant, draft_tokens)
+        tokens = self.stream_ids(ids, max_new_tokens, sampling, use_assistant, draft_tokens, soft)
         return text_events(tokens, self.tokenizer, stop_strings)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
                  use_assistant: bool = True, draft_tokens: int | str | None = None,
-                 stop_strings: tuple[str, ...] = ()) -> Result:
+                 stop_strings: tuple[str, ...] = (), soft: tuple[SoftTokens, ...] | list[SoftTokens] = ()) -> Result:
         """Blocking generation, built from `stream`. Token-id prompts work without a tokenizer (empty text)."""
         if isinstance(prompt, list) and not _has_tokenizer(self):
             if stop_strings:
                 raise EdgegenError("stop strings need the bundle's tokenizer, and this bundle has none")
-            tokens = list(self.stream_ids(prompt, max_new_tokens, sampling, use_assistant, draft_tokens))
+            tokens = list(self.stream_ids(prompt, max_new_tokens, sampling, use_assistant, draft_tokens, soft))
             return Result("", [t.token_id for t in tokens], tokens[-1].stats, tokens[-1].stop_reason)
-        return self.collect(self.stream(prompt, max_new_tokens, sampling, use_assistant, draft_tokens, stop_strings))
+        return self.collect(self.stream(prompt, max_new_tokens, sampling, use_assistant, draft_tokens, stop_strings,
+                                        soft))
 
     @staticmethod
     def collect(events: Iterable[Event]) -> Result:

@@ -23,6 +23,7 @@ import numpy as np
 from edgegen.runtime.adaptive import AutoDraft, FixedDraft
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.model import Bundle
+from edgegen.runtime.prompt import SoftTokens, check_soft, identity, soft_rows
 from edgegen.runtime.sampling import (
     Sampling,
     accept_greedy,
@@ -108,18 +109,22 @@ class TokenLoop:
         self.draft_tokens = draft_tokens or "auto"  # an int, or "auto": chosen each round (see adaptive.py)
         self._auto: AutoDraft | None = None
         self.cache = self.bundle.new_cache()
-        self.processed: list[int] = []  # token ids whose K/V are in the cache, in order
+        # What each cached position holds, in order: its token id, or (key, i) for a soft token (prompt.py)
+        self.processed: list = []
         self._guard = threading.Lock()
         self._owner: int | None = None  # the thread generating now (it may nest streams; others may not)
         self._depth = 0
 
     def stream_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
-                   use_assistant: bool = True, draft_tokens: int | str | None = None) -> Iterator[Token]:
+                   use_assistant: bool = True, draft_tokens: int | str | None = None,
+                   soft: tuple[SoftTokens, ...] | list[SoftTokens] = ()) -> Iterator[Token]:
         """Yield one Token per generated id; the last one carries the stop reason. Reuses the cached K/V
-        of a shared prompt prefix (an earlier chat turn)."""
+        of a shared prompt prefix (an earlier chat turn). soft: embeddings that replace placeholder ids of
+        the prompt (images, audio: runtime/prompt.py)."""
         self._claim()
         try:
-            yield from self._generate(prompt_ids, max_new_tokens, sampling or Sampling(), use_assistant, draft_tokens)
+            yield from self._generate(prompt_ids, max_new_tokens, sampling or Sampling(), use_assistant, draft_tokens,
+                                      tuple(soft))
         finally:
             self._release()
 
@@ -129,13 +134,18 @@ class TokenLoop:
 
     # -- the loop ----------------------------------------------------------------------------------
     def _generate(self, prompt_ids: list[int], max_new_tokens: int, s: Sampling, use_assistant: bool,
-                  draft_tokens: int | str | None) -> Iterator[Token]:
+                  draft_tokens: int | str | None, soft: tuple[SoftTokens, ...] = ()) -> Iterator[Token]:
         policy = self._policy(draft_tokens, s, use_assistant)
         self._check_request(prompt_ids, max_new_tokens)
+        if soft:
+            if not self.bundle.target.takes_soft_tokens:
+                raise EdgegenError("this bundle's target takes no image or audio embeddings; export it from a "
+                                   "multimodal checkpoint with the cpu profile")
+            soft = tuple(check_soft(soft, len(prompt_ids), self.bundle.manifest.model.hidden_size))
         rng = np.random.default_rng(s.seed)
         stats = Stats(prompt_tokens=len(prompt_ids), drafting=policy.explain())
         t0 = time.perf_counter()
-        first, h = self._prefill(prompt_ids, s, rng, stats)
+        first, h = self._prefill(prompt_ids, s, rng, stats, soft)
         out = [(first, False)]  # what the last round emits: accepted drafts, then the target's own token
         while True:
             for token, drafted in out:
@@ -155,15 +165,18 @@ class TokenLoop:
             out = [*((d, True) for d in accepted), (bonus, False)]
 
     def _prefill(self, prompt_ids: list[int], s: Sampling, rng: np.random.Generator,
-                 stats: Stats) -> tuple[int, np.ndarray]:
+                 stats: Stats, soft: tuple[SoftTokens, ...] = ()) -> tuple[int, np.ndarray]:
         """Run the prompt positions the cache does not already hold; the first token and its hidden state."""
         t0 = time.perf_counter()
+        held = identity(prompt_ids, soft) if soft else prompt_ids
         # A ring buffer may no longer hold the window before a long-rewritten prefix: then start over.
-        reuse = self.cache.reusable(_common_prefix(self.processed, prompt_ids[:-1]))
+        reuse = self.cache.reusable(_common_prefix(self.processed, held[:-1]))
         self.cache.trim(reuse)
         del self.processed[reuse:]
-        logits, hidden = self.bundle.target.forward(self.cache, prompt_ids[reuse:])
-        self.processed.extend(prompt_ids[reuse:])
+        rows = soft_rows(soft, reuse, len(prompt_ids)) if soft else None
+        pad = int(self.bundle.manifest.generation.get("pad_token_id") or 0)
+        logits, hidden = self.bundle.target.forward(self.cache, prompt_ids[reuse:], soft=rows, pad_id=pad)
+        self.processed.extend(held[reuse:])
         stats.reused_tokens = reuse
         stats.prefill_s = time.perf_counter() - t0
         stats.target_s += stats.prefill_s
@@ -282,7 +295,7 @@ class TokenLoop:
                 self._owner = None
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def _common_prefix(a: list, b: list) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:

@@ -9,8 +9,15 @@ target graph (prefill, verify and decode; S new tokens, the cache holds `past` p
        seqlens_k [1] int32 = past+S-1 · total_sequence_length [] int32 = past+S
        past_key.{i} / past_value.{i} [1,kv_heads,length,head_dim] for every KV buffer i (KVBuffer: length
        max_context, or a ring of R slots holding position p at slot p mod R; dtype float32 or float16)
+       multimodal checkpoints (cpu profile) also: soft_rows [M,1] int64 · soft_embeds [M,H] float32: rows
+       (0..S-1) of this call whose embedding is soft_embeds instead of the token's (images, audio; M may be 0);
+       their input_ids are the pad id, as transformers' Gemma4Model sets them (the PLE rows are pad's)
   out  logits [1,N,V] (softcapped) · last_hidden [1,N,H] (post-norm) for the last N positions
        present_key.{j} / present_value.{j}: written in place; bind each to the buffer `kv_aliases` names
+vision graph (one image; manifest `vision` holds the processor settings; runtime/vision.py):
+  in   pixel_values [1,N,3*p*p] float32 (patches in [0,1]) · pixel_positions [1,N,2] int64 (x, y of each patch)
+       pooling [1,T,N] float32 (average-pooling weights: patch n to soft token t)
+  out  soft_tokens [T,H] float32: the image's soft tokens in the text model's space (feed as soft_embeds)
 assistant graph (one draft step; the cache holds P accepted, processed positions):
   in   token [1,1] int64 (last token) · hidden [1,1,H] (target last hidden, or previous projected_hidden)
        position_ids [1,1] int64 = P (constant over a draft burst) · seqlens_k [1] int32 = P-1
@@ -47,11 +54,15 @@ SEQLENS_K, TOTAL_SEQUENCE_LENGTH = "seqlens_k", "total_sequence_length"
 LOGITS, LAST_HIDDEN = "logits", "last_hidden"
 TOKEN, HIDDEN, PROJECTED_HIDDEN, NEXT_TOKEN = "token", "hidden", "projected_hidden", "next_token"
 TOKENS, INV_TEMPERATURE, GUMBEL = "tokens", "inv_temperature", "gumbel"  # draft_round
+SOFT_ROWS, SOFT_EMBEDS = "soft_rows", "soft_embeds"  # target of a multimodal checkpoint: embeddings at placeholders
+PIXEL_VALUES, PIXEL_POSITIONS, POOLING, SOFT_TOKENS = "pixel_values", "pixel_positions", "pooling", "soft_tokens"
 # The dtype of each of them (K/V buffers: KVBuffer.dtype; qnn's quantized IO: the manifest's static section).
 DTYPES = {INPUT_IDS: "int64", POSITION_IDS: "int64", PER_LAYER_INPUTS: "float32", LOGITS_TO_KEEP: "int64",
           LOGITS_START: "int64", SEQLENS_K: "int32", TOTAL_SEQUENCE_LENGTH: "int32", LOGITS: "float32",
           LAST_HIDDEN: "float32", TOKEN: "int64", HIDDEN: "float32", PROJECTED_HIDDEN: "float32",
-          NEXT_TOKEN: "int64", TOKENS: "int64", INV_TEMPERATURE: "float32", GUMBEL: "float32"}
+          NEXT_TOKEN: "int64", TOKENS: "int64", INV_TEMPERATURE: "float32", GUMBEL: "float32",
+          SOFT_ROWS: "int64", SOFT_EMBEDS: "float32", PIXEL_VALUES: "float32", PIXEL_POSITIONS: "int64",
+          POOLING: "float32", SOFT_TOKENS: "float32"}
 _PAST, _PRESENT, _NEW = ("past_key", "past_value"), ("present_key", "present_value"), ("new_key", "new_value")
 _ROPE, _MASK = ("rope_cos", "rope_sin"), "attention_mask"
 
@@ -190,6 +201,8 @@ class Manifest:
     ep_profile: str = "cpu"  # the execution provider the graphs were exported for (cpu, qnn, webgpu, openvino)
     static: dict = field(default_factory=dict)  # static-shape profiles: RoPE frequencies, mask value, EP binaries
     export: dict = field(default_factory=dict)  # how the export went: {"seconds", "peak_rss_mb"} (informational)
+    # The vision graph's image processor settings and media token ids (runtime/vision.py), {} without one.
+    vision: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -213,6 +226,7 @@ class Manifest:
             edgegen_version=d.get("edgegen_version", ""), ep_profile=str(d.get("ep_profile", "cpu")),
             static=dict(d.get("static", {})),
             export=dict(d.get("export", {})),
+            vision=dict(d.get("vision", {})),
         )
 
 
@@ -300,6 +314,7 @@ def _first_problem(m: Manifest) -> str | None:
         ("generation.eos_token_ids", lambda: isinstance(eos, list) and all(_int(t, 0, model.vocab_size - 1)
                                                                            for t in eos)),
         ("generation.draft_tokens", lambda: draft is None or _int(draft, 0, 64)),
+        ("vision", lambda: not m.vision or ("vision" in m.graphs and _vision_ok(m.vision, model.vocab_size))),
         ("export", lambda: all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                                for k, v in m.export.items())),
         ("files", lambda: all(isinstance(k, str) and isinstance(v, dict) and _int(v.get("bytes"), 0, 1 << 50)
@@ -307,6 +322,21 @@ def _first_problem(m: Manifest) -> str | None:
                               for k, v in m.files.items())),
     ]
     return next((name for name, ok in checks if not ok()), None)
+
+
+VISION_INTS = ("patch_size", "pooling_kernel_size", "max_soft_tokens", "image_token_id", "boi_token_id",
+               "eoi_token_id", "pad_token_id")
+
+
+def _vision_ok(v: dict, vocab: int) -> bool:
+    """The image processor settings runtime/vision.py reads (export/vision.py writes them)."""
+    ints = all(_int(v.get(k), 0, 1 << 24) for k in VISION_INTS)
+    return (ints and all(_int(v[k], 0, vocab - 1) for k in VISION_INTS if k.endswith("token_id"))
+            and v["patch_size"] > 0 and v["pooling_kernel_size"] > 0 and v["max_soft_tokens"] > 0
+            and isinstance(v.get("rescale_factor"), (int, float)) and isinstance(v.get("do_normalize"), bool)
+            and all(isinstance(v.get(k), list) and len(v[k]) == 3 and all(isinstance(x, (int, float)) for x in v[k])
+                    for k in ("image_mean", "image_std"))
+            and v.get("resample") in ("bicubic", "bilinear", "nearest", "lanczos"))
 
 
 def _ple_ok(ple: PLESpec) -> bool:

@@ -145,11 +145,22 @@ class Target(GraphSession):
         # wrong results for 32 or more new tokens in full-attention layers (plugin 0.4.0, measured).
         self.max_chunk = max_chunk
 
-    def forward(self, cache: KVCache, ids: list[int] | np.ndarray, logits_to_keep: int = 1):
+    @property
+    def takes_soft_tokens(self) -> bool:
+        """Whether the graph takes embeddings at placeholder rows (a multimodal export; runtime/prompt.py)."""
+        return names.SOFT_ROWS in self.input_names
+
+    def forward(self, cache: KVCache, ids: list[int] | np.ndarray, logits_to_keep: int = 1,
+                soft: tuple[np.ndarray, np.ndarray] | None = None, pad_id: int = 0):
         """Run ids at positions cache.length.. ; returns (logits [N,V], hidden [N,H]) for the last N.
         Calls are split where one call may not write all rows: the webgpu chunks, and ring buffers
-        (cache.max_rows: a call writing more would overwrite keys its own first rows still need)."""
+        (cache.max_rows: a call writing more would overwrite keys its own first rows still need).
+        soft: (rows of ids [M], embeddings [M, H]) that replace those rows' token embeddings; their ids are
+        fed as `pad_id` (prompt.soft_rows; only where takes_soft_tokens)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        if soft is not None:
+            ids = ids.copy()
+            ids[0, soft[0]] = pad_id
         s = ids.shape[1]
         if cache.length + s > cache.max_context:
             raise EdgegenError(
@@ -157,7 +168,7 @@ class Target(GraphSession):
             )
         whole = not self.max_chunk or (s <= self.max_chunk and (logits_to_keep == s or not s & (s - 1)))
         if whole and (not cache.max_rows or max(s, self.min_rows) <= cache.max_rows):
-            return self._forward(cache, ids, logits_to_keep)
+            return self._forward(cache, ids, logits_to_keep, soft)
         logits, hidden, start = [], [], 0
         while start < s:
             n = s - start
@@ -166,24 +177,36 @@ class Target(GraphSession):
             if cache.max_rows:
                 n = min(n, cache.max_rows)
             wanted = min(n, logits_to_keep - (s - start - n))  # this chunk's share of the last N positions
-            lo, hi = self._forward(cache, ids[:, start:start + n], max(wanted, 1))
+            lo, hi = self._forward(cache, ids[:, start:start + n], max(wanted, 1), _chunk(soft, start, start + n))
             if wanted > 0:
                 logits.append(lo[-wanted:])
                 hidden.append(hi[-wanted:])
             start += n
         return np.concatenate(logits), np.concatenate(hidden)
 
-    def _forward(self, cache: KVCache, ids: np.ndarray, logits_to_keep: int):
+    def _forward(self, cache: KVCache, ids: np.ndarray, logits_to_keep: int, soft=None):
         past, s = cache.length, ids.shape[1]
         pad = self.min_rows - s if past + self.min_rows <= cache.max_context else 0
         if pad > 0:  # repeat the last token: any id will do, its row is dropped
             ids = np.concatenate([ids, np.repeat(ids[:, -1:], pad, axis=1)], axis=1)
-            logits, hidden = self._run(cache, ids, logits_to_keep + pad)
+            logits, hidden = self._run(cache, ids, logits_to_keep + pad, soft)
             cache.length = past + s
             return logits[:-pad], hidden[:-pad]
-        return self._run(cache, ids, logits_to_keep)
+        return self._run(cache, ids, logits_to_keep, soft)
 
-    def _run(self, cache: KVCache, ids: np.ndarray, logits_to_keep: int):
+    def _soft_feeds(self, soft) -> dict[str, np.ndarray]:
+        """soft_rows / soft_embeds: the call's soft tokens, or none (M = 0) for a text call."""
+        if not self.takes_soft_tokens:
+            if soft is not None:
+                raise EdgegenError("this bundle's target takes no image or audio embeddings; export it from a "
+                                   "multimodal checkpoint with the cpu profile")
+            return {}
+        if soft is None:
+            hidden = next(t.shape[-1] for t in self.spec.inputs if t.name == names.SOFT_EMBEDS)
+            return {names.SOFT_ROWS: np.zeros((0, 1), np.int64), names.SOFT_EMBEDS: np.zeros((0, hidden), np.float32)}
+        return {names.SOFT_ROWS: soft[0].reshape(-1, 1), names.SOFT_EMBEDS: soft[1]}
+
+    def _run(self, cache: KVCache, ids: np.ndarray, logits_to_keep: int, soft=None):
         past, s = cache.length, ids.shape[1]
         feeds = {
             names.INPUT_IDS: ids,
@@ -197,10 +220,19 @@ class Target(GraphSession):
             feeds[names.LOGITS_TO_KEEP] = np.array(logits_to_keep, dtype=np.int64)
         if self.ple is not None:
             feeds[names.PER_LAYER_INPUTS] = self.ple(ids)
+        feeds.update(self._soft_feeds(soft))
         out = self.run(feeds, cache)
         cache.length = past + s
         cache.wrote(past + s)
         return out[names.LOGITS][0], out[names.LAST_HIDDEN][0]
+
+
+def _chunk(soft: tuple[np.ndarray, np.ndarray] | None, start: int, stop: int):
+    """The part of soft rows that falls in ids[start:stop], relative to start; None if none does."""
+    if soft is None:
+        return None
+    keep = (soft[0] >= start) & (soft[0] < stop)
+    return (soft[0][keep] - start, soft[1][keep]) if keep.any() else None
 
 
 def _draft_feeds(cache: KVCache, token: int, hidden: np.ndarray) -> dict[str, np.ndarray]:

@@ -217,7 +217,8 @@ class StaticTarget(Target):
         self.rows = next(t.shape[1] for t in spec.inputs if t.name == INPUT_IDS)
         self.prefill = prefill
 
-    def _forward(self, cache: StaticCache, ids: np.ndarray, logits_to_keep: int):
+    def _forward(self, cache: StaticCache, ids: np.ndarray, logits_to_keep: int, soft=None):
+        self._soft_feeds(soft)  # static graphs take no soft tokens: refused with one line
         n, past = ids.shape[1], cache.length
         if n > self.rows:
             return self.prefill._forward(cache, ids, logits_to_keep)

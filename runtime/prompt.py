@@ -1,0 +1,80 @@
+"""Prompts with embeddings in them: token ids plus spans of soft tokens (an image's, an audio clip's).
+
+The interface every modality uses to put its tower's output into a prompt (images: runtime/vision.py):
+
+    prompt_ids = [..., boi, PH, PH, ..., PH, eoi, ...]    # the placeholder id repeated n times
+    soft = [SoftTokens(start=index of the first PH, embeddings=array [n, hidden] float32, key="sha256 ...")]
+    generator.stream_ids(prompt_ids, ..., soft=soft)        # also Generator.stream / generate / chat
+
+`embeddings` are rows in the text model's embedding space (a tower graph's output: what transformers'
+Gemma4Model masked-scatters into inputs_embeds); they replace the embeddings of the n placeholder ids. The
+target sees the pad id at those positions, as transformers' Gemma4Model feeds it (its per-layer embedding
+rows are pad's), attends causally over them (E2B/E4B), and the drafter runs after the prefill unchanged: it
+only reads the target's K/V of all positions and the embedding of the last generated token, like
+transformers' assisted generation. `key` names the content (e.g. a hash of the image bytes and the
+processor settings): a later chat turn reuses the cached K/V of a prompt prefix only where ids and keys
+agree, so the same image keeps its K/V across turns and a different image of the same size does not.
+A text-only prompt passes no spans and runs exactly as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgegen.runtime.errors import EdgegenError
+
+
+@dataclass(frozen=True)
+class SoftTokens:
+    """n embeddings that take the place of prompt ids start .. start+n-1 (see the module docstring)."""
+
+    start: int
+    embeddings: np.ndarray  # [n, hidden] float32
+    key: str
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.embeddings)
+
+
+def check_soft(soft: Sequence[SoftTokens], prompt_len: int, hidden: int) -> list[SoftTokens]:
+    """The spans sorted by start; one EdgegenError line for spans that do not fit the prompt or the model."""
+    spans = sorted(soft, key=lambda s: s.start)
+    end = 0
+    for s in spans:
+        e = s.embeddings
+        if not isinstance(e, np.ndarray) or e.ndim != 2 or e.shape[1] != hidden or not len(e):
+            raise EdgegenError(f"soft tokens must be an array [n, {hidden}]; got shape "
+                               f"{getattr(e, 'shape', type(e).__name__)}")
+        if s.start < end or s.stop > prompt_len:
+            raise EdgegenError(f"soft tokens at prompt positions {s.start}..{s.stop - 1} overlap another span or "
+                               f"pass the prompt's end ({prompt_len} tokens)")
+        if not np.isfinite(e).all():
+            raise EdgegenError("soft tokens hold NaN or infinite values; the media encoder failed")
+        end = s.stop
+    return spans
+
+
+def identity(prompt_ids: list[int], soft: Sequence[SoftTokens]) -> list:
+    """What each prompt position holds, for KV reuse: the id, or (key, i) at a soft token's position."""
+    out: list = list(prompt_ids)
+    for s in soft:
+        out[s.start:s.stop] = [(s.key, i) for i in range(len(s.embeddings))]
+    return out
+
+
+def soft_rows(soft: Sequence[SoftTokens], start: int, stop: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The soft tokens among prompt positions start..stop-1: (rows relative to start [M] int64, [M, H]);
+    None if there are none."""
+    rows, embeds = [], []
+    for s in soft:
+        lo, hi = max(s.start, start), min(s.stop, stop)
+        if lo < hi:
+            rows.append(np.arange(lo - start, hi - start, dtype=np.int64))
+            embeds.append(np.asarray(s.embeddings[lo - s.start:hi - s.start], dtype=np.float32))
+    if not rows:
+        return None
+    return np.concatenate(rows), np.concatenate(embeds)
