@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edgegen.export import contents
+from edgegen.export import audio, contents
 from edgegen.export.graphs import (
     PROFILES,
     Profile,
@@ -210,6 +210,10 @@ def _export_dynamic(pair, opts: ExportOptions, profile: Profile, tmp: Path, stag
                              ("assistant", _aliases(alayers, profile), aquant),
                              ("draft_round", _aliases(alayers, profile, steps), aquant)):
         manifest.graphs[name] = contents.graph_spec(tmp / f"{name}.onnx", aliases, contents.quantization(q))
+    if takes_soft_tokens(pair, profile) and audio.exports_audio(pair):  # its soft tokens need that target
+        manifest.audio = audio.write_audio_graph(pair, audio.audio_quant(tquant), tmp, profile)
+        manifest.graphs["audio"] = contents.graph_spec(tmp / "audio.onnx", {},
+                                                       contents.quantization(audio.audio_quant(tquant)))
     contents.record_files(tmp, manifest)  # before verification, which loads the bundle the way the runtime will
 
     if opts.verify:
@@ -252,6 +256,9 @@ def _verify(pair, tmp: Path, manifest: Manifest, tquant: Quant, aquant: Quant) -
     from edgegen.export import verify
 
     manifest.parity = verify.verify_bundle(pair, tmp, manifest.model.max_context, tquant, aquant)
+    if "audio" in manifest.graphs:
+        manifest.parity.setdefault("checks", {}).update(
+            audio.verify_audio(pair.checkpoint, pair.config, tmp, audio.audio_quant(tquant), manifest.audio))
     contents.write_manifest(tmp, manifest)
     failed = [f"{k} {v['value']:.3g} > {v['tolerance']:.3g}" if "tolerance" in v else
               f"{k} {v['value']:.3g} < {v['minimum']:.3g}" if "minimum" in v else k

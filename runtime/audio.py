@@ -179,3 +179,87 @@ def expand_placeholders(ids: list[int], counts: list[int], audio_id: int, boa_id
         else:
             out.append(t)
     return out
+
+
+# -- the audio graph ---------------------------------------------------------------------------------------
+
+
+class AudioEncoder:
+    """The bundle's audio graph and its feature extractor settings: clips -> soft tokens [T, hidden]."""
+
+    def __init__(self, session, settings: dict):
+        self.session, self.settings = session, settings
+        self.extractor = LogMel(settings["feature_extractor"])
+        self.encode_s = 0.0  # time spent in features + graph (the last `soft_tokens`)
+
+    @classmethod
+    def open(cls, bundle_dir: str | Path, threads: int | None = None) -> AudioEncoder:
+        """The audio graph of a bundle directory; one EdgegenError line for a bundle without one."""
+        from edgegen.runtime.manifest import load_manifest
+        from edgegen.runtime.model import open_session
+
+        m = load_manifest(bundle_dir)
+        return cls.of(Path(bundle_dir), m, lambda spec: open_session(Path(bundle_dir), spec, threads))
+
+    @classmethod
+    def of(cls, bundle_dir: Path, manifest, open_graph) -> AudioEncoder:
+        """For a loaded manifest; `open_graph(spec)` opens a session (Bundle passes its own)."""
+        if "audio" not in manifest.graphs or not manifest.audio:
+            raise EdgegenError(f"bundle '{bundle_dir}' has no audio encoder; export it from a checkpoint with an "
+                               "audio tower (Gemma 4 E2B or E4B) to give it audio")
+        return cls(open_graph(manifest.graphs["audio"]), manifest.audio)
+
+    def load(self, clips) -> list[np.ndarray]:
+        """Every clip read and checked (paths or arrays) before anything runs."""
+        return [load_clip(c, self.extractor, f"audio clip {i + 1}") for i, c in enumerate(clips)]
+
+    def counts(self, waves: list[np.ndarray]) -> list[int]:
+        """Soft tokens per clip: what the prompt expansion and the graph both make."""
+        return [tokens_for_frames(self.extractor.frames(len(w))) for w in waves]
+
+    def encode(self, wave_: np.ndarray) -> np.ndarray:
+        from edgegen.runtime.manifest import INPUT_FEATURES, SOFT_TOKENS
+
+        feats = self.extractor(wave_)
+        try:
+            out = self.session.run([SOFT_TOKENS], {INPUT_FEATURES: feats[None]})[0]
+        except Exception as exc:  # onnxruntime's own types
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise EdgegenError(f"running the audio graph failed ({first}); re-export the bundle") from None
+        if not np.isfinite(out).all():
+            raise EdgegenError("the audio graph returned NaN or infinite values; re-export the bundle")
+        return out
+
+    def expand(self, ids: list[int], waves: list[np.ndarray]) -> list[int]:
+        s = self.settings
+        return expand_placeholders(ids, self.counts(waves), s["audio_token_id"], s["boa_token_id"], s["eoa_token_id"])
+
+    def soft_tokens(self, ids: list[int], waves: list[np.ndarray]) -> list:
+        """The clips' soft tokens at the runs of audio-token ids in an expanded prompt `ids` (one run per clip,
+        in order); runs the graph once per clip and records the time in `encode_s`."""
+        import hashlib
+        import time
+
+        from edgegen.runtime.prompt import SoftTokens
+
+        audio_id, counts = self.settings["audio_token_id"], self.counts(waves)
+        runs, i = [], 0
+        while i < len(ids):
+            if ids[i] == audio_id:
+                j = i
+                while j < len(ids) and ids[j] == audio_id:
+                    j += 1
+                runs.append((i, j - i))
+                i = j
+            else:
+                i += 1
+        if [n for _, n in runs] != counts:
+            raise EdgegenError(f"the prompt's audio placeholders ({[n for _, n in runs]}) do not match the clips' "
+                               f"soft tokens ({counts})")
+        t0 = time.perf_counter()
+        spans = []
+        for (start, _), w in zip(runs, waves, strict=True):
+            key = "audio " + hashlib.sha256(w.tobytes()).hexdigest()
+            spans.append(SoftTokens(start, self.encode(w), key))
+        self.encode_s = time.perf_counter() - t0
+        return spans

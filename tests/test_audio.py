@@ -59,14 +59,14 @@ def settings(pair):
 
     from edgegen.export import audio as xaudio
 
-    return xaudio.audio_settings(pair[0], AutoConfig.from_pretrained(pair[0]).audio_config)
+    return xaudio.audio_settings(pair[0], AutoConfig.from_pretrained(pair[0]))
 
 
 # -- the tower graph ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("quant", ["fp32", "int8", "int4"])
-def test_audio_graph_matches_pytorch(pair, tmp_path, quant):
+def test_audio_graph_matches_pytorch(pair, settings, tmp_path, quant):
     """The audio graph (tower + embedder) against transformers on clips longer than one attention chunk, fed
     to PyTorch padded and masked as the processor pads them; quantized graphs against PyTorch with the same
     weight rounding."""
@@ -87,12 +87,12 @@ def test_audio_graph_matches_pytorch(pair, tmp_path, quant):
     g.save(tmp_path)
     g.data.close()
     shared.close()
-    report = xaudio.verify_audio(ckpt, config, tmp_path, Quant(quant), seconds=(0.37, 1.3, 2.9))
+    report = xaudio.verify_audio(ckpt, config, tmp_path, Quant(quant), settings, seconds=(0.37, 1.3, 2.9))
     check = report["audio_embeddings_rel_max_diff"]
     assert check["value"] <= 1e-4, check
 
 
-def test_clip_bounds_matter(pair):
+def test_clip_bounds_matter(pair, settings):
     """The preset's clipped linears have finite bounds, and the clip's activations cross them (so the graph
     test above fails if a clamp is dropped)."""
     import torch
@@ -103,7 +103,7 @@ def test_clip_bounds_matter(pair):
 
     config = AutoConfig.from_pretrained(pair[0])
     tower, _ = xaudio.pytorch_tower(Checkpoint(pair[0]), config)
-    feats = raudio.LogMel(xaudio.audio_settings(pair[0], config.audio_config)["feature_extractor"])(_clip(1.0))
+    feats = raudio.LogMel(settings["feature_extractor"])(_clip(1.0))
     crossed = []
     mods = [m for m in tower.modules() if type(m).__name__ == "Gemma4ClippableLinear"]
     assert mods and all(bool(torch.isfinite(m.input_max)) for m in mods)
@@ -217,3 +217,70 @@ def test_bad_audio_is_one_line(tmp_path, settings):
                        (np.full(4000, np.nan, np.float32), "NaN")):
         with pytest.raises(EdgegenError, match=words):
             raudio.load_clip(bad, extractor)
+
+
+# -- the bundle: export, speculative decoding with audio ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mm_bundle(pair, tmp_path_factory):
+    """The multimodal preset exported (fp32, verified: the audio check included) once for this module."""
+    from edgegen.export.bundle import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("mm-bundle") / "bundle"
+    export_bundle(str(pair[0]), str(pair[1]), out, ExportOptions(max_context=512))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf(pair):
+    from edgegen.export.loading import load_pair
+
+    p = load_pair(str(pair[0]), str(pair[1]))
+    return p.target, p.assistant
+
+
+def test_export_writes_the_audio_graph(mm_bundle, pair):
+    from edgegen.runtime.manifest import load_manifest
+
+    m = load_manifest(mm_bundle)
+    assert "audio" in m.graphs and m.audio["feature_extractor"]["sampling_rate"] == RATE
+    assert m.audio["tokens_per_second"] == 25.0 and m.audio["audio_token_id"] == 258881
+    check = m.parity["checks"]["audio_embeddings_rel_max_diff"]
+    assert check["passed"] and check["value"] <= 1e-4
+
+
+@pytest.mark.parametrize("k", [3, "auto"])
+def test_speculative_with_audio_equals_transformers_and_plain(mm_bundle, hf, processor, k):
+    """Greedy speculative output with an audio clip == transformers' generate(**processor(...),
+    assistant_model=...) == transformers without the assistant == our plain decoding."""
+    import torch
+
+    from edgegen.runtime.audio import AudioEncoder
+    from edgegen.runtime.generate import Generator
+    from edgegen.runtime.model import Bundle
+
+    text = f"<start_of_turn>user\nWhat is said here? {raudio.AUDIO_TOKEN}<end_of_turn>\n<start_of_turn>model\n"
+    clip = _clip(1.3, seed=7)
+    gen = Generator(Bundle(mm_bundle, threads=1))
+    enc = AudioEncoder.open(mm_bundle, threads=1)
+    waves = enc.load([clip])
+    ids = enc.expand(gen.tokenizer.encode(text), waves)
+    soft = enc.soft_tokens(ids, waves)
+    result = gen.generate(ids, 12, draft_tokens=k, soft=soft)
+    ours = result.token_ids
+    assert result.stats.drafted > 0 or k == "auto"
+    gen.reset()
+    plain = gen.generate(ids, 12, use_assistant=False, soft=soft).token_ids
+    gen.reset()  # the clip's soft tokens matter: the placeholders' own embeddings answer otherwise
+    assert gen.generate(ids, 12, use_assistant=False).token_ids != plain
+
+    inputs = processor(text=text, audio=[clip], return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == ids
+    target, assistant = hf
+    refs = []
+    for extra in ({"assistant_model": assistant}, {}):
+        with torch.no_grad():
+            out = target.generate(**inputs, max_new_tokens=len(ours), do_sample=False, **extra)
+        refs.append(out[0, len(ids):].tolist())
+    assert ours == plain == refs[0] == refs[1]
