@@ -284,3 +284,45 @@ def test_speculative_with_audio_equals_transformers_and_plain(mm_bundle, hf, pro
             out = target.generate(**inputs, max_new_tokens=len(ours), do_sample=False, **extra)
         refs.append(out[0, len(ids):].tolist())
     assert ours == plain == refs[0] == refs[1]
+
+
+def test_a_bundle_without_audio_says_so(bundle_dir):
+    from edgegen.runtime.audio import AudioEncoder
+
+    text_bundle = bundle_dir("e2b-like")
+    with pytest.raises(EdgegenError, match="has no audio encoder") as err:
+        AudioEncoder.open(text_bundle)
+    assert "\n" not in str(err.value)
+
+
+def test_audio_runs_without_torch(mm_bundle, tmp_path):
+    """WAV reading, features, the audio graph and speculative decoding with the clip, in an interpreter that
+    cannot import torch or transformers; same ids as this process."""
+    import json
+
+    from test_no_torch import run_blocked
+
+    from edgegen.runtime.audio import AudioEncoder
+    from edgegen.runtime.generate import Generator
+
+    wav = _write_wav(tmp_path / "clip.wav", _clip(0.8, seed=9))
+    prompt = f"Listen: {raudio.AUDIO_TOKEN}"
+    code = f"""
+import json
+from edgegen.runtime.audio import AudioEncoder
+from edgegen.runtime.generate import Generator
+gen = Generator({str(mm_bundle)!r})
+enc = AudioEncoder.open({str(mm_bundle)!r})
+waves = enc.load([{str(wav)!r}])
+ids = enc.expand(gen.tokenizer.encode({prompt!r}), waves)
+out = gen.generate(ids, 6, draft_tokens=2, soft=enc.soft_tokens(ids, waves)).token_ids
+print(json.dumps({{"ids": out, **report()}}))
+"""
+    proc = run_blocked(code)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["attempts"] == [] and got["loaded"] == []
+    gen, enc = Generator(mm_bundle), AudioEncoder.open(mm_bundle)
+    waves = enc.load([wav])
+    ids = enc.expand(gen.tokenizer.encode(prompt), waves)
+    assert got["ids"] == gen.generate(ids, 6, draft_tokens=2, soft=enc.soft_tokens(ids, waves)).token_ids
