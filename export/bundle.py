@@ -193,6 +193,7 @@ def _export_dynamic(pair, opts: ExportOptions, profile: Profile, tmp: Path, stag
     cfg, max_context = pair.text_config, opts.max_context
     steps = opts.draft_tokens_resolved(pair)
     plan, alayers, ple_table = _write_graphs(pair, profile, tquant, aquant, max_context, steps, tmp)
+    vquant = _write_vision(pair, profile, tquant, tmp)
 
     stage("write")
     ple = contents.write_ple(tmp, ple_table, cfg.num_hidden_layers, tquant) if ple_table is not None else None
@@ -210,6 +211,11 @@ def _export_dynamic(pair, opts: ExportOptions, profile: Profile, tmp: Path, stag
                              ("assistant", _aliases(alayers, profile), aquant),
                              ("draft_round", _aliases(alayers, profile, steps), aquant)):
         manifest.graphs[name] = contents.graph_spec(tmp / f"{name}.onnx", aliases, contents.quantization(q))
+    if vquant is not None:
+        from edgegen.export.vision import processor_settings
+
+        manifest.graphs["vision"] = contents.graph_spec(tmp / "vision.onnx", {}, contents.quantization(vquant))
+        manifest.vision = processor_settings(pair)
     if takes_soft_tokens(pair, profile) and audio.exports_audio(pair):  # its soft tokens need that target
         manifest.audio = audio.write_audio_graph(pair, audio.audio_quant(tquant), tmp, profile)
         manifest.graphs["audio"] = contents.graph_spec(tmp / "audio.onnx", {},
@@ -218,7 +224,7 @@ def _export_dynamic(pair, opts: ExportOptions, profile: Profile, tmp: Path, stag
 
     if opts.verify:
         stage("verify")
-        _verify(pair, tmp, manifest, tquant, aquant)
+        _verify(pair, tmp, manifest, tquant, aquant, vquant)
     return manifest
 
 
@@ -244,6 +250,23 @@ def _write_graphs(pair, profile: Profile, tquant: Quant, aquant: Quant, max_cont
     return plan, alayers, ple_table
 
 
+def _write_vision(pair, profile: Profile, tquant: Quant, tmp: Path) -> Quant | None:
+    """The vision graph (export/vision.py) where the target takes soft tokens; its precision, or None."""
+    from edgegen.export.vision import build_vision_graph, exports_vision, vision_quant
+
+    if not (takes_soft_tokens(pair, profile) and exports_vision(pair)):
+        return None
+    vquant = vision_quant(tquant)
+    shared = WeightFile(tmp / f"vision.{SHARED_FILE}")  # the tower shares no weight with the text graphs
+    graph = build_vision_graph(pair, vquant, tmp, shared, profile)
+    graph.save(tmp)
+    graph.data.close()
+    shared.close()
+    if not graph.shared_names:
+        (tmp / f"vision.{SHARED_FILE}").unlink()
+    return vquant
+
+
 def takes_soft_tokens(pair, profile: Profile) -> bool:
     """Whether the target graph takes embeddings at placeholder positions (graphs.soft_token_rows): for a
     checkpoint with a vision or audio tower, on the cpu profile. Text-only checkpoints' graphs stay as they were."""
@@ -251,11 +274,18 @@ def takes_soft_tokens(pair, profile: Profile) -> bool:
     return towers and profile.name == "cpu"
 
 
-def _verify(pair, tmp: Path, manifest: Manifest, tquant: Quant, aquant: Quant) -> None:
-    """The bundle against PyTorch (export/verify.py); the report goes into the manifest, a failed check raises."""
+def _verify(pair, tmp: Path, manifest: Manifest, tquant: Quant, aquant: Quant, vquant: Quant | None = None) -> None:
+    """The bundle against PyTorch (export/verify.py, export/vision.py); the report goes into the manifest, a
+    failed check raises."""
     from edgegen.export import verify
 
     manifest.parity = verify.verify_bundle(pair, tmp, manifest.model.max_context, tquant, aquant)
+    if vquant is not None:
+        from edgegen.export.vision import verify_vision
+
+        report = verify_vision(pair, tmp, vquant)
+        manifest.parity.setdefault("checks", {})["vision_soft_tokens"] = report.pop("vision_soft_tokens")
+        manifest.parity["vision"] = report
     if "audio" in manifest.graphs:
         manifest.parity.setdefault("checks", {}).update(
             audio.verify_audio(pair.checkpoint, pair.config, tmp, audio.audio_quant(tquant), manifest.audio))

@@ -20,10 +20,21 @@ class Conversation:
     def __init__(self) -> None:
         self.messages: list[dict] = []
 
-    def next_prompt(self, tokenizer: TextTokenizer, user_message: str, *, system: str | None = None,
+    def next_prompt(self, tokenizer: TextTokenizer, user_message: str | list[dict], *, system: str | None = None,
                     tools: list[dict] | None = None, enable_thinking: bool = False) -> list[int]:
         """Add the user's turn; the prompt ids that ask for the answer. `system` given again replaces the
         earlier instruction; None keeps it."""
+        text = self.next_text(tokenizer, user_message, system=system, tools=tools, enable_thinking=enable_thinking)
+        try:
+            return tokenizer.encode(text, add_special_tokens=False)
+        except EdgegenError:
+            self.messages.pop()
+            raise
+
+    def next_text(self, tokenizer: TextTokenizer, user_message: str | list[dict], *, system: str | None = None,
+                  tools: list[dict] | None = None, enable_thinking: bool = False) -> str:
+        """Add the user's turn (text, or content parts); the rendered conversation that asks for the answer
+        (image parts render as the template's `<|image|>`, which the caller expands)."""
         if system is not None:
             if self.messages and self.messages[0]["role"] in ("system", "developer"):
                 self.messages[0] = {"role": self.messages[0]["role"], "content": system}
@@ -31,9 +42,8 @@ class Conversation:
                 self.messages.insert(0, {"role": "system", "content": system})
         self.messages.append({"role": "user", "content": user_message})
         try:
-            text = tokenizer.render_chat(self.messages, add_generation_prompt=True, tools=tools,
+            return tokenizer.render_chat(self.messages, add_generation_prompt=True, tools=tools,
                                          enable_thinking=enable_thinking)
-            return tokenizer.encode(text, add_special_tokens=False)
         except EdgegenError:
             self.messages.pop()  # a turn that never ran is not part of the conversation
             raise

@@ -312,6 +312,7 @@ class Bundle:
         def session(spec: GraphSpec, **kwargs):
             return open_session(self.path, spec, threads, self.ep, strict, self.placement, **kwargs)
 
+        self._vision, self._open_vision = None, None
         if m.ep_profile == "qnn":  # static shapes, host-side K/V (runtime/qnn.py)
             from edgegen.runtime.qnn import open_qnn
 
@@ -328,6 +329,8 @@ class Bundle:
         self._assistant: Assistant | None = None
         self._open_assistant = None
         self._assistant_lock = threading.Lock()
+        if "vision" in m.graphs:
+            self._open_vision = lambda: session(m.graphs["vision"])
         if "assistant" in m.graphs:
             spec = m.graphs["assistant"]
             self._open_assistant = lambda: Assistant(session(spec), spec)
@@ -351,6 +354,18 @@ class Bundle:
                 if self._assistant is None:
                     self._assistant = self._open_assistant()
         return self._assistant
+
+    @property
+    def vision(self):
+        """The image encoder (runtime/vision.py) of a bundle with a vision graph, opened on first use (a text
+        prompt never pays for the tower's weights); None without one."""
+        if self._vision is None and self._open_vision is not None:
+            from edgegen.runtime.vision import VisionEncoder
+
+            with self._assistant_lock:
+                if self._vision is None:
+                    self._vision = VisionEncoder(self._open_vision(), self.manifest.vision)
+        return self._vision
 
     def placement_report(self) -> dict:
         """{graph file: {"nodes": {ORT EP: count}, "share": share on this bundle's EP, "cpu_ops": {...}}}."""

@@ -148,3 +148,104 @@ def test_multimodal_preset_keeps_the_e2b_tower_structure(mm_pair) -> None:
     processor = load_processor(target_dir)
     assert processor.image_token_id == cfg.image_token_id and processor.audio_token_id == cfg.audio_token_id
     assert processor.image_processor.max_soft_tokens == IMAGE_SOFT_TOKENS
+
+
+# -- images: preprocessing, the vision graph, prompts ------------------------------------------------------
+
+
+def _images(tmp_path: Path) -> list:
+    """Synthetic images of different sizes, aspect ratios and modes (files and Pillow images)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+
+    def noise(h: int, w: int, c: int = 3) -> np.ndarray:
+        return rng.integers(0, 256, (h, w, c) if c > 1 else (h, w), dtype=np.uint8)
+
+    smooth = np.clip(np.add.outer(np.arange(300), np.arange(420)) // 3, 0, 255).astype(np.uint8)
+    jpeg = tmp_path / "photo.jpg"
+    Image.fromarray(noise(333, 500)).save(jpeg, quality=90)
+    rgba = tmp_path / "alpha.png"
+    Image.fromarray(noise(97, 211, 4)).save(rgba)
+    return [jpeg, rgba, Image.fromarray(noise(48, 48)), Image.fromarray(noise(640, 90)),  # tiny, very tall
+            Image.fromarray(np.stack([smooth] * 3, -1)), Image.fromarray(noise(1200, 1600)),  # smooth, large
+            Image.fromarray(noise(31, 700)).convert("P"), Image.fromarray(noise(150, 120, 1))]  # palette, grey
+
+
+def test_preprocessing_matches_transformers_image_processor(mm_pair, tmp_path) -> None:
+    from PIL import Image
+
+    from edgegen.export.loading import load_pair
+    from edgegen.export.testing import load_processor
+    from edgegen.export.vision import processor_settings
+    from edgegen.runtime.vision import preprocess
+
+    processor = load_processor(mm_pair[0]).image_processor
+    settings = processor_settings(load_pair(str(mm_pair[0]), str(mm_pair[1])))
+    sizes = set()
+    for image in _images(tmp_path):
+        ref = processor(images=[Image.open(image) if isinstance(image, Path) else image], return_tensors="np")
+        ours = preprocess(image, settings)
+        n = ours.pixel_values.shape[0]
+        assert ref["num_soft_tokens_per_image"][0] == ours.soft_tokens
+        assert np.abs(ref["pixel_values"][0, :n] - ours.pixel_values).max() <= 1e-6
+        assert (ref["image_position_ids"][0, :n] == ours.positions).all()
+        assert (ref["image_position_ids"][0, n:] == -1).all()  # the rest is the processor's padding
+        sizes.add((ours.positions[:, 0].max() + 1, ours.positions[:, 1].max() + 1))
+    assert len(sizes) >= 5  # patch grids of different shapes
+
+
+def test_image_prompt_ids_and_output_equal_transformers(mm_bundle, mm_pair, hf, tmp_path) -> None:
+    """Raw prompts: the ids equal Gemma4Processor's; greedy speculative == transformers' assisted generate ==
+    plain decoding."""
+    from edgegen.export.testing import load_processor
+
+    processor = load_processor(mm_pair[0])
+    gen = Generator(Bundle(mm_bundle, threads=1))
+    images = _images(tmp_path)[:2]
+    prompt = "Compare <|image|> with <|image|>: which"
+    inputs = processor(text=prompt, images=[_pil(i) for i in images], return_tensors="pt")
+    result = gen.generate(prompt, 10, images=images, draft_tokens=3)
+    assert _prompt_ids(gen, prompt, images) == inputs["input_ids"][0].tolist()
+    with torch.no_grad():
+        ref = hf[0].generate(**inputs, assistant_model=hf[1], max_new_tokens=len(result.token_ids), do_sample=False)
+    assert result.token_ids == ref[0, inputs["input_ids"].shape[1]:].tolist()
+    gen.reset()
+    assert gen.generate(prompt, 10, images=images, use_assistant=False).token_ids == result.token_ids
+    assert result.stats.image_encode_s > 0
+
+
+def _pil(image):
+    from PIL import Image
+
+    return Image.open(image) if isinstance(image, Path) else image
+
+
+def _prompt_ids(gen: Generator, prompt: str, images: list) -> list[int]:
+    vision = gen.bundle.vision
+    return gen.tokenizer.encode(vision.expand(prompt, [vision.preprocess(i) for i in images]))
+
+
+def test_chat_with_image_parts_equals_transformers_and_reuses_kv(mm_bundle, mm_pair, hf, tmp_path) -> None:
+    from edgegen.export.testing import load_processor
+
+    processor = load_processor(mm_pair[0])
+    image = _images(tmp_path)[0]
+    gen = Generator(Bundle(mm_bundle, threads=1))
+    turn = [{"type": "image", "image": str(image)}, {"type": "text", "text": "What is shown?"}]
+    first = gen.collect(gen.chat(turn, 8, draft_tokens=3))
+    messages = [{"role": "user", "content": [{"type": "image", "image": _pil(image)},
+                                             {"type": "text", "text": "What is shown?"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    assert first.stats.prompt_tokens == n
+    with torch.no_grad():
+        ref = hf[0].generate(**inputs, assistant_model=hf[1], max_new_tokens=len(first.token_ids), do_sample=False)
+    assert first.token_ids == ref[0, n:].tolist()
+    second = gen.collect(gen.chat("And the colours?", 4))
+    image_end = inputs["input_ids"][0].tolist().index(EOI) + 1
+    # The image's K/V are not recomputed (the prompts part where the template drops the first turn's empty
+    # thinking channel, after the image)
+    assert second.stats.reused_tokens >= image_end
+    assert second.stats.image_encode_s == 0.0  # nor the image: its soft tokens are cached
