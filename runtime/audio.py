@@ -231,12 +231,25 @@ class AudioEncoder:
         return out
 
     def expand(self, ids: list[int], waves: list[np.ndarray]) -> list[int]:
+        """Token ids with each `<|audio|>` expanded (see expand_placeholders)."""
         s = self.settings
         return expand_placeholders(ids, self.counts(waves), s["audio_token_id"], s["boa_token_id"], s["eoa_token_id"])
 
-    def soft_tokens(self, ids: list[int], waves: list[np.ndarray]) -> list:
+    def expand_text(self, text: str, waves: list[np.ndarray]) -> str:
+        """Gemma4Processor's prompt expansion on text: the i-th `<|audio|>` becomes `<|audio>` + T_i `<|audio|>`
+        + `<audio|>` (the same ids as `expand` on the tokenized text: the markers are special tokens)."""
+        found, counts = text.count(AUDIO_TOKEN), self.counts(waves)
+        if found != len(counts):
+            raise EdgegenError(f"the prompt has {found} {AUDIO_TOKEN} placeholder(s) for {len(counts)} audio "
+                               f"clip(s); put one {AUDIO_TOKEN} where each clip goes")
+        pieces = text.split(AUDIO_TOKEN)
+        return pieces[0] + "".join(f"{BOA_TOKEN}{AUDIO_TOKEN * n}{EOA_TOKEN}{piece}"
+                                   for n, piece in zip(counts, pieces[1:], strict=True))
+
+    def soft_tokens(self, ids: list[int], waves: list[np.ndarray], cache: dict | None = None) -> list:
         """The clips' soft tokens at the runs of audio-token ids in an expanded prompt `ids` (one run per clip,
-        in order); runs the graph once per clip and records the time in `encode_s`."""
+        in order); runs the graph once per clip not in `cache` (key -> soft tokens, filled here) and records
+        the time in `encode_s`."""
         import hashlib
         import time
 
@@ -260,6 +273,12 @@ class AudioEncoder:
         spans = []
         for (start, _), w in zip(runs, waves, strict=True):
             key = "audio " + hashlib.sha256(w.tobytes()).hexdigest()
-            spans.append(SoftTokens(start, self.encode(w), key))
+            if cache is None or key not in cache:
+                embeddings = self.encode(w)
+                if cache is None:
+                    spans.append(SoftTokens(start, embeddings, key))
+                    continue
+                cache[key] = embeddings
+            spans.append(SoftTokens(start, cache[key], key))
         self.encode_s = time.perf_counter() - t0
         return spans

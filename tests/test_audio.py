@@ -326,3 +326,74 @@ print(json.dumps({{"ids": out, **report()}}))
     waves = enc.load([wav])
     ids = enc.expand(gen.tokenizer.encode(prompt), waves)
     assert got["ids"] == gen.generate(ids, 6, draft_tokens=2, soft=enc.soft_tokens(ids, waves)).token_ids
+
+
+# -- the API: generate(audio=...), chat audio parts --------------------------------------------------------------
+
+
+def test_generate_with_audio_equals_the_encoder_path(mm_bundle, tmp_path):
+    """`generate(prompt, audio=[wav])` is the expansion + soft tokens above (same ids), and reports the
+    audio encode time."""
+    from edgegen.runtime.audio import AudioEncoder
+    from edgegen.runtime.generate import Generator
+    from edgegen.runtime.model import Bundle
+
+    wav = _write_wav(tmp_path / "c.wav", _clip(0.6, seed=11))
+    prompt = f"Two clips: {raudio.AUDIO_TOKEN} and {raudio.AUDIO_TOKEN}."
+    gen = Generator(Bundle(mm_bundle, threads=1))
+    result = gen.generate(prompt, 8, draft_tokens=2, audio=[wav, _clip(0.3, seed=12)])
+    enc = AudioEncoder.open(mm_bundle, threads=1)
+    waves = enc.load([wav, _clip(0.3, seed=12)])
+    ids = enc.expand(gen.tokenizer.encode(prompt), waves)
+    assert result.stats.prompt_tokens == len(ids) and result.stats.audio_encode_s > 0
+    assert result.token_ids == Generator(gen.bundle).generate(ids, 8, draft_tokens=2,
+                                                              soft=enc.soft_tokens(ids, waves)).token_ids
+
+
+def test_chat_with_an_audio_part_equals_transformers(mm_bundle, hf, processor, tmp_path):
+    """A chat turn with a transformers-format audio part: the same answer as transformers given the
+    processor's rendering of the same messages; the next turn reuses the clip's K/V."""
+    import torch
+
+    from edgegen.runtime.generate import Generator
+    from edgegen.runtime.model import Bundle
+
+    clip = _clip(1.1, seed=13)
+    wav = _write_wav(tmp_path / "turn.wav", clip)
+    content = [{"type": "audio", "audio": str(wav)}, {"type": "text", "text": "What is said?"}]
+    gen = Generator(Bundle(mm_bundle, threads=1))
+    events = list(gen.chat(content, max_new_tokens=10, draft_tokens=3))
+    ours = [e.token_id for e in events]
+
+    rendered = processor.apply_chat_template([{"role": "user", "content": [{"type": "audio"}, content[1]]}],
+                                             tokenize=False, add_generation_prompt=True)
+    pcm = np.clip(np.round(clip * 32767), -32768, 32767).astype(np.float32) / 32768  # what the WAV holds
+    inputs = processor(text=rendered, audio=[pcm.astype(np.float32)], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        ref = hf[0].generate(**inputs, max_new_tokens=len(ours), do_sample=False, assistant_model=hf[1])
+    assert ours == ref[0, inputs["input_ids"].shape[1]:].tolist()
+
+    follow = list(gen.chat("And then?", max_new_tokens=4))
+    ids = inputs["input_ids"][0].tolist()
+    eoa = len(ids) - ids[::-1].index(processor.audio_token_id)  # one past the clip's last soft token
+    # the clip's K/V stayed (the earlier answer may re-tokenize differently, so not necessarily all of it)
+    assert follow[-1].stats.reused_tokens >= eoa
+
+
+def test_bad_audio_through_the_api_runs_nothing(mm_bundle, tmp_path, bundle_dir):
+    from edgegen.runtime.generate import Generator
+
+    gen = Generator(mm_bundle)
+    prompt = f"Hear {raudio.AUDIO_TOKEN}"
+    bad = _write_wav(tmp_path / "8k.wav", _clip(1.0), rate=8000)
+    cases = [([bad], "8000 Hz"), ([_clip(1.0), _clip(1.0)], "1 <|audio|> placeholder(s) for 2"),
+             ([_clip(25.0)], "holds 512"), ([tmp_path / "none.wav"], "does not exist")]
+    for clips, words in cases:
+        with pytest.raises(EdgegenError) as err:
+            gen.generate(prompt, 4, audio=clips)
+        assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
+        assert gen.processed == [] and not gen.messages  # nothing ran
+    with pytest.raises(EdgegenError, match="has no audio graph"):
+        Generator(bundle_dir("e2b-like")).generate(prompt, 4, audio=[_clip(1.0)])
+    with pytest.raises(EdgegenError, match="has no audio graph"):
+        list(Generator(bundle_dir("e2b-like")).chat([{"type": "audio", "audio": _clip(1.0)}]))
