@@ -187,8 +187,11 @@ def bench(
     ep: str = typer.Option("cpu", "--ep", metavar="<ep[,ep...]>",
                            help=f"Execution provider ({', '.join((*EPS, 'auto'))}), or several separated by "
                                 "commas: cpu,webgpu"),
+    image: list[Path] = typer.Option([], "--image", help="Image to time encoding on (repeatable; bundles with a "
+                                     "vision graph) [default: a synthetic 768x1024 image]"),
 ) -> None:
-    """Measure plain vs speculative decoding on a bundle, side by side (per execution provider)."""
+    """Measure plain vs speculative decoding on a bundle, side by side (per execution provider); image encoding
+    apart, for a bundle with a vision graph."""
     import json
 
     from edgegen.runtime.bench import bench as run_bench
@@ -223,7 +226,9 @@ def bench(
         return
     from edgegen.runtime.adaptive import describe
 
-    result = run_bench(bundle, max_new_tokens, draft_tokens, threads, repeats=repeats, ep=eps[0])
+    if image and len(eps) > 1:
+        raise EdgegenError("--image takes one execution provider")
+    result = run_bench(bundle, max_new_tokens, draft_tokens, threads, repeats=repeats, ep=eps[0], images=image or None)
     if plot_path is not None:
         plot(result, str(plot_path))
     if as_json:
@@ -242,6 +247,10 @@ def bench(
             typer.echo(f"{'':>14}acceptance by position {m['acceptance_by_position']}")
         if name == "speculative" and m["drafting"]:
             typer.echo(f"{'':>14}{describe(m['drafting'])}")
+    for row in result.get("image", {}).get("images", []):
+        typer.echo(f"{'image':>12}: {row['soft_tokens']} soft tokens ({row['patches']} patches)  preprocess "
+                   f"{row['preprocess_ms']:.1f} ms  encode {row['encode_ms']:.1f} ms  image to first token "
+                   f"{row['image_to_first_token_ms']:.0f} ms")
     if result.get("speedup") is not None:
         rss = result["peak_rss_mb"]
         typer.echo(f"speedup x{result['speedup']}  peak RSS {'n/a' if rss is None else f'{rss} MB'}")
@@ -325,11 +334,13 @@ def run(
                                       help="System instruction; makes the prompt a chat turn (the bundle's template)"),
     think: bool = typer.Option(False, "--think", help="Let the model reason before answering (makes the prompt a "
                                "chat turn); its thinking goes to stderr, dimmed"),
+    image: list[Path] = typer.Option([], "--image", help="Image for the prompt (repeatable; makes the prompt a chat "
+                                     "turn with the images before the text; bundles with a vision graph)"),
 ) -> None:
     """Generate text with a bundle: speculative decoding with its assistant, streamed to the terminal.
 
-    A prompt is continued as raw text, unless --system or --think make it one chat turn. The answer goes to
-    stdout; with --think the model's thinking goes to stderr (and to "thinking" in --json)."""
+    A prompt is continued as raw text, unless --system, --think or --image make it one chat turn. The answer
+    goes to stdout; with --think the model's thinking goes to stderr (and to "thinking" in --json)."""
     import json
 
     from edgegen.runtime.generate import Generator
@@ -344,15 +355,20 @@ def run(
     if ep is not RunEP.cpu:
         _quiet_ort()
     gen = Generator(bundle, threads=threads, ep=ep.value)
+    if image and gen.bundle.vision is None:  # before anything runs
+        raise EdgegenError(f"bundle '{gen.bundle.path}' has no vision graph, so it takes no --image; export it from "
+                           "a multimodal checkpoint (Gemma4ForConditionalGeneration) with the cpu profile")
     if ep is RunEP.auto or stats:
         typer.echo(f"[ep {gen.bundle.ep}: {gen.bundle.ep_reason}]", err=True)
     options = dict(max_new_tokens=max_new_tokens, sampling=sampling, use_assistant=not no_assistant,
                    draft_tokens=draft_tokens)
     turn = dict(system=system, enable_thinking=think)
     if chat:
-        _chat_loop(gen, {**options, **turn}, stats, think)
+        _chat_loop(gen, {**options, **turn}, stats, think, images=list(image))
         return
-    if system is not None or think:
+    if image:
+        events = gen.chat(text, stop_strings=tuple(stop), images=list(image), **options, **turn)
+    elif system is not None or think:
         events = gen.chat(text, stop_strings=tuple(stop), **options, **turn)
     else:
         events = gen.stream(text, stop_strings=tuple(stop), **options)
@@ -396,7 +412,8 @@ def _print_stats(st, stop_reason: str | None) -> None:
     )
 
 
-def _chat_loop(gen, options: dict, stats: bool, think: bool = False) -> None:
+def _chat_loop(gen, options: dict, stats: bool, think: bool = False, images: list | None = None) -> None:
+    """Turns from stdin; `images` go with the first turn."""
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -407,7 +424,8 @@ def _chat_loop(gen, options: dict, stats: bool, think: bool = False) -> None:
             break
         if not line.strip():
             continue
-        _stream_out(gen.chat(line.strip(), **options), stats, think)
+        _stream_out(gen.chat(line.strip(), images=images or (), **options), stats, think)
+        images = None
 
 
 def main() -> None:

@@ -80,6 +80,9 @@ def open_image(source) -> Image.Image:
         except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data
             detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise EdgegenError(f"{what} is damaged or truncated ({detail}); re-save or re-download it") from None
+    if image.mode in ("I", "F") or image.mode.startswith("I;"):
+        raise EdgegenError(f"{what} has {image.mode} pixels (16/32-bit or float); Pillow would clip them to 8 bits "
+                           "when converting to RGB, so convert the image to 8-bit RGB first")
     if image.width < 1 or image.height < 1:
         raise EdgegenError(f"{what} is empty ({image.width}x{image.height} pixels)")
     if image.width * image.height > MAX_PIXELS:

@@ -121,3 +121,36 @@ print(json.dumps({{"names": names, "ids": result.token_ids, "bad": bad, **report
     assert out["attempts"] == [] and out["loaded"] == []
     assert out["names"] == ["Generator", "Sampling", "Bundle", "EdgegenError"]
     assert 1 <= len(out["ids"]) <= 5 and "unknown" in out["bad"]
+
+
+@pytest.fixture(scope="module")
+def image_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A multimodal bundle (target graph with soft tokens + vision graph), exported without verification."""
+    from edgegen.export.bundle import ExportOptions, export_bundle
+    from edgegen.export.testing import save_multimodal_pair
+
+    target, assistant = save_multimodal_pair(tmp_path_factory.mktemp("mm-pair"))
+    out = tmp_path_factory.mktemp("mm") / "bundle"
+    export_bundle(str(target), str(assistant), out, ExportOptions(max_context=256, verify=False))
+    return out
+
+
+def test_images_run_without_torch(image_bundle: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 200, 3), dtype=np.uint8)).save(image)
+    code = f"""
+import json
+from edgegen.runtime.generate import Generator
+gen = Generator({str(image_bundle)!r})
+result = gen.generate("Describe <|image|> in", max_new_tokens=5, images=[{str(image)!r}], draft_tokens=3)
+print(json.dumps({{"ids": result.token_ids, **report()}}))
+"""
+    proc = run_blocked(code)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["attempts"] == [] and out["loaded"] == []
+    expected = Generator(image_bundle).generate("Describe <|image|> in", 5, images=[image], use_assistant=False)
+    assert out["ids"] == expected.token_ids

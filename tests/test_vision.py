@@ -3,6 +3,7 @@ the numpy/Pillow image processor and the image interfaces, each against transfor
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +250,95 @@ def test_chat_with_image_parts_equals_transformers_and_reuses_kv(mm_bundle, mm_p
     # thinking channel, after the image)
     assert second.stats.reused_tokens >= image_end
     assert second.stats.image_encode_s == 0.0  # nor the image: its soft tokens are cached
+
+
+# -- bad input: one line each, nothing else runs -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("bad-images")
+    good = root / "good.jpg"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(good)
+    out = {"good": good, "missing": root / "missing.png", "corrupt": root / "corrupt.jpg",
+           "truncated": root / "truncated.jpg", "huge": root / "huge.png", "float": root / "float.tiff",
+           "16-bit": root / "deep.png", "empty": root / "empty.png"}
+    out["corrupt"].write_bytes(np.random.default_rng(4).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    out["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    Image.new("1", (9000, 8000)).save(out["huge"])  # 72 Mpx, a few KB on disk
+    Image.new("F", (64, 64)).save(out["float"])
+    Image.fromarray(np.full((40, 40), 40000, np.uint16)).save(out["16-bit"])
+    out["empty"].write_bytes(b"")
+    return out
+
+
+IMAGE_ERRORS = {  # image -> words of its one-line error
+    "missing": "cannot read image", "corrupt": "not an image Pillow can decode", "truncated": "damaged or truncated",
+    "huge": "more than the 64 Mpx", "float": "convert the image to 8-bit RGB", "16-bit": "convert the image to 8-bit",
+    "empty": "not an image Pillow can decode",
+}
+
+
+@pytest.mark.parametrize("case", list(IMAGE_ERRORS))
+def test_api_bad_image_is_one_error_line(mm_bundle, bad_images, case: str) -> None:
+    from edgegen.runtime.errors import EdgegenError
+
+    gen = Generator(Bundle(mm_bundle, threads=1))
+    with pytest.raises(EdgegenError, match=IMAGE_ERRORS[case]) as err:
+        gen.generate("Look: <|image|>", 3, images=[bad_images[case]])
+    assert "\n" not in str(err.value)
+    assert gen.processed == []  # nothing ran
+    with pytest.raises(EdgegenError, match=IMAGE_ERRORS[case]):
+        list(gen.chat("What is it?", 3, images=[bad_images["good"], bad_images[case]]))
+    assert gen.messages == [] and gen.processed == []  # the turn that never ran is not in the conversation
+
+
+def test_api_image_prompt_mistakes(mm_bundle, bundle_dir, bad_images) -> None:
+    from edgegen.runtime.errors import EdgegenError
+
+    gen = Generator(Bundle(mm_bundle, threads=1))
+    good = bad_images["good"]
+    with pytest.raises(EdgegenError, match=re.escape("has 2 <|image|> placeholder(s) for 1 image(s)")):
+        gen.generate("<|image|> and <|image|>", 3, images=[good])
+    with pytest.raises(EdgegenError, match="this bundle holds 512"):
+        gen.generate("Many: " + "<|image|>" * 9, 3, images=[good] * 9)  # 9 x (60 + 2) tokens > 512
+    with pytest.raises(EdgegenError, match="has no vision graph"):
+        Generator(bundle_dir("e2b-like")).generate("<|image|>", 3, images=[good])
+    assert gen.processed == []
+
+
+def _edgegen(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "edgegen", *args], capture_output=True, timeout=300,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.parametrize("case", ["corrupt", "truncated", "huge", "16-bit", "missing", "too many", "no vision graph"])
+def test_cli_bad_image_is_one_error_line(mm_bundle, bundle_dir, bad_images, case: str) -> None:
+    images = [bad_images["good"]] * 9 if case == "too many" else [bad_images.get(case, bad_images["good"])]
+    bundle = bundle_dir("e2b-like") if case == "no vision graph" else mm_bundle
+    proc = _edgegen("run", str(bundle), "-p", "What is shown?", "-n", "3",
+                    *(arg for image in images for arg in ("--image", str(image))))
+    stderr = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode != 0 and "Traceback" not in stderr
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error:"), stderr
+    assert proc.stdout == b""  # nothing was generated
+
+
+def test_cli_run_and_bench_with_an_image(mm_bundle, bad_images) -> None:
+    import json
+
+    proc = _edgegen("run", str(mm_bundle), "--image", str(bad_images["good"]), "-p", "What is shown?", "-n", "4",
+                    "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["token_ids"]) >= 1 and out["stats"]["image_encode_s"] > 0
+    proc = _edgegen("bench", str(mm_bundle), "-n", "4", "--image", str(bad_images["good"]), "--json")
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)["image"]["images"]
+    assert row["soft_tokens"] > 0 and 0 < row["encode_ms"] < row["image_to_first_token_ms"]
