@@ -397,3 +397,49 @@ def test_bad_audio_through_the_api_runs_nothing(mm_bundle, tmp_path, bundle_dir)
         Generator(bundle_dir("e2b-like")).generate(prompt, 4, audio=[_clip(1.0)])
     with pytest.raises(EdgegenError, match="has no audio graph"):
         list(Generator(bundle_dir("e2b-like")).chat([{"type": "audio", "audio": _clip(1.0)}]))
+
+
+# -- the CLI ----------------------------------------------------------------------------------------------------
+
+
+def _edgegen(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "edgegen", *args], capture_output=True, timeout=300,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    return _bad_files(tmp_path_factory.mktemp("bad-audio"))
+
+
+@pytest.mark.parametrize("case", ["truncated", "garbage", "missing", "rate", "stereo", "8bit", "long", "short",
+                                  "too many for the context", "no audio graph"])
+def test_cli_bad_audio_is_one_error_line(mm_bundle, bundle_dir, bad_files, case):
+    good = bad_files["truncated"][0].with_name("good.wav")
+    clips = [good] * 20 if case == "too many for the context" else [bad_files.get(case, (good,))[0]]
+    bundle = bundle_dir("e2b-like") if case == "no audio graph" else mm_bundle
+    proc = _edgegen("run", str(bundle), "-p", "What is said?", "-n", "3",
+                    *(arg for clip in clips for arg in ("--audio", str(clip))))
+    stderr = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode != 0 and "Traceback" not in stderr
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error:"), stderr
+    assert proc.stdout == b""  # nothing was generated
+
+
+def test_cli_run_with_audio(mm_bundle, bad_files):
+    """`edgegen run B --audio clip.wav -p ...` answers what the API's chat turn with that clip answers."""
+    import json
+
+    from edgegen.runtime.generate import Generator
+
+    good = bad_files["truncated"][0].with_name("good.wav")
+    proc = _edgegen("run", str(mm_bundle), "--audio", str(good), "-p", "What is said?", "-n", "5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["stats"]["audio_encode_s"] > 0
+    events = list(Generator(mm_bundle).chat("What is said?", max_new_tokens=5, audio=[good]))
+    assert out["token_ids"] == [e.token_id for e in events]
