@@ -283,7 +283,7 @@ def _verify(pair, tmp: Path, manifest: Manifest, tquant: Quant, aquant: Quant, v
     if vquant is not None:
         from edgegen.export.vision import verify_vision
 
-        report = verify_vision(pair, tmp, vquant)
+        report = verify_vision(pair, tmp / "vision.onnx", vquant)
         manifest.parity.setdefault("checks", {})["vision_soft_tokens"] = report.pop("vision_soft_tokens")
         manifest.parity["vision"] = report
     if "audio" in manifest.graphs:

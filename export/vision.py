@@ -198,20 +198,23 @@ def pytorch_tower(pair):
     return tower, embedder
 
 
-def verify_vision(pair, bundle_dir: Path, quant: Quant) -> dict:
-    """The bundle's vision graph against transformers on three synthetic images of different aspect ratios,
-    preprocessed by transformers' own image processor; returns the report for manifest.parity."""
+def verify_vision(pair, graph: Path, quant: Quant) -> dict:
+    """The vision graph file `graph` against transformers on three synthetic images of different aspect ratios,
+    preprocessed by transformers' own image processor (and by the runtime's preprocessing for the graph);
+    returns the report for manifest.parity."""
+    import onnxruntime as ort
     import torch
     from PIL import Image
     from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
+    from edgegen.runtime.model import session_options
     from edgegen.runtime.vision import VisionEncoder
 
     settings = processor_settings(pair)
     keys = ("patch_size", "pooling_kernel_size", "max_soft_tokens")
     processor = Gemma4ImageProcessorPil(**{k: settings[k] for k in keys})
     tower, embedder = pytorch_tower(pair)
-    encoder = VisionEncoder.open(bundle_dir, threads=None)
+    encoder = VisionEncoder(ort.InferenceSession(str(graph), session_options(None)), settings)
     rng = np.random.default_rng(0)
     worst, sqnr = 0.0, float("inf")
     for h, w_ in ((96, 160), (240, 120), (200, 200)):

@@ -167,17 +167,6 @@ class VisionEncoder:
         self.session, self.settings = session, settings
         self.encode_s = 0.0  # time spent in the graph (the last `encode_all`)
 
-    @classmethod
-    def open(cls, bundle_dir: str | Path, threads: int | None = None) -> VisionEncoder:
-        """The vision graph of a bundle directory alone (export verification; apps use Bundle.vision)."""
-        from edgegen.runtime.manifest import load_manifest
-        from edgegen.runtime.model import open_session
-
-        m = load_manifest(bundle_dir)
-        if "vision" not in m.graphs:
-            raise EdgegenError(f"bundle '{bundle_dir}' has no vision graph")
-        return cls(open_session(Path(bundle_dir), m.graphs["vision"], threads), m.vision)
-
     def preprocess(self, image) -> Patches:
         return preprocess(image, self.settings)
 

@@ -342,3 +342,38 @@ def test_cli_run_and_bench_with_an_image(mm_bundle, bad_images) -> None:
     assert proc.returncode == 0, proc.stderr
     (row,) = json.loads(proc.stdout)["image"]["images"]
     assert row["soft_tokens"] > 0 and 0 < row["encode_ms"] < row["image_to_first_token_ms"]
+
+
+def test_quantized_exports_get_an_int8_vision_graph_within_its_bound(mm_pair, tmp_path) -> None:
+    """The tower of an int8/int4 export (the preset's text model is too narrow for MatMulNBits blocks, so the
+    graph is built alone) is int8, and its soft tokens stay within the export's SNR bound of PyTorch's."""
+    from edgegen.export.graphs import PROFILES
+    from edgegen.export.loading import load_pair
+    from edgegen.export.onnx_graph import WeightFile
+    from edgegen.export.quantize import Quant
+    from edgegen.export.vision import MIN_VISION_SQNR_DB, build_vision_graph, verify_vision, vision_quant
+
+    quant = vision_quant(Quant("int4"))
+    assert quant.kind == "int8" and vision_quant(Quant("fp32")).kind == "fp32"
+    pair = load_pair(str(mm_pair[0]), str(mm_pair[1]))
+    shared = WeightFile(tmp_path / "shared.weights")
+    graph = build_vision_graph(pair, quant, tmp_path, shared, PROFILES["cpu"])
+    graph.save(tmp_path)
+    graph.data.close()
+    shared.close()
+    report = verify_vision(pair, tmp_path / "vision.onnx", quant)
+    assert report["vision_soft_tokens"]["passed"] and report["vision_sqnr_db"] >= MIN_VISION_SQNR_DB
+    assert report["vision_max_rel_diff"] > 1e-5  # int8 weights really are in the graph
+
+
+def test_vision_files_are_covered_by_the_integrity_check(mm_bundle, tmp_path) -> None:
+    import shutil
+
+    from edgegen.runtime.errors import EdgegenError
+
+    damaged = Path(shutil.copytree(mm_bundle, tmp_path / "damaged"))
+    data = bytearray((damaged / "vision.weights").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (damaged / "vision.weights").write_bytes(bytes(data))
+    with pytest.raises(EdgegenError, match="vision.weights"):
+        Bundle(damaged, hashes="always")
