@@ -245,6 +245,7 @@ def test_export_writes_the_audio_graph(mm_bundle, pair):
 
     m = load_manifest(mm_bundle)
     assert "audio" in m.graphs and m.audio["feature_extractor"]["sampling_rate"] == RATE
+    assert {"audio.onnx", "audio.weights"} <= set(m.files)  # integrity-checked like the other graphs
     assert m.audio["tokens_per_second"] == 25.0 and m.audio["audio_token_id"] == 258881
     check = m.parity["checks"]["audio_soft_tokens"]
     assert check["passed"] and check["value"] <= 1e-4
