@@ -218,17 +218,11 @@ class AudioEncoder:
         return [tokens_for_frames(self.extractor.frames(len(w))) for w in waves]
 
     def encode(self, wave_: np.ndarray) -> np.ndarray:
-        from edgegen.runtime.manifest import INPUT_FEATURES, SOFT_TOKENS
+        """One clip's soft tokens [T, hidden]: its features through the audio graph."""
+        from edgegen.runtime.manifest import INPUT_FEATURES
+        from edgegen.runtime.prompt import encode
 
-        feats = self.extractor(wave_)
-        try:
-            out = self.session.run([SOFT_TOKENS], {INPUT_FEATURES: feats[None]})[0]
-        except Exception as exc:  # onnxruntime's own types
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise EdgegenError(f"running the audio graph failed ({first}); re-export the bundle") from None
-        if not np.isfinite(out).all():
-            raise EdgegenError("the audio graph returned NaN or infinite values; re-export the bundle")
-        return out
+        return encode(self.session, {INPUT_FEATURES: self.extractor(wave_)[None]}, "audio")
 
     def expand(self, ids: list[int], waves: list[np.ndarray]) -> list[int]:
         """Token ids with each `<|audio|>` expanded (see expand_placeholders)."""

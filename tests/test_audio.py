@@ -40,33 +40,26 @@ def _write_wav(path: Path, samples: np.ndarray, rate: int = RATE, channels: int 
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def processor(mm_pair):
     from edgegen.export import testing
 
-    return testing.save_multimodal_pair(tmp_path_factory.mktemp("mm"))
+    return testing.load_processor(mm_pair[0])
 
 
 @pytest.fixture(scope="module")
-def processor(pair):
-    from edgegen.export import testing
-
-    return testing.load_processor(pair[0])
-
-
-@pytest.fixture(scope="module")
-def settings(pair):
+def settings(mm_pair):
     from transformers import AutoConfig
 
     from edgegen.export import audio as xaudio
 
-    return xaudio.audio_settings(pair[0], AutoConfig.from_pretrained(pair[0]))
+    return xaudio.audio_settings(mm_pair[0], AutoConfig.from_pretrained(mm_pair[0]))
 
 
 # -- the tower graph ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("quant", ["fp32", "int8", "int4"])
-def test_audio_graph_matches_pytorch(pair, settings, tmp_path, quant):
+def test_audio_graph_matches_pytorch(mm_pair, settings, tmp_path, quant):
     """The audio graph (tower + embedder) against transformers on clips longer than one attention chunk, fed
     to PyTorch padded and masked as the processor pads them; quantized graphs against PyTorch with the same
     weight rounding."""
@@ -78,8 +71,8 @@ def test_audio_graph_matches_pytorch(pair, settings, tmp_path, quant):
     from edgegen.export.quantize import Quant
     from edgegen.export.weights import Checkpoint
 
-    config = AutoConfig.from_pretrained(pair[0])
-    ckpt = Checkpoint(pair[0])
+    config = AutoConfig.from_pretrained(mm_pair[0])
+    ckpt = Checkpoint(mm_pair[0])
     assert xaudio.has_audio_tower(ckpt)
     shared = WeightFile(tmp_path / "shared.weights")
     g = xaudio.build_audio_graph(ckpt, config.audio_config, config.text_config.hidden_size, Quant(quant), tmp_path,
@@ -92,7 +85,7 @@ def test_audio_graph_matches_pytorch(pair, settings, tmp_path, quant):
     assert check["value"] <= 1e-4, check
 
 
-def test_clip_bounds_matter(pair, settings):
+def test_clip_bounds_matter(mm_pair, settings):
     """The preset's clipped linears have finite bounds, and the clip's activations cross them (so the graph
     test above fails if a clamp is dropped)."""
     import torch
@@ -101,8 +94,8 @@ def test_clip_bounds_matter(pair, settings):
     from edgegen.export import audio as xaudio
     from edgegen.export.weights import Checkpoint
 
-    config = AutoConfig.from_pretrained(pair[0])
-    tower, _ = xaudio.pytorch_tower(Checkpoint(pair[0]), config)
+    config = AutoConfig.from_pretrained(mm_pair[0])
+    tower, _ = xaudio.pytorch_tower(Checkpoint(mm_pair[0]), config)
     feats = raudio.LogMel(settings["feature_extractor"])(_clip(1.0))
     crossed = []
     mods = [m for m in tower.modules() if type(m).__name__ == "Gemma4ClippableLinear"]
@@ -155,11 +148,11 @@ def test_features_match_with_preemphasis_and_normalisation(settings):
         assert np.abs(ours(clip) - expected).max() <= 1e-6
 
 
-def test_placeholder_expansion_matches_processor(pair, processor, settings):
+def test_placeholder_expansion_matches_processor(mm_pair, processor, settings):
     """`<|audio|>` expands to the processor's ids, one and two clips per prompt, clips of 5 lengths."""
     from edgegen.runtime.tokenizer import TextTokenizer
 
-    tok = TextTokenizer(pair[0], {"files": ["tokenizer.json"]})
+    tok = TextTokenizer(mm_pair[0], {"files": ["tokenizer.json"]})
     ids = {name: tok.token_id(t) for name, t in (("audio", raudio.AUDIO_TOKEN), ("boa", raudio.BOA_TOKEN),
                                                    ("eoa", raudio.EOA_TOKEN))}
     assert ids == {"audio": processor.audio_token_id, "boa": tok.token_id(processor.boa_token),
@@ -223,24 +216,14 @@ def test_bad_audio_is_one_line(tmp_path, settings):
 
 
 @pytest.fixture(scope="module")
-def mm_bundle(pair, tmp_path_factory):
-    """The multimodal preset exported (fp32, verified: the audio check included) once for this module."""
-    from edgegen.export.bundle import ExportOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("mm-bundle") / "bundle"
-    export_bundle(str(pair[0]), str(pair[1]), out, ExportOptions(max_context=512))
-    return out
-
-
-@pytest.fixture(scope="module")
-def hf(pair):
+def hf(mm_pair):
     from edgegen.export.loading import load_pair
 
-    p = load_pair(str(pair[0]), str(pair[1]))
+    p = load_pair(str(mm_pair[0]), str(mm_pair[1]))
     return p.target, p.assistant
 
 
-def test_export_writes_the_audio_graph(mm_bundle, pair):
+def test_export_writes_the_audio_graph(mm_bundle, mm_pair):
     from edgegen.runtime.manifest import load_manifest
 
     m = load_manifest(mm_bundle)
@@ -404,12 +387,9 @@ def test_bad_audio_through_the_api_runs_nothing(mm_bundle, tmp_path, bundle_dir)
 
 
 def _edgegen(*args: str):
-    import os
-    import subprocess
-    import sys
+    from test_bad_input import edgegen
 
-    return subprocess.run([sys.executable, "-m", "edgegen", *args], capture_output=True, timeout=300,
-                          stdin=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return edgegen(*args, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -420,15 +400,16 @@ def bad_files(tmp_path_factory):
 @pytest.mark.parametrize("case", ["truncated", "garbage", "missing", "rate", "stereo", "8bit", "long", "short",
                                   "too many for the context", "no audio graph"])
 def test_cli_bad_audio_is_one_error_line(mm_bundle, bundle_dir, bad_files, case):
+    """Exit 2 (a user error), nothing on stdout, and one stderr line that names the problem."""
     good = bad_files["truncated"][0].with_name("good.wav")
-    clips = [good] * 20 if case == "too many for the context" else [bad_files.get(case, (good,))[0]]
+    clip, words = bad_files.get(case, (good, {"too many for the context": "holds 512",
+                                              "no audio graph": "has no audio graph"}.get(case)))
     bundle = bundle_dir("e2b-like") if case == "no audio graph" else mm_bundle
-    proc = _edgegen("run", str(bundle), "-p", "What is said?", "-n", "3",
-                    *(arg for clip in clips for arg in ("--audio", str(clip))))
-    stderr = proc.stderr.decode("utf-8", "replace")
-    assert proc.returncode != 0 and "Traceback" not in stderr
-    assert len(stderr.splitlines()) == 1 and stderr.startswith("error:"), stderr
-    assert proc.stdout == b""  # nothing was generated
+    repeat = 20 if case == "too many for the context" else 1
+    proc = _edgegen("run", str(bundle), "-p", "What is said?", "-n", "3", *["--audio", str(clip)] * repeat)
+    lines = proc.stderr.decode("utf-8", "replace").splitlines()
+    assert (proc.returncode, proc.stdout, len(lines)) == (2, b"", 1), proc.stderr
+    assert lines[0].startswith("error:") and words in lines[0], lines[0]
 
 
 def test_cli_run_with_audio(mm_bundle, bad_files):
