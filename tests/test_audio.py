@@ -74,6 +74,9 @@ def test_audio_graph_matches_pytorch(mm_pair, settings, tmp_path, quant):
     config = AutoConfig.from_pretrained(mm_pair[0])
     ckpt = Checkpoint(mm_pair[0])
     assert xaudio.has_audio_tower(ckpt)
+    # what export gives the tower: the target's fp32, else int8 weights with fp32 compute
+    assert xaudio.audio_quant(Quant("fp32")) == Quant("fp32")
+    assert xaudio.audio_quant(Quant("int4", 32, 4)) == Quant("int8", 32, 0)
     shared = WeightFile(tmp_path / "shared.weights")
     g = xaudio.build_audio_graph(ckpt, config.audio_config, config.text_config.hidden_size, Quant(quant), tmp_path,
                                  shared, PROFILES["cpu"])
@@ -232,6 +235,21 @@ def test_export_writes_the_audio_graph(mm_bundle, mm_pair):
     assert m.audio["tokens_per_second"] == 25.0 and m.audio["audio_token_id"] == 258881
     check = m.parity["checks"]["audio_soft_tokens"]
     assert check["passed"] and check["value"] <= 1e-4
+
+
+@pytest.mark.parametrize("field, value", [("feature_size", "x"), ("sampling_rate", 0), ("audio_token_id", -1),
+                                          ("per_bin_mean", [0.0])])
+def test_a_malformed_audio_section_is_one_line(mm_bundle, tmp_path, field, value):
+    import json
+
+    from edgegen.runtime.manifest import load_manifest
+
+    raw = json.loads((mm_bundle / "manifest.json").read_text())
+    section = raw["audio"] if field.endswith("_id") else raw["audio"]["feature_extractor"]
+    section[field] = value
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(EdgegenError, match=r"malformed field \(audio\)"):
+        load_manifest(tmp_path)
 
 
 @pytest.mark.parametrize("k", [3, "auto"])
