@@ -79,7 +79,8 @@ class Generator(TokenLoop):
             return self._with_images(prompt, list(images), True, max_new_tokens, sampling, use_assistant,
                                      draft_tokens, stop_strings, list(audio))
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        tokens = self.stream_ids(ids, max_new_tokens, sampling, use_assistant, draft_tokens, soft)
+        extra = {"soft": soft} if soft else {}  # a text prompt calls the token loop exactly as before
+        tokens = self.stream_ids(ids, max_new_tokens, sampling, use_assistant, draft_tokens, **extra)
         return text_events(tokens, self.tokenizer, stop_strings)
 
     def _with_images(self, text: str, images: list, add_special_tokens: bool, max_new_tokens: int, sampling,
@@ -109,7 +110,7 @@ class Generator(TokenLoop):
 
         def events():
             for event in text_events(self.stream_ids(ids, max_new_tokens, sampling, use_assistant, draft_tokens,
-                                                     soft), self.tokenizer, stop_strings):
+                                                     soft=soft), self.tokenizer, stop_strings):
                 event.stats.image_encode_s, event.stats.audio_encode_s = image_s, audio_s
                 yield event
 
@@ -127,7 +128,8 @@ class Generator(TokenLoop):
         if isinstance(prompt, list) and not _has_tokenizer(self):
             if stop_strings:
                 raise EdgegenError("stop strings need the bundle's tokenizer, and this bundle has none")
-            tokens = list(self.stream_ids(prompt, max_new_tokens, sampling, use_assistant, draft_tokens, soft))
+            extra = {"soft": soft} if soft else {}
+            tokens = list(self.stream_ids(prompt, max_new_tokens, sampling, use_assistant, draft_tokens, **extra))
             return Result("", [t.token_id for t in tokens], tokens[-1].stats, tokens[-1].stop_reason)
         return self.collect(self.stream(prompt, max_new_tokens, sampling, use_assistant, draft_tokens, stop_strings,
                                         soft))

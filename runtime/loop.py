@@ -176,8 +176,10 @@ class TokenLoop:
         self.cache.trim(reuse)
         del self.processed[reuse:]
         rows = soft_rows(soft, reuse, len(prompt_ids)) if soft else None
-        pad = int(self.bundle.manifest.generation.get("pad_token_id") or 0)
-        logits, hidden = self.bundle.target.forward(self.cache, prompt_ids[reuse:], soft=rows, pad_id=pad)
+        extra = {}  # a text prompt calls the target exactly as before
+        if rows is not None:
+            extra = {"soft": rows, "pad_id": int(self.bundle.manifest.generation.get("pad_token_id") or 0)}
+        logits, hidden = self.bundle.target.forward(self.cache, prompt_ids[reuse:], **extra)
         self.processed.extend(held[reuse:])
         stats.reused_tokens = reuse
         stats.prefill_s = time.perf_counter() - t0

@@ -382,6 +382,25 @@ def test_chat_with_an_audio_part_equals_transformers(mm_bundle, hf, processor, t
     assert follow[-1].stats.reused_tokens >= eoa
 
 
+def test_an_image_and_a_clip_in_one_prompt_equal_transformers(mm_bundle, hf, processor):
+    """Both modalities through one prompt: ids and greedy speculative output equal transformers'."""
+    import torch
+    from PIL import Image
+
+    from edgegen.runtime.generate import Generator
+    from edgegen.runtime.model import Bundle
+
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (120, 200, 3), dtype=np.uint8))
+    clip = _clip(0.9, seed=14)
+    text = f"<start_of_turn>user\nSee <|image|> and hear {raudio.AUDIO_TOKEN}.<end_of_turn>\n<start_of_turn>model\n"
+    result = Generator(Bundle(mm_bundle, threads=1)).generate(text, 10, draft_tokens=3, images=[image], audio=[clip])
+    inputs = processor(text=text, images=[image], audio=[clip], return_tensors="pt")
+    assert result.stats.prompt_tokens == inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        ref = hf[0].generate(**inputs, max_new_tokens=len(result.token_ids), do_sample=False, assistant_model=hf[1])
+    assert result.token_ids == ref[0, inputs["input_ids"].shape[1]:].tolist()
+
+
 def test_bad_audio_through_the_api_runs_nothing(mm_bundle, tmp_path, bundle_dir):
     from edgegen.runtime.generate import Generator
 

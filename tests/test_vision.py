@@ -73,11 +73,15 @@ def test_prefill_with_soft_tokens_matches_transformers(mm_bundle, hf) -> None:
     assert np.abs(plain - ref).max() > 0.1
 
 
-@pytest.mark.parametrize("k", [3, "auto"])
-def test_speculative_with_soft_tokens_equals_transformers_and_plain(mm_bundle, hf, k) -> None:
+@pytest.mark.parametrize(("k", "before", "n"), [(3, 3, 12), ("auto", 3, 12), (2, 200, 90)])
+def test_speculative_with_soft_tokens_equals_transformers_and_plain(mm_bundle, hf, k, before: int, n: int) -> None:
+    """The last case's prompt (~300 tokens) is prefilled in two calls (the ring buffers' row limit, 240 here),
+    the boundary inside the soft tokens."""
     gen = Generator(Bundle(mm_bundle, threads=1))
-    emb = np.random.default_rng(1).standard_normal((12, gen.bundle.manifest.model.hidden_size)).astype(np.float32)
-    ids, start = _image_prompt(12, [2, 105, 7000], [8000, 106, 105])
+    emb = np.random.default_rng(1).standard_normal((n, gen.bundle.manifest.model.hidden_size)).astype(np.float32)
+    text = [int(t) for t in np.random.default_rng(5).integers(1000, 200000, before - 1)]
+    ids, start = _image_prompt(n, [2, *text], [8000, 106, 105])
+    assert before + n < 240 or start < gen.cache.max_rows < start + n
     soft = [SoftTokens(start, emb, "y")]
     ours = gen.generate(ids, 12, draft_tokens=k, soft=soft).token_ids
     gen.reset()
@@ -301,7 +305,7 @@ def _edgegen(*args: str):
                           stdin=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-@pytest.mark.parametrize("case", ["corrupt", "truncated", "huge", "16-bit", "missing", "too many", "no vision graph"])
+@pytest.mark.parametrize("case", ["truncated", "too many", "no vision graph"])  # the rest: the API test above
 def test_cli_bad_image_is_one_error_line(mm_bundle, bundle_dir, bad_images, case: str) -> None:
     images = [bad_images["good"]] * 9 if case == "too many" else [bad_images.get(case, bad_images["good"])]
     bundle = bundle_dir("e2b-like") if case == "no vision graph" else mm_bundle
