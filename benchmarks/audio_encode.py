@@ -28,20 +28,17 @@ def audio_e2b(out: Path, seed: int = 0) -> object:
     """A checkpoint directory with the audio tower + embedder of a Gemma4ForConditionalGeneration of E2B shape
     (safetensors names as published); returns its config."""
     import numpy as np
-    import torch
     from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4TextConfig
 
-    from edgegen.export.testing import _fill_random
+    from edgegen.export.testing import _fill_random, _tensor_specs
     from edgegen.export.weights import to_bfloat16, write_safetensors
 
     out.mkdir(parents=True, exist_ok=True)
     text = Gemma4TextConfig(hidden_size=E2B_TEXT_HIDDEN, num_hidden_layers=1, vocab_size=262144)
     config = Gemma4Config(text_config=text.to_dict(), vision_config=None, audio_config=Gemma4AudioConfig().to_dict())
-    with torch.device("meta"):
-        model = Gemma4ForConditionalGeneration(config)
-    specs = [(k, "BF16", tuple(v.shape)) for k, v in model.state_dict().items()
-             if k.startswith(("model.audio_tower.", "model.embed_audio."))]
-    shapes = {n: s for n, _, s in specs}
+    shapes = {name: shape for name, shape, _ in _tensor_specs(Gemma4ForConditionalGeneration, config)
+              if name.startswith(("model.audio_tower.", "model.embed_audio."))}
+    specs = [(name, "BF16", shape) for name, shape in shapes.items()]
     rng = np.random.default_rng(seed)
 
     def fill(name, write):
