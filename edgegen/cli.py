@@ -336,10 +336,13 @@ def run(
                                "chat turn); its thinking goes to stderr, dimmed"),
     image: list[Path] = typer.Option([], "--image", help="Image for the prompt (repeatable; makes the prompt a chat "
                                      "turn with the images before the text; bundles with a vision graph)"),
+    audio: list[Path] = typer.Option([], "--audio", help="Audio clip for the prompt: WAV, 16-bit PCM mono at 16 kHz, "
+                                     "up to 30 s (repeatable; makes the prompt a chat turn with the clips before "
+                                     "the text; bundles with an audio graph)"),
 ) -> None:
     """Generate text with a bundle: speculative decoding with its assistant, streamed to the terminal.
 
-    A prompt is continued as raw text, unless --system, --think or --image make it one chat turn. The answer
+    A prompt is continued as raw text, unless --system, --think, --image or --audio make it one chat turn. The answer
     goes to stdout; with --think the model's thinking goes to stderr (and to "thinking" in --json)."""
     import json
 
@@ -358,16 +361,19 @@ def run(
     if image and gen.bundle.vision is None:  # before anything runs
         raise EdgegenError(f"bundle '{gen.bundle.path}' has no vision graph, so it takes no --image; export it from "
                            "a multimodal checkpoint (Gemma4ForConditionalGeneration) with the cpu profile")
+    if audio and gen.bundle.audio is None:
+        raise EdgegenError(f"bundle '{gen.bundle.path}' has no audio graph, so it takes no --audio; export it from a "
+                           "checkpoint with an audio tower (Gemma 4 E2B or E4B) with the cpu profile")
     if ep is RunEP.auto or stats:
         typer.echo(f"[ep {gen.bundle.ep}: {gen.bundle.ep_reason}]", err=True)
     options = dict(max_new_tokens=max_new_tokens, sampling=sampling, use_assistant=not no_assistant,
                    draft_tokens=draft_tokens)
     turn = dict(system=system, enable_thinking=think)
     if chat:
-        _chat_loop(gen, {**options, **turn}, stats, think, images=list(image))
+        _chat_loop(gen, {**options, **turn}, stats, think, images=list(image), audio=list(audio))
         return
-    if image:
-        events = gen.chat(text, stop_strings=tuple(stop), images=list(image), **options, **turn)
+    if image or audio:
+        events = gen.chat(text, stop_strings=tuple(stop), images=list(image), audio=list(audio), **options, **turn)
     elif system is not None or think:
         events = gen.chat(text, stop_strings=tuple(stop), **options, **turn)
     else:
@@ -412,8 +418,9 @@ def _print_stats(st, stop_reason: str | None) -> None:
     )
 
 
-def _chat_loop(gen, options: dict, stats: bool, think: bool = False, images: list | None = None) -> None:
-    """Turns from stdin; `images` go with the first turn."""
+def _chat_loop(gen, options: dict, stats: bool, think: bool = False, images: list | None = None,
+               audio: list | None = None) -> None:
+    """Turns from stdin; `images` and `audio` go with the first turn."""
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -424,8 +431,8 @@ def _chat_loop(gen, options: dict, stats: bool, think: bool = False, images: lis
             break
         if not line.strip():
             continue
-        _stream_out(gen.chat(line.strip(), images=images or (), **options), stats, think)
-        images = None
+        _stream_out(gen.chat(line.strip(), images=images or (), audio=audio or (), **options), stats, think)
+        images = audio = None
 
 
 def main() -> None:

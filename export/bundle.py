@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edgegen.export import contents
+from edgegen.export import audio, contents
 from edgegen.export.graphs import (
     PROFILES,
     Profile,
@@ -216,6 +216,10 @@ def _export_dynamic(pair, opts: ExportOptions, profile: Profile, tmp: Path, stag
 
         manifest.graphs["vision"] = contents.graph_spec(tmp / "vision.onnx", {}, contents.quantization(vquant))
         manifest.vision = processor_settings(pair)
+    if takes_soft_tokens(pair, profile) and audio.exports_audio(pair):  # its soft tokens need that target
+        manifest.audio = audio.write_audio_graph(pair, audio.audio_quant(tquant), tmp, profile)
+        manifest.graphs["audio"] = contents.graph_spec(tmp / "audio.onnx", {},
+                                                       contents.quantization(audio.audio_quant(tquant)))
     contents.record_files(tmp, manifest)  # before verification, which loads the bundle the way the runtime will
 
     if opts.verify:
@@ -282,6 +286,9 @@ def _verify(pair, tmp: Path, manifest: Manifest, tquant: Quant, aquant: Quant, v
         report = verify_vision(pair, tmp / "vision.onnx", vquant)
         manifest.parity.setdefault("checks", {})["vision_soft_tokens"] = report.pop("vision_soft_tokens")
         manifest.parity["vision"] = report
+    if "audio" in manifest.graphs:
+        manifest.parity.setdefault("checks", {}).update(
+            audio.verify_audio(pair.checkpoint, pair.config, tmp, audio.audio_quant(tquant), manifest.audio))
     contents.write_manifest(tmp, manifest)
     failed = [f"{k} {v['value']:.3g} > {v['tolerance']:.3g}" if "tolerance" in v else
               f"{k} {v['value']:.3g} < {v['minimum']:.3g}" if "minimum" in v else k

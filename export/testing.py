@@ -510,8 +510,10 @@ def multimodal_towers() -> dict:
     vision = Gemma4VisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
                                 num_key_value_heads=3, head_dim=16, position_embedding_size=256,
                                 use_clipped_linears=True, initializer_range=0.06)
+    # subsampling_conv_channels[0] stays 128: transformers sizes the input projection as channels[0] // 4 *
+    # channels[1], which equals the flattened (mel bins / 4) * channels[1] only with the 128 mel bins
     audio = Gemma4AudioConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              output_proj_dims=64, subsampling_conv_channels=[8, 4])
+                              output_proj_dims=64, subsampling_conv_channels=[128, 4])
     return {"vision_config": vision.to_dict(), "audio_config": audio.to_dict()}
 
 

@@ -50,6 +50,7 @@ class Generator(TokenLoop):
         self._tokenizer: TextTokenizer | None = None
         self.conversation = Conversation()
         self._image_cache: dict[str, np.ndarray] = {}  # image key -> soft tokens, for later chat turns
+        self._audio_cache: dict[str, np.ndarray] = {}  # audio clip key -> soft tokens, likewise
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -64,42 +65,53 @@ class Generator(TokenLoop):
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
                use_assistant: bool = True, draft_tokens: int | str | None = None,
                stop_strings: tuple[str, ...] = (),
-               soft: tuple[SoftTokens, ...] | list[SoftTokens] = (), images: Sequence = ()) -> Iterator[Event]:
+               soft: tuple[SoftTokens, ...] | list[SoftTokens] = (), images: Sequence = (),
+               audio: Sequence = ()) -> Iterator[Event]:
         """Continue a raw prompt (text, or token ids). Each event carries the answer and thinking text its
         token added; the last one the stop reason. images: paths, bytes or Pillow images, one per `<|image|>`
-        in a text prompt (expanded as Gemma4Processor does). soft: embeddings at placeholder ids of a
+        in a text prompt (expanded as Gemma4Processor does). audio: WAV paths or 1-D float arrays at the
+        bundle's sample rate, one per `<|audio|>` (runtime/audio.py). soft: embeddings at placeholder ids of a
         token-id prompt (runtime/prompt.py)."""
-        if images:
+        if images or audio:
             if not isinstance(prompt, str):
-                raise EdgegenError("images go with a text prompt holding one <|image|> per image")
+                raise EdgegenError("images and audio go with a text prompt holding one <|image|> per image and "
+                                   "one <|audio|> per clip")
             return self._with_images(prompt, list(images), True, max_new_tokens, sampling, use_assistant,
-                                     draft_tokens, stop_strings)
+                                     draft_tokens, stop_strings, list(audio))
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         extra = {"soft": soft} if soft else {}  # a text prompt calls the token loop exactly as before
         tokens = self.stream_ids(ids, max_new_tokens, sampling, use_assistant, draft_tokens, **extra)
         return text_events(tokens, self.tokenizer, stop_strings)
 
     def _with_images(self, text: str, images: list, add_special_tokens: bool, max_new_tokens: int, sampling,
-                     use_assistant: bool, draft_tokens, stop_strings) -> Iterator[Event]:
-        """Preprocess and encode the images (each one once per Generator: earlier chat turns' images come from
-        a cache), expand the placeholders, and stream; the encode time goes into the stats."""
-        vision = self.bundle.vision
-        if vision is None:
+                     use_assistant: bool, draft_tokens, stop_strings, audio: list = ()) -> Iterator[Event]:
+        """Preprocess and encode the images and audio clips (each one once per Generator: earlier chat turns'
+        come from a cache), expand the placeholders, and stream; the encode times go into the stats."""
+        vision = self.bundle.vision if images else None
+        if images and vision is None:
             raise EdgegenError(f"bundle '{self.bundle.path}' has no vision graph, so it takes no images; export it "
                                "from a multimodal checkpoint (Gemma4ForConditionalGeneration) with the cpu profile")
-        patches = [vision.preprocess(image) for image in images]  # every image is checked before anything runs
-        ids = self.tokenizer.encode(vision.expand(text, patches), add_special_tokens=add_special_tokens)
+        listener = self.bundle.audio if audio else None
+        if audio and listener is None:
+            raise _no_audio(self.bundle)
+        # every image and clip is read and checked before anything runs
+        patches = [vision.preprocess(image) for image in images] if images else []
+        waves = listener.load(audio) if audio else []
+        text = vision.expand(text, patches) if images else text
+        ids = self.tokenizer.encode(listener.expand_text(text, waves) if audio else text,
+                                    add_special_tokens=add_special_tokens)
         if len(ids) >= self.cache.max_context:
-            raise EdgegenError(f"the prompt with its images is {len(ids)} tokens; this bundle holds "
-                               f"{self.cache.max_context} (prompt + output): use fewer images or a bundle exported "
-                               "with a larger --max-context")
-        soft = vision.soft_tokens(ids, patches, self._image_cache)
-        encode_s = vision.encode_s
+            raise EdgegenError(f"the prompt with its {'images' if images else 'audio'} is {len(ids)} tokens; this "
+                               f"bundle holds {self.cache.max_context} (prompt + output): use fewer or shorter "
+                               "media or a bundle exported with a larger --max-context")
+        soft = vision.soft_tokens(ids, patches, self._image_cache) if images else []
+        soft += listener.soft_tokens(ids, waves, self._audio_cache) if audio else []
+        image_s, audio_s = (vision.encode_s if images else 0.0), (listener.encode_s if audio else 0.0)
 
         def events():
             for event in text_events(self.stream_ids(ids, max_new_tokens, sampling, use_assistant, draft_tokens,
                                                      soft=soft), self.tokenizer, stop_strings):
-                event.stats.image_encode_s = encode_s
+                event.stats.image_encode_s, event.stats.audio_encode_s = image_s, audio_s
                 yield event
 
         return events()
@@ -107,12 +119,12 @@ class Generator(TokenLoop):
     def generate(self, prompt: str | list[int], max_new_tokens: int = 128, sampling: Sampling | None = None,
                  use_assistant: bool = True, draft_tokens: int | str | None = None,
                  stop_strings: tuple[str, ...] = (), soft: tuple[SoftTokens, ...] | list[SoftTokens] = (),
-                 images: Sequence = ()) -> Result:
+                 images: Sequence = (), audio: Sequence = ()) -> Result:
         """Blocking generation, built from `stream`. Token-id prompts work without a tokenizer (empty text).
-        images: one per `<|image|>` of the prompt (see `stream`)."""
-        if images:
+        images: one per `<|image|>` of the prompt, audio: one clip per `<|audio|>` (see `stream`)."""
+        if images or audio:
             return self.collect(self.stream(prompt, max_new_tokens, sampling, use_assistant, draft_tokens,
-                                            stop_strings, images=images))
+                                            stop_strings, images=images, audio=audio))
         if isinstance(prompt, list) and not _has_tokenizer(self):
             if stop_strings:
                 raise EdgegenError("stop strings need the bundle's tokenizer, and this bundle has none")
@@ -132,29 +144,35 @@ class Generator(TokenLoop):
     def chat(self, user_message: str | list[dict], max_new_tokens: int = 256, sampling: Sampling | None = None,
              use_assistant: bool = True, draft_tokens: int | str | None = None, stop_strings: tuple[str, ...] = (),
              *, system: str | None = None, enable_thinking: bool = False,
-             tools: list[dict] | None = None, images: Sequence = ()) -> Iterator[Event]:
+             tools: list[dict] | None = None, images: Sequence = (), audio: Sequence = ()) -> Iterator[Event]:
         """One conversation turn, streamed. Earlier turns' K/V are reused, not prefilled again (images too).
 
-        user_message: text, or a list of content parts in transformers' format: {"type": "text", "text": ...}
-        and {"type": "image", "image": path | bytes | Pillow image} ("path" or a local "url" also name a file).
-        images: shorthand for image parts placed before the text. system: the conversation's system instruction
+        user_message: text, or a list of content parts in transformers' format: {"type": "text", "text": ...},
+        {"type": "image", "image": path | bytes | Pillow image} and {"type": "audio", "audio": WAV path | 1-D
+        float array} ("path" or a local "url" also name a file). images, audio: shorthand for image and audio
+        parts placed before the text. system: the conversation's system instruction
         (given again, it replaces the earlier one; None keeps it). enable_thinking: ask the model to reason
         first (events carry it as `thinking`). tools: function declarations the model may call (JSON schema
         dicts); a call comes back in the answer text as the template's markup,
         e.g. `<|tool_call>call:name{...}<tool_call|>`.
         """
         content = user_message
-        if images:
+        if images or audio:
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-            content = [*({"type": "image", "image": image} for image in images), *parts]
+            content = [*({"type": "image", "image": image} for image in images),
+                       *({"type": "audio", "audio": clip} for clip in audio), *parts]
+        if isinstance(content, list) and any(_image_source(p, "audio") is not None for p in content) \
+                and self.bundle.audio is None:  # before the template sees parts it may not know
+            raise _no_audio(self.bundle)
         text = self.conversation.next_text(self.tokenizer, content, system=system, tools=tools,
                                            enable_thinking=enable_thinking)
         try:
-            sources = [src for m in self.conversation.messages if isinstance(m["content"], list)
-                       for src in map(_image_source, m["content"]) if src is not None]  # this turn's and earlier
-            if sources:
+            sources, clips = ([src for m in self.conversation.messages if isinstance(m["content"], list)
+                               for src in (_image_source(p, kind) for p in m["content"]) if src is not None]
+                              for kind in ("image", "audio"))  # this turn's and earlier
+            if sources or clips:
                 events = self._with_images(text, sources, False, max_new_tokens, sampling, use_assistant,
-                                           draft_tokens, stop_strings)
+                                           draft_tokens, stop_strings, clips)
             else:
                 events = self.stream(self.tokenizer.encode(text, add_special_tokens=False), max_new_tokens, sampling,
                                      use_assistant, draft_tokens, stop_strings)
@@ -164,27 +182,35 @@ class Generator(TokenLoop):
         yield from self.conversation.answer(events)
 
     def reset(self) -> None:
-        """Forget the conversation, the cached K/V and the encoded images."""
+        """Forget the conversation, the cached K/V and the encoded images and audio."""
         super().reset()
         self.messages.clear()
         self._image_cache.clear()
+        self._audio_cache.clear()
 
 
-def _image_source(part) -> object | None:
-    """The image of a content part in transformers' format ({"type": "image", "image" | "path" | "url": ...}),
-    or None for another part. URLs must be local files: edgegen fetches nothing."""
-    if not isinstance(part, dict) or part.get("type") != "image":
+def _no_audio(bundle: Bundle) -> EdgegenError:
+    return EdgegenError(f"bundle '{bundle.path}' has no audio graph, so it takes no audio; export it from a "
+                        "checkpoint with an audio tower (Gemma 4 E2B or E4B) with the cpu profile")
+
+
+def _image_source(part, kind: str = "image") -> object | None:
+    """The image (kind "image") or audio clip (kind "audio") of a content part in transformers' format
+    ({"type": kind, kind | "path" | "url": ...}), or None for another part. URLs must be local files:
+    edgegen fetches nothing."""
+    if not isinstance(part, dict) or part.get("type") != kind:
         return None
-    for key in ("image", "path", "url"):
+    for key in (kind, "path", "url"):
         if part.get(key) is not None:
             source = part[key]
             if key == "url" and isinstance(source, str) and "://" in source:
                 if not source.startswith("file://"):
-                    raise EdgegenError(f"image url '{source}' is not a local file; edgegen fetches nothing, "
+                    raise EdgegenError(f"{kind} url '{source}' is not a local file; edgegen fetches nothing, "
                                        "download it and pass the path")
                 source = source[len("file://"):]
             return source
-    raise EdgegenError('an image content part needs "image", "path" or "url" (a path, bytes or a Pillow image)')
+    what = "a path, bytes or a Pillow image" if kind == "image" else "a WAV path or a 1-D float array"
+    raise EdgegenError(f'an {kind} content part needs "{kind}", "path" or "url" ({what})')
 
 
 def _has_tokenizer(gen: Generator) -> bool:

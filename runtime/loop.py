@@ -52,6 +52,7 @@ class Stats:
     draft_s: float = 0.0
     drafting: dict = field(default_factory=dict)  # the draft-length policy's decision and what it measured
     image_encode_s: float = 0.0  # the vision graph's time for this prompt's new images (before the prefill)
+    audio_encode_s: float = 0.0  # features + audio graph for this prompt's new clips (before the prefill)
 
     @property
     def tokens_per_target_call(self) -> float:

@@ -18,6 +18,9 @@ vision graph (one image; manifest `vision` holds the processor settings; runtime
   in   pixel_values [1,N,3*p*p] float32 (patches in [0,1]) · pixel_positions [1,N,2] int64 (x, y of each patch)
        pooling [1,T,N] float32 (average-pooling weights: patch n to soft token t)
   out  soft_tokens [T,H] float32: the image's soft tokens in the text model's space (feed as soft_embeds)
+audio graph (one clip; manifest `audio` holds the feature extractor settings and token ids; runtime/audio.py):
+  in   input_features [1,F,M] float32 (log-mel frames of the clip, valid frames only)
+  out  soft_tokens [T,H] float32, T = ceil(ceil(F/2)/2): the clip's soft tokens (feed as soft_embeds)
 assistant graph (one draft step; the cache holds P accepted, processed positions):
   in   token [1,1] int64 (last token) · hidden [1,1,H] (target last hidden, or previous projected_hidden)
        position_ids [1,1] int64 = P (constant over a draft burst) · seqlens_k [1] int32 = P-1
@@ -56,13 +59,14 @@ TOKEN, HIDDEN, PROJECTED_HIDDEN, NEXT_TOKEN = "token", "hidden", "projected_hidd
 TOKENS, INV_TEMPERATURE, GUMBEL = "tokens", "inv_temperature", "gumbel"  # draft_round
 SOFT_ROWS, SOFT_EMBEDS = "soft_rows", "soft_embeds"  # target of a multimodal checkpoint: embeddings at placeholders
 PIXEL_VALUES, PIXEL_POSITIONS, POOLING, SOFT_TOKENS = "pixel_values", "pixel_positions", "pooling", "soft_tokens"
+INPUT_FEATURES = "input_features"  # audio graph
 # The dtype of each of them (K/V buffers: KVBuffer.dtype; qnn's quantized IO: the manifest's static section).
 DTYPES = {INPUT_IDS: "int64", POSITION_IDS: "int64", PER_LAYER_INPUTS: "float32", LOGITS_TO_KEEP: "int64",
           LOGITS_START: "int64", SEQLENS_K: "int32", TOTAL_SEQUENCE_LENGTH: "int32", LOGITS: "float32",
           LAST_HIDDEN: "float32", TOKEN: "int64", HIDDEN: "float32", PROJECTED_HIDDEN: "float32",
           NEXT_TOKEN: "int64", TOKENS: "int64", INV_TEMPERATURE: "float32", GUMBEL: "float32",
           SOFT_ROWS: "int64", SOFT_EMBEDS: "float32", PIXEL_VALUES: "float32", PIXEL_POSITIONS: "int64",
-          POOLING: "float32", SOFT_TOKENS: "float32"}
+          POOLING: "float32", SOFT_TOKENS: "float32", INPUT_FEATURES: "float32"}
 _PAST, _PRESENT, _NEW = ("past_key", "past_value"), ("present_key", "present_value"), ("new_key", "new_value")
 _ROPE, _MASK = ("rope_cos", "rope_sin"), "attention_mask"
 
@@ -203,6 +207,8 @@ class Manifest:
     export: dict = field(default_factory=dict)  # how the export went: {"seconds", "peak_rss_mb"} (informational)
     # The vision graph's image processor settings and media token ids (runtime/vision.py), {} without one.
     vision: dict = field(default_factory=dict)
+    # The audio graph's feature extractor settings and media token ids (runtime/audio.py), {} without one.
+    audio: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -227,6 +233,7 @@ class Manifest:
             static=dict(d.get("static", {})),
             export=dict(d.get("export", {})),
             vision=dict(d.get("vision", {})),
+            audio=dict(d.get("audio", {})),
         )
 
 
@@ -315,6 +322,7 @@ def _first_problem(m: Manifest) -> str | None:
                                                                            for t in eos)),
         ("generation.draft_tokens", lambda: draft is None or _int(draft, 0, 64)),
         ("vision", lambda: not m.vision or ("vision" in m.graphs and _vision_ok(m.vision, model.vocab_size))),
+        ("audio", lambda: not m.audio or ("audio" in m.graphs and _audio_ok(m.audio, model.vocab_size))),
         ("export", lambda: all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                                for k, v in m.export.items())),
         ("files", lambda: all(isinstance(k, str) and isinstance(v, dict) and _int(v.get("bytes"), 0, 1 << 50)
@@ -337,6 +345,24 @@ def _vision_ok(v: dict, vocab: int) -> bool:
             and all(isinstance(v.get(k), list) and len(v[k]) == 3 and all(isinstance(x, (int, float)) for x in v[k])
                     for k in ("image_mean", "image_std"))
             and v.get("resample") in ("bicubic", "bilinear", "nearest", "lanczos"))
+
+
+AUDIO_TOKEN_IDS = ("audio_token_id", "boa_token_id", "eoa_token_id")
+AUDIO_NUMBERS = ("sampling_rate", "feature_size", "frame_length_ms", "hop_length_ms", "min_frequency", "max_frequency",
+                 "preemphasis", "input_scale_factor", "mel_floor", "max_length")
+
+
+def _audio_ok(a: dict, vocab: int) -> bool:
+    """The feature extractor settings and token ids runtime/audio.py reads (export/audio.py writes them)."""
+    fe = a.get("feature_extractor")
+    if not isinstance(fe, dict) or not all(_int(a.get(k), 0, vocab - 1) for k in AUDIO_TOKEN_IDS):
+        return False
+    numbers = all(isinstance(fe.get(k), (int, float)) and not isinstance(fe.get(k), bool) for k in AUDIO_NUMBERS)
+    return (numbers and _int(fe["sampling_rate"], 1000, 1 << 20) and _int(fe["feature_size"], 1, 4096)
+            and 0 < fe["hop_length_ms"] <= 1000 and 0 < fe["frame_length_ms"] <= 1000 and _int(fe["max_length"], 1)
+            and all(isinstance(fe.get(k), bool) for k in ("preemphasis_htk_flavor", "fft_overdrive"))
+            and all(fe.get(k) is None or (isinstance(fe[k], list) and len(fe[k]) == fe["feature_size"])
+                    for k in ("per_bin_mean", "per_bin_stddev")))
 
 
 def _ple_ok(ple: PLESpec) -> bool:

@@ -320,6 +320,7 @@ class Bundle:
             return open_session(self.path, spec, threads, self.ep, strict, self.placement, **kwargs)
 
         self._vision, self._open_vision = None, None
+        self._audio, self._open_audio = None, None
         if m.ep_profile == "qnn":  # static shapes, host-side K/V (runtime/qnn.py)
             from edgegen.runtime.qnn import open_qnn
 
@@ -338,6 +339,8 @@ class Bundle:
         self._assistant_lock = threading.Lock()
         if "vision" in m.graphs:
             self._open_vision = lambda: session(m.graphs["vision"])
+        if "audio" in m.graphs and m.audio:
+            self._open_audio = lambda: session(m.graphs["audio"])
         if "assistant" in m.graphs:
             spec = m.graphs["assistant"]
             self._open_assistant = lambda: Assistant(session(spec), spec)
@@ -373,6 +376,18 @@ class Bundle:
                 if self._vision is None:
                     self._vision = VisionEncoder(self._open_vision(), self.manifest.vision)
         return self._vision
+
+    @property
+    def audio(self):
+        """The audio encoder (runtime/audio.py) of a bundle with an audio graph, opened on first use; None
+        without one."""
+        if self._audio is None and self._open_audio is not None:
+            from edgegen.runtime.audio import AudioEncoder
+
+            with self._assistant_lock:
+                if self._audio is None:
+                    self._audio = AudioEncoder(self._open_audio(), self.manifest.audio)
+        return self._audio
 
     def placement_report(self) -> dict:
         """{graph file: {"nodes": {ORT EP: count}, "share": share on this bundle's EP, "cpu_ops": {...}}}."""

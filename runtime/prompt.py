@@ -78,3 +78,18 @@ def soft_rows(soft: Sequence[SoftTokens], start: int, stop: int) -> tuple[np.nda
     if not rows:
         return None
     return np.concatenate(rows), np.concatenate(embeds)
+
+
+def encode(session, feeds: dict[str, np.ndarray], what: str) -> np.ndarray:
+    """A media tower graph's soft tokens [T, hidden] (output SOFT_TOKENS) for `feeds`; a failed run or a
+    non-finite result is one EdgegenError line naming `what` (e.g. "vision")."""
+    from edgegen.runtime.manifest import SOFT_TOKENS
+
+    try:
+        out = session.run([SOFT_TOKENS], feeds)[0]
+    except Exception as exc:  # onnxruntime's own types
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise EdgegenError(f"running the {what} graph failed ({first}); re-export the bundle") from None
+    if not np.isfinite(out).all():
+        raise EdgegenError(f"the {what} graph returned NaN or infinite values; re-export the bundle")
+    return out

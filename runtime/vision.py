@@ -25,7 +25,7 @@ import numpy as np
 
 from edgegen.runtime import manifest as names
 from edgegen.runtime.errors import EdgegenError
-from edgegen.runtime.prompt import SoftTokens
+from edgegen.runtime.prompt import SoftTokens, encode
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -173,14 +173,7 @@ class VisionEncoder:
     def encode(self, patches: Patches) -> np.ndarray:
         feeds = {names.PIXEL_VALUES: patches.pixel_values[None], names.PIXEL_POSITIONS: patches.positions[None],
                  names.POOLING: patches.pooling[None]}
-        try:
-            out = self.session.run([names.SOFT_TOKENS], feeds)[0]
-        except Exception as exc:  # onnxruntime's own types
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise EdgegenError(f"running the vision graph failed ({first}); re-export the bundle") from None
-        if not np.isfinite(out).all():
-            raise EdgegenError("the vision graph returned NaN or infinite values; re-export the bundle")
-        return out
+        return encode(self.session, feeds, "vision")
 
     def close(self) -> None:
         self.session = None

@@ -81,3 +81,22 @@ def gemma4_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("gemma4-tokenizer")
     write_gemma4_tokenizer(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def mm_pair(tmp_path_factory: pytest.TempPathFactory) -> PairDirs:
+    """The multimodal preset (testing.save_multimodal_pair: vision and audio towers, processor files)."""
+    from edgegen.export.testing import save_multimodal_pair
+
+    return save_multimodal_pair(tmp_path_factory.mktemp("multimodal"))
+
+
+@pytest.fixture(scope="session")
+def mm_bundle(mm_pair, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The multimodal preset exported (fp32, verified: vision and audio graphs) once per session; tests must
+    not modify it."""
+    from edgegen.export.bundle import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("mm-bundle") / "bundle"
+    export_bundle(str(mm_pair[0]), str(mm_pair[1]), out, ExportOptions(max_context=512))
+    return out

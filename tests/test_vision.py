@@ -29,23 +29,6 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def mm_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from edgegen.export.testing import save_multimodal_pair
-
-    return save_multimodal_pair(tmp_path_factory.mktemp("multimodal"))
-
-
-@pytest.fixture(scope="module")
-def mm_bundle(mm_pair, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The multimodal preset exported (fp32, verified) once for this module."""
-    from edgegen.export.bundle import ExportOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("mm-bundle") / "bundle"
-    export_bundle(str(mm_pair[0]), str(mm_pair[1]), out, ExportOptions(max_context=512))
-    return out
-
-
-@pytest.fixture(scope="module")
 def hf(mm_pair):
     """transformers' target and assistant of the multimodal preset."""
     from edgegen.export.loading import load_pair
