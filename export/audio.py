@@ -33,6 +33,7 @@ from onnx import TensorProto
 
 from edgegen.export.onnx_graph import Graph, WeightFile
 from edgegen.export.quantize import Linears, Quant, dequantize
+from edgegen.export.vision import placeholders_in_vocab
 from edgegen.export.weights import Checkpoint, Weights
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.manifest import AUDIO_TOKEN_IDS, INPUT_FEATURES, SOFT_TOKENS
@@ -51,7 +52,8 @@ def has_audio_tower(ckpt: Checkpoint) -> bool:
 
 def exports_audio(pair) -> bool:
     """Whether the bundle gets an audio graph: the checkpoint has an audio tower (E2B, E4B)."""
-    return getattr(pair.config, "audio_config", None) is not None and has_audio_tower(pair.checkpoint)
+    return (getattr(pair.config, "audio_config", None) is not None and has_audio_tower(pair.checkpoint)
+            and placeholders_in_vocab(pair, "audio_token_id"))
 
 
 def audio_quant(target: Quant) -> Quant:

@@ -459,7 +459,7 @@ def _small_towers() -> dict:
     vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                 num_key_value_heads=2, head_dim=16, position_embedding_size=64)
     audio = Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, output_proj_dims=64,
-                              subsampling_conv_channels=[8, 4])
+                              subsampling_conv_channels=[128, 4])  # 128: the mel bins (see _mm_towers)
     return {"vision_config": vision.to_dict(), "audio_config": audio.to_dict()}
 
 

@@ -43,7 +43,14 @@ def exports_vision(pair) -> bool:
     if getattr(pair.config, "vision_config", None) is None or f"{EMBEDDER}embedding_projection.weight" not in \
             pair.checkpoint:
         return False
+    if not placeholders_in_vocab(pair, "image_token_id"):
+        return False  # no prompt could hold an image (random test checkpoints with a cut vocabulary)
     return getattr(pair.text_config, "use_bidirectional_attention", None) != "vision"
+
+
+def placeholders_in_vocab(pair, *names: str) -> bool:
+    """Whether the checkpoint's media placeholder ids are tokens of its text model at all."""
+    return all(0 <= int(getattr(pair.config, n, -1) or -1) < pair.text_config.vocab_size for n in names)
 
 
 def vision_quant(target: Quant) -> Quant:

@@ -173,7 +173,7 @@ def test_a_bf16_target_teaches_in_bf16(tmp_path):
     from edgegen.export.loading import load_target
     from edgegen.export.testing import save_bf16_pair
 
-    target, _ = save_bf16_pair(tmp_path / "pair", "e2b-like", multimodal=True)
+    target, _ = save_bf16_pair(tmp_path / "pair", "e2b-like")
     teacher, _ = load_target(str(target))
     assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
     del teacher
