@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from edgegen.export.loading import eager_experts
 from edgegen.export.quantize import Quant, dequantize
 from edgegen.export.weights import Tensor, Weights
 
@@ -56,7 +57,7 @@ class StreamedTarget:
         self.w, self.cfg, self.round = weights, cfg, round_linear
         self.lm_head = lm_head if lm_head is not None else weights["embed_tokens.weight"]
         with torch.device("meta"):
-            self.model = Gemma4TextModel(cfg).eval()
+            self.model = eager_experts(Gemma4TextModel(cfg).eval())
         m = self.model
         m.rotary_emb = Gemma4TextRotaryEmbedding(cfg)  # its buffers are computed, not stored: build them for real
         for emb in self._embeddings():
@@ -76,11 +77,17 @@ class StreamedTarget:
 
     def _array(self, full: str, linear: bool) -> np.ndarray:
         a = self.w.array(full)
-        return self.round(a) if (linear and self.round) else a
+        if not (linear and self.round):
+            return a
+        if a.ndim == 3:  # stacked experts [E, N, K]: the graph rounds each expert's matrix (export/moe.py)
+            return np.stack([self.round(e) for e in a])
+        return self.round(a)
 
     def _load(self, module: torch.nn.Module, prefix: str) -> None:
+        # Rounded like the graph's weights: Linears and experts; the router stays fp32 (export/moe.py).
         linear = {f"{n}.weight" if n else "weight" for n, mod in module.named_modules()
-                  if isinstance(mod, torch.nn.Linear)}
+                  if isinstance(mod, torch.nn.Linear) and not n.endswith("router.proj")}
+        linear |= {n for n in module.state_dict() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
         state = {name: torch.from_numpy(np.ascontiguousarray(self._array(f"{prefix}.{name}", name in linear)))
                  for name in module.state_dict()}
         module.load_state_dict(state, assign=True)
