@@ -95,11 +95,12 @@ PRESETS: dict[str, Preset] = {
         sliding_window=512, ple_dim=64, double_wide_mlp=True, assistant_hidden=256,
         assistant_intermediate=1024, num_centroids=128, centroid_top_k=16, init_std=0.02,
     ),
-    # 26B-A4B structure (data/gemma4/pairs.json): 5 sliding + 1 full, the full layers with global head dim,
+    # 26B-A4B structure (data/gemma4/pairs.json): one period of its 5 sliding + 1 full layers (more random
+    # layers amplify fp32 rounding past the parity tests' 1e-4 sanity bound), the full layer with global head dim,
     # fewer (global) KV heads and K=V; 128 -> 16 experts, top-8 -> top-4, the dense MLP beside them; no
     # per-layer embeddings and no KV sharing in the target (the assistant reads the last layer of each kind).
     "moe-like": Preset(
-        vocab_size=512, hidden_size=128, intermediate_size=96, num_layers=12, full_every=6,
+        vocab_size=512, hidden_size=128, intermediate_size=96, num_layers=6, full_every=6,
         num_kv_shared_layers=0, num_heads=4, num_kv_heads=2, head_dim=32, global_head_dim=64,
         sliding_window=16, ple_dim=0, double_wide_mlp=False, assistant_hidden=64, assistant_intermediate=256,
         num_global_kv_heads=1, k_eq_v=True, num_experts=16, top_k_experts=4, moe_intermediate_size=32,
@@ -107,7 +108,7 @@ PRESETS: dict[str, Preset] = {
     ),
     # 31B structure: dense, 32/16/4 heads -> 8/4/1, K=V full layers, no per-layer embeddings, no KV sharing.
     "31b-like": Preset(
-        vocab_size=512, hidden_size=160, intermediate_size=320, num_layers=12, full_every=6,
+        vocab_size=512, hidden_size=160, intermediate_size=320, num_layers=6, full_every=6,
         num_kv_shared_layers=0, num_heads=8, num_kv_heads=4, head_dim=32, global_head_dim=64,
         sliding_window=16, ple_dim=0, double_wide_mlp=False, assistant_hidden=64, assistant_intermediate=256,
         num_global_kv_heads=1, k_eq_v=True, centroid_head=False,

@@ -41,7 +41,9 @@ CHUNKS = [(0, 35), (35, 40), (40, 41), (41, 42)]
 DRAFT_STEPS = 2
 ALIGN_SLACK = 4096  # per stored tensor: external data is page aligned
 
-FP32_BUNDLES = [("e2b-like", True), ("e2b-like", False), ("e4b-like", True), ("e4b-like", False)]
+FP32_BUNDLES = [("e2b-like", True), ("e2b-like", False), ("e4b-like", True), ("e4b-like", False),
+                # the larger pairs' structure, with their published assistants' plain lm_head
+                ("moe-like", False), ("31b-like", False)]
 
 
 @pytest.fixture(scope="module")
