@@ -1,6 +1,6 @@
 """Real-dimension 26B-A4B slices: export memory against depth, decode cost, and the full model's projection.
 
-    python benchmarks/moe_slices.py [--layers 4 8] [--quant int4] [--root DIR] [--keep]
+    python benchmarks/moe_slices.py [--layers 4 8] [--quant int4] [--block-size 32] [--root DIR] [--keep]
 
 A slice is the published 26B-A4B target (data/gemma4/pairs.json: hidden 2816, 128 experts of width 704, top-8,
 the dense MLP beside them, K=V full layers, the 262,144-token vocabulary and tokenizer) cut to its first L
@@ -99,7 +99,8 @@ def slice_row(layers: int, args) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"moe-L{layers}-", dir=root)) / "bundle"
     try:
         cmd = [sys.executable, "-m", "edgegen", "export", "--target", str(target), "--assistant", str(assistant),
-               "--out", str(out), "--quant", args.quant, "--max-context", "2048", "--force", "--no-verify"]
+               "--out", str(out), "--quant", args.quant, "--block-size", str(args.block_size), "--max-context", "2048",
+               "--force", "--no-verify"]
         code, seconds, peak, log = run_measured(cmd)
         if code:
             sys.exit(f"export failed ({code}):\n{log}")
@@ -125,6 +126,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--quant", default="int4", choices=["fp32", "int8", "int4"])
+    ap.add_argument("--block-size", type=int, default=32, help="export --block-size (int4/int8 blocks, with a "
+                    "float32 scale each: 32 -> 0.625 bytes per int4 weight, 128 -> 0.53)")
     ap.add_argument("--root", default=os.environ.get("EDGEGEN_CACHE", "build/moe"))
     ap.add_argument("--keep", action="store_true", help="keep the slices' checkpoints")
     ap.add_argument("--json", type=Path)
