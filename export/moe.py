@@ -17,11 +17,23 @@ Why not com.microsoft QMoE/MoE: onnxruntime's CPU kernels offer relu/gelu/silu/s
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from edgegen.export.onnx_graph import Graph
 from edgegen.export.quantize import Quant, pack, quantize_blocks
 from edgegen.export.weights import Weights
+
+# Experts are quantized in blocks of at least this many weights (one float32 scale each): 0.53 bytes per int4
+# weight instead of 0.625 at block 32. The 26B-A4B's experts are 22.8B of its 25.2B weights; with blocks of 32
+# its int4 bundle would take ~17.7 GiB of RSS to run, with 128 ~14.5 GiB (benchmarks/moe_slices.py, README).
+EXPERT_BLOCK = 128
+
+
+def expert_quant(quant: Quant) -> Quant:
+    """The weight format of the experts for a bundle quantized as `quant` (fp32 stays fp32)."""
+    return replace(quant, block_size=max(quant.block_size, EXPERT_BLOCK))
 
 
 def route(g: Graph, normed: str, w: Weights, top_k: int, hidden: int, prefix: str) -> tuple[str, str]:
@@ -102,6 +114,7 @@ def experts(g: Graph, quant: Quant, h: str, weights: str, ids: str, w: Weights, 
     token runs in expert order for every call length, so a verify row computes a decode row's bits."""
     from onnx import TensorProto, helper
 
+    quant = expert_quant(quant)
     gate_up = _stacked(g, quant, f"{prefix}.gate_up_proj", w["gate_up_proj"])
     down = _stacked(g, quant, f"{prefix}.down_proj", w["down_proj"])
     inter = w["down_proj"].shape[2]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from edgegen.export.loading import eager_experts
+from edgegen.export.moe import expert_quant
 from edgegen.export.quantize import Quant, dequantize
 from edgegen.export.weights import Tensor, Weights
 
@@ -35,11 +36,17 @@ class Output:
     shared_kv: dict[str, tuple[np.ndarray, np.ndarray]]  # kind -> store layer K, V [1, kv, T, d]
 
 
-def rounding_for(quant: Quant) -> Callable[[np.ndarray], np.ndarray] | None:
+def rounding_for(quant: Quant) -> Callable[..., np.ndarray] | None:
     """The weight rounding of a quantized graph (None for fp32): what MatMulNBits effectively multiplies by."""
     if not quant.bits:
         return None
-    return lambda w: dequantize(w, quant.bits, quant.block_for(w.shape[-1]))
+    experts = expert_quant(quant)
+
+    def rounded(w: np.ndarray, expert: bool = False) -> np.ndarray:
+        q = experts if expert else quant  # an expert's matrix: the experts' blocks (export/moe.py)
+        return dequantize(w, q.bits, q.block_for(w.shape[-1]))
+
+    return rounded
 
 
 class StreamedTarget:
@@ -50,7 +57,7 @@ class StreamedTarget:
     """
 
     def __init__(self, weights: Weights, cfg, lm_head: Tensor | None = None,
-                 round_linear: Callable[[np.ndarray], np.ndarray] | None = None):
+                 round_linear: Callable[..., np.ndarray] | None = None):
         from transformers import Gemma4TextModel
         from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding
 
@@ -80,7 +87,7 @@ class StreamedTarget:
         if not (linear and self.round):
             return a
         if a.ndim == 3:  # stacked experts [E, N, K]: the graph rounds each expert's matrix (export/moe.py)
-            return np.stack([self.round(e) for e in a])
+            return np.stack([self.round(e, expert=True) for e in a])
         return self.round(a)
 
     def _load(self, module: torch.nn.Module, prefix: str) -> None:
