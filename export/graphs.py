@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import TensorProto
 
+from edgegen.export import moe
 from edgegen.export.onnx_graph import Graph, WeightFile
 from edgegen.export.quantize import Linears, Quant, TiedTable
 from edgegen.export.row_exact import CHUNK, key_chunks, row_exact_scores, window_start
@@ -179,6 +180,7 @@ class LayerPlan:
     shared: bool  # reads its store layer's K/V
     store: int  # the layer whose buffer it uses (itself if not shared)
     ring: int = 0  # slots of that buffer if it is a ring (sliding layers, Profile.ring_kv), else 0: max_context rows
+    top_k: int = 0  # experts per token of its mixture-of-experts block (26B-A4B), 0: no such block
 
 
 @dataclass
@@ -205,7 +207,8 @@ def plan_target(cfg, ring: int = 0) -> TargetPlan:
         lc = cfg.per_layer_config[i]
         shared = modes[i] == "reuse"
         layers.append(LayerPlan(i, kind, lc.head_dim, lc.num_key_value_heads, shared, store[kind] if shared else i,
-                                ring if kind == "sliding_attention" else 0))
+                                ring if kind == "sliding_attention" else 0,
+                                cfg.top_k_experts if cfg.enable_moe_block else 0))
     return TargetPlan(layers, store, cfg.sliding_window, cfg.hidden_size, cfg.vocab_size,
                       cfg.hidden_size_per_layer_input, cfg.num_attention_heads)
 
@@ -305,10 +308,14 @@ def project_qkv(g, lin, x, w: Weights, layer: LayerPlan, num_heads: int, cos, si
         def rope(g, x, cos, sin, d):
             return apply_rope(g, x, cos, sin)
     fused = _fused(g, lin)
+    # attention_k_eq_v (26B-A4B, 31B): full layers have no v_proj, their values are the keys before k_norm/RoPE
+    k_eq_v = not layer.shared and "v_proj.weight" not in w
     if fused and not layer.shared:
-        parts = [w[f"{p}.weight"] for p in ("q_proj", "k_proj", "v_proj")]
-        qkv = lin(x, f"{prefix}.qkv_proj", StackedRows(parts))
-        q, k, v = g.op("Split", qkv, g.const([p.shape[0] for p in parts]), axis=-1, out=3)
+        names = ("q_proj", "k_proj") if k_eq_v else ("q_proj", "k_proj", "v_proj")
+        parts = [w[f"{p}.weight"] for p in names]
+        qkv = lin(x, f"{prefix}.{'qk' if k_eq_v else 'qkv'}_proj", StackedRows(parts))
+        q, k, *v = g.op("Split", qkv, g.const([p.shape[0] for p in parts]), axis=-1, out=len(parts))
+        v = k if k_eq_v else v[0]
     else:
         q = lin(x, f"{prefix}.q_proj", w["q_proj.weight"])
     q = heads(g, q, num_heads, d)
@@ -317,7 +324,7 @@ def project_qkv(g, lin, x, w: Weights, layer: LayerPlan, num_heads: int, cos, si
         return q, None, None
     if not fused:
         k = lin(x, f"{prefix}.k_proj", w["k_proj.weight"])
-        v = lin(x, f"{prefix}.v_proj", w["v_proj.weight"])
+        v = k if k_eq_v else lin(x, f"{prefix}.v_proj", w["v_proj.weight"])
     k = heads(g, k, layer.kv_heads, d)
     k = rope(g, rms_norm(g, k, w.array("k_norm.weight"), f"{prefix}.k_norm", eps), cos, sin, d)
     return q, k, heads(g, v, layer.kv_heads, d)
@@ -467,6 +474,10 @@ def decoder_layer(g, lin, x, w: Weights, layer: LayerPlan, num_heads, window, ro
     x = g.op("Add", x, h)
     h = rms_norm(g, x, w.array("pre_feedforward_layernorm.weight"), f"{prefix}.pre_feedforward_layernorm", eps)
     h = mlp(g, lin, h, w.sub("mlp"), f"{prefix}.mlp")
+    if layer.top_k:
+        dense = rms_norm(g, h, w.array("post_feedforward_layernorm_1.weight"), f"{prefix}.post_feedforward_layernorm_1",
+                         eps)
+        h = g.op("Add", dense, _moe_block(g, lin, x, w, layer, eps, prefix))
     h = rms_norm(g, h, w.array("post_feedforward_layernorm.weight"), f"{prefix}.post_feedforward_layernorm", eps)
     x = g.op("Add", x, h)
     if per_layer_input is not None:
@@ -476,6 +487,16 @@ def decoder_layer(g, lin, x, w: Weights, layer: LayerPlan, num_heads, window, ro
         h = rms_norm(g, h, w.array("post_per_layer_input_norm.weight"), f"{prefix}.post_per_layer_input_norm", eps)
         x = g.op("Add", x, h)
     return g.op("Mul", x, g.weight(f"{prefix}.layer_scalar", w.array("layer_scalar")))
+
+
+def _moe_block(g: Graph, lin: Linears, x: str, w: Weights, layer: LayerPlan, eps: float, prefix: str) -> str:
+    """The experts' share of the feed-forward output (export/moe.py), from the layer's residual stream `x`:
+    routed on x itself (scale-free norm), run on its pre_feedforward_layernorm_2 norm, normed after."""
+    hidden = w["router.proj.weight"].shape[1]
+    weights, ids = moe.route(g, _rms_noscale(g, x, eps), w.sub("router"), layer.top_k, hidden, f"{prefix}.router")
+    h = rms_norm(g, x, w.array("pre_feedforward_layernorm_2.weight"), f"{prefix}.pre_feedforward_layernorm_2", eps)
+    h = moe.experts(g, lin.quant, h, weights, ids, w.sub("experts"), layer.top_k, hidden, f"{prefix}.experts")
+    return rms_norm(g, h, w.array("post_feedforward_layernorm_2.weight"), f"{prefix}.post_feedforward_layernorm_2", eps)
 
 
 def _common_inputs(g: Graph) -> None:

@@ -60,7 +60,7 @@ class Pair:
         """The whole HF target in fp32 (loaded on first use; export itself never needs it)."""
         if self._target is None:
             cls = TARGET_TYPES[self.config.model_type]
-            self._target = _from_pretrained(cls, self.target_dir, "target")
+            self._target = eager_experts(_from_pretrained(cls, self.target_dir, "target"))
         return self._target
 
     @property
@@ -175,8 +175,8 @@ def check_pair(target_cfg: dict, assistant_cfg: dict) -> None:
     for what, av, tv in checks:
         if av != tv:
             raise EdgegenError(f"mismatched pair: {what}: {av} != {tv}; use the assistant made for this target")
-    if not t.get("num_kv_shared_layers"):
-        raise EdgegenError("target has no KV-shared layers, so it has no store layers for an assistant to read")
+    # A target without KV-shared layers (26B-A4B, 31B) still has store layers: transformers makes the last
+    # layer of each attention kind one, and the assistant reads those.
 
 
 def _check_weights(path: Path, what: str) -> None:
@@ -208,6 +208,14 @@ def _check_data_extent(f: Path, size: int, header_len: int) -> None:
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:
         raise EdgegenError(f"weights '{f.name}' are truncated: {size} bytes, header says {8 + header_len + end}")
+
+
+def eager_experts(model: torch.nn.Module) -> torch.nn.Module:
+    """A mixture-of-experts model set to transformers' plain per-expert loop (its reference form) instead of
+    grouped_mm, which also has no float64 kernel (the export's checks run a float64 copy)."""
+    if getattr(model.config.get_text_config(), "enable_moe_block", False):
+        model.config._experts_implementation = "eager"
+    return model
 
 
 _COMMON = dict(use_safetensors=True, trust_remote_code=False)
@@ -254,8 +262,6 @@ def load_target(target: str) -> tuple[torch.nn.Module, Path]:
             f"target is model_type '{cfg.get('model_type')}', not a Gemma 4 model "
             f"(expected one of {sorted(TARGET_TYPES)})"
         )
-    if not _text(cfg).get("num_kv_shared_layers"):
-        raise EdgegenError("target has no KV-shared layers, so it has no store layers for an assistant to read")
     _check_weights(target_dir, "target")
     model = _from_pretrained(TARGET_TYPES[cfg["model_type"]], target_dir, "target", stored_dtype(target_dir))
     return model, target_dir

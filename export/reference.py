@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from edgegen.export.loading import eager_experts
+from edgegen.export.moe import expert_quant
 from edgegen.export.quantize import Quant, dequantize
 from edgegen.export.weights import Tensor, Weights
 
@@ -34,11 +36,17 @@ class Output:
     shared_kv: dict[str, tuple[np.ndarray, np.ndarray]]  # kind -> store layer K, V [1, kv, T, d]
 
 
-def rounding_for(quant: Quant) -> Callable[[np.ndarray], np.ndarray] | None:
+def rounding_for(quant: Quant) -> Callable[..., np.ndarray] | None:
     """The weight rounding of a quantized graph (None for fp32): what MatMulNBits effectively multiplies by."""
     if not quant.bits:
         return None
-    return lambda w: dequantize(w, quant.bits, quant.block_for(w.shape[-1]))
+    experts = expert_quant(quant)
+
+    def rounded(w: np.ndarray, expert: bool = False) -> np.ndarray:
+        q = experts if expert else quant  # an expert's matrix: the experts' blocks (export/moe.py)
+        return dequantize(w, q.bits, q.block_for(w.shape[-1]))
+
+    return rounded
 
 
 class StreamedTarget:
@@ -49,14 +57,14 @@ class StreamedTarget:
     """
 
     def __init__(self, weights: Weights, cfg, lm_head: Tensor | None = None,
-                 round_linear: Callable[[np.ndarray], np.ndarray] | None = None):
+                 round_linear: Callable[..., np.ndarray] | None = None):
         from transformers import Gemma4TextModel
         from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding
 
         self.w, self.cfg, self.round = weights, cfg, round_linear
         self.lm_head = lm_head if lm_head is not None else weights["embed_tokens.weight"]
         with torch.device("meta"):
-            self.model = Gemma4TextModel(cfg).eval()
+            self.model = eager_experts(Gemma4TextModel(cfg).eval())
         m = self.model
         m.rotary_emb = Gemma4TextRotaryEmbedding(cfg)  # its buffers are computed, not stored: build them for real
         for emb in self._embeddings():
@@ -76,11 +84,17 @@ class StreamedTarget:
 
     def _array(self, full: str, linear: bool) -> np.ndarray:
         a = self.w.array(full)
-        return self.round(a) if (linear and self.round) else a
+        if not (linear and self.round):
+            return a
+        if a.ndim == 3:  # stacked experts [E, N, K]: the graph rounds each expert's matrix (export/moe.py)
+            return np.stack([self.round(e, expert=True) for e in a])
+        return self.round(a)
 
     def _load(self, module: torch.nn.Module, prefix: str) -> None:
+        # Rounded like the graph's weights: Linears and experts; the router stays fp32 (export/moe.py).
         linear = {f"{n}.weight" if n else "weight" for n, mod in module.named_modules()
-                  if isinstance(mod, torch.nn.Linear)}
+                  if isinstance(mod, torch.nn.Linear) and not n.endswith("router.proj")}
+        linear |= {n for n in module.state_dict() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
         state = {name: torch.from_numpy(np.ascontiguousarray(self._array(f"{prefix}.{name}", name in linear)))
                  for name in module.state_dict()}
         module.load_state_dict(state, assign=True)

@@ -50,6 +50,15 @@ class Preset:
     centroid_top_k: int = 4
     max_position_embeddings: int = 131072
     init_std: float = 0.06
+    # 26B-A4B / 31B structure: full layers with num_global_kv_heads KV heads whose values are their keys
+    # (attention_k_eq_v, no v_proj); with num_experts, a router and top-k experts beside the dense MLP.
+    num_global_kv_heads: int | None = None
+    k_eq_v: bool = False
+    num_experts: int = 0
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
+    # The published assistant's head: the centroid head (E2B, E4B) or a plain tied lm_head (26B-A4B, 31B).
+    centroid_head: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -86,6 +95,24 @@ PRESETS: dict[str, Preset] = {
         sliding_window=512, ple_dim=64, double_wide_mlp=True, assistant_hidden=256,
         assistant_intermediate=1024, num_centroids=128, centroid_top_k=16, init_std=0.02,
     ),
+    # 26B-A4B structure (data/gemma4/pairs.json): one period of its 5 sliding + 1 full layers (more random
+    # layers amplify fp32 rounding past the parity tests' 1e-4 sanity bound), the full layer with global head dim,
+    # fewer (global) KV heads and K=V; 128 -> 16 experts, top-8 -> top-4, the dense MLP beside them; no
+    # per-layer embeddings and no KV sharing in the target (the assistant reads the last layer of each kind).
+    "moe-like": Preset(
+        vocab_size=512, hidden_size=128, intermediate_size=96, num_layers=6, full_every=6,
+        num_kv_shared_layers=0, num_heads=4, num_kv_heads=2, head_dim=32, global_head_dim=64,
+        sliding_window=16, ple_dim=0, double_wide_mlp=False, assistant_hidden=64, assistant_intermediate=256,
+        num_global_kv_heads=1, k_eq_v=True, num_experts=16, top_k_experts=4, moe_intermediate_size=32,
+        centroid_head=False,
+    ),
+    # 31B structure: dense, 32/16/4 heads -> 8/4/1, K=V full layers, no per-layer embeddings, no KV sharing.
+    "31b-like": Preset(
+        vocab_size=512, hidden_size=160, intermediate_size=320, num_layers=6, full_every=6,
+        num_kv_shared_layers=0, num_heads=8, num_kv_heads=4, head_dim=32, global_head_dim=64,
+        sliding_window=16, ple_dim=0, double_wide_mlp=False, assistant_hidden=64, assistant_intermediate=256,
+        num_global_kv_heads=1, k_eq_v=True, centroid_head=False,
+    ),
 }
 
 # Gemma-style special tokens, ids fixed so generation configs can name them.
@@ -120,7 +147,7 @@ def target_text_config(preset: Preset, **overrides):
         vocab_size_per_layer_input=preset.vocab_size,
         final_logit_softcapping=30.0,
         use_double_wide_mlp=preset.double_wide_mlp,
-        attention_k_eq_v=False,
+        attention_k_eq_v=preset.k_eq_v,
         max_position_embeddings=preset.max_position_embeddings,
         tie_word_embeddings=True,
         hidden_activation="gelu_pytorch_tanh",
@@ -129,11 +156,24 @@ def target_text_config(preset: Preset, **overrides):
         eos_token_id=[EOS_ID, END_OF_TURN_ID],
         bos_token_id=BOS_ID,
     )
+    kwargs.update(_large_structure(preset))
     kwargs.update(overrides)
     return Gemma4TextConfig(**kwargs)
 
 
-def assistant_config(preset: Preset, centroid_head: bool = True):
+def _large_structure(preset: Preset) -> dict:
+    """The config fields only the 26B-A4B / 31B structure sets (defaults otherwise)."""
+    out = {}
+    if preset.num_global_kv_heads is not None:
+        out["num_global_key_value_heads"] = preset.num_global_kv_heads
+    if preset.num_experts:
+        out.update(enable_moe_block=True, num_experts=preset.num_experts, top_k_experts=preset.top_k_experts,
+                   moe_intermediate_size=preset.moe_intermediate_size)
+    return out
+
+
+def assistant_config(preset: Preset, centroid_head: bool | None = None):
+    """centroid_head None: the preset's (its published assistant's) head."""
     from transformers import Gemma4AssistantConfig, Gemma4TextConfig
 
     apply_transformers_shims()
@@ -142,7 +182,7 @@ def assistant_config(preset: Preset, centroid_head: bool = True):
         hidden_size=preset.assistant_hidden,
         intermediate_size=preset.assistant_intermediate,
         num_hidden_layers=4,
-        num_attention_heads=preset.assistant_heads,
+        num_attention_heads=preset.num_heads if preset.num_global_kv_heads is not None else preset.assistant_heads,
         num_key_value_heads=preset.num_kv_heads,
         head_dim=preset.head_dim,
         global_head_dim=preset.global_head_dim,
@@ -153,6 +193,8 @@ def assistant_config(preset: Preset, centroid_head: bool = True):
         vocab_size_per_layer_input=0,
         final_logit_softcapping=None,
         use_double_wide_mlp=False,
+        attention_k_eq_v=preset.k_eq_v,
+        **({"num_global_key_value_heads": preset.num_global_kv_heads} if preset.num_global_kv_heads else {}),
         max_position_embeddings=preset.max_position_embeddings,
         initializer_range=preset.init_std,
         pad_token_id=PAD_ID,
@@ -162,7 +204,7 @@ def assistant_config(preset: Preset, centroid_head: bool = True):
     return Gemma4AssistantConfig(
         text_config=text.to_dict(),
         backbone_hidden_size=preset.hidden_size,
-        use_ordered_embeddings=centroid_head,
+        use_ordered_embeddings=preset.centroid_head if centroid_head is None else centroid_head,
         num_centroids=preset.num_centroids,
         centroid_intermediate_top_k=preset.centroid_top_k,
         tie_word_embeddings=True,
@@ -173,7 +215,7 @@ def _perturb_(model: torch.nn.Module, generator: torch.Generator) -> None:
     """Make norm weights and layer scalars non-trivial so a graph that drops one is caught."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith(("norm.weight", "router.scale", "router.per_expert_scale")):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=generator))
         for name, b in model.named_buffers():
             if name.endswith("layer_scalar"):
@@ -195,10 +237,12 @@ def build_target(preset: Preset | str, seed: int = 0, conditional: bool = False,
     return model.eval()
 
 
-def build_assistant(preset: Preset | str, seed: int = 0, centroid_head: bool = True):
+def build_assistant(preset: Preset | str, seed: int = 0, centroid_head: bool | None = None):
+    """centroid_head None: the preset's (its published assistant's) head."""
     from transformers import Gemma4AssistantForCausalLM
 
     preset = PRESETS[preset] if isinstance(preset, str) else preset
+    centroid_head = preset.centroid_head if centroid_head is None else centroid_head
     torch.manual_seed(seed + 100)
     model = Gemma4AssistantForCausalLM(assistant_config(preset, centroid_head))
     _perturb_(model, torch.Generator().manual_seed(seed + 101))
@@ -255,7 +299,7 @@ def save_pair(
     out_dir: str | Path,
     preset: Preset | str = "e2b-like",
     seed: int = 0,
-    centroid_head: bool = True,
+    centroid_head: bool | None = None,
     conditional: bool = False,
     real_tokenizer: bool = False,
 ) -> tuple[Path, Path]:
@@ -290,7 +334,7 @@ def save_pair(
 # weights: costs what the real pair costs (memory, bundle size, time per token); only its text is noise.
 # Written tensor by tensor into <= 2 GB safetensors shards, so building one never holds the model in memory.
 
-REALSIZE = ("e2b", "e4b")
+REALSIZE = ("e2b", "e4b", "26b-a4b", "31b")
 _DATA = Path(__file__).parent / "data" / "gemma4"
 _SHARD_BYTES = 2 << 30
 
@@ -310,8 +354,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGEGEN_CACHE") or Path.home() / ".cache" / "edgegen") / "presets"
 
 
-def realsize_configs(name: str, conditional: bool = False):
-    """(target config, assistant config) of a full-size preset, as transformers config objects."""
+def realsize_configs(name: str, conditional: bool = False, layers: int | None = None):
+    """(target config, assistant config) of a full-size preset, as transformers config objects. `layers`: a
+    slice of the target, its first `layers` layers (real dimensions, fewer layers; the last is full attention)."""
     from transformers import (
         Gemma4AssistantConfig,
         Gemma4AudioConfig,
@@ -323,7 +368,11 @@ def realsize_configs(name: str, conditional: bool = False):
     apply_transformers_shims()
     pub = _published(name)
     ids = dict(pad_token_id=0, bos_token_id=2, eos_token_id=[1, 106])
-    text = Gemma4TextConfig(**pub["target_text_config"], **ids)
+    fields = dict(pub["target_text_config"])
+    if layers is not None:
+        fields["num_hidden_layers"] = layers
+        fields["layer_types"] = fields["layer_types"][: layers - 1] + ["full_attention"]
+    text = Gemma4TextConfig(**fields, **ids)
     target = text
     if conditional:
         target = Gemma4Config(text_config=text.to_dict(), vision_config=Gemma4VisionConfig().to_dict(),
@@ -354,7 +403,8 @@ def _fill_random(name: str, shape: tuple[int, ...], rng, std: float, write) -> N
 
     n = int(np.prod(shape, dtype=np.int64))
     leaf = name.rsplit(".", 2)
-    ones = name.endswith("layer_scalar") or (leaf[-1] == "weight" and "norm" in leaf[-2])
+    ones = (name.endswith(("layer_scalar", "router.scale", "router.per_expert_scale"))
+            or (leaf[-1] == "weight" and "norm" in leaf[-2]))
     centre = float(shape[-1]) ** -0.25 if leaf[-2] in ("q_norm", "k_norm") else 1.0
     step = 1 << 24
     for start in range(0, n, step):
@@ -421,11 +471,12 @@ def write_gemma4_tokenizer(target_dir: Path) -> None:
 
 
 def realsize_pair(name: str, root: str | Path | None = None, conditional: bool = False,
-                  seed: int = 0) -> tuple[Path, Path]:
+                  seed: int = 0, layers: int | None = None) -> tuple[Path, Path]:
     """The full-size stand-in `name` (e2b, e4b): built on first use under `root` (default `cache_dir()`),
     as `<root>/<name>[-mm]/target` and `/assistant`; returns both paths. `conditional`: the published
     multimodal layout (Gemma4ForConditionalGeneration, `model.language_model.` names, vision and audio
-    towers present). E2B takes ~9.3 GB of disk (+1 GB multimodal), E4B ~16 GB."""
+    towers present). E2B takes ~9.3 GB of disk (+1 GB multimodal), E4B ~16 GB. `layers`: a slice of the target
+    (realsize_configs), built as `<root>/<name>-L<layers>`; a 26B-A4B layer is ~1.5 GB in bf16."""
     from transformers import (
         Gemma4AssistantForCausalLM,
         Gemma4ForCausalLM,
@@ -434,12 +485,12 @@ def realsize_pair(name: str, root: str | Path | None = None, conditional: bool =
     )
 
     base = Path(root) if root is not None else cache_dir()
-    pair_dir = base / (name + ("-mm" if conditional else ""))
+    pair_dir = base / (name + ("-mm" if conditional else "") + (f"-L{layers}" if layers else ""))
     target_dir, assistant_dir = pair_dir / "target", pair_dir / "assistant"
     done = pair_dir / ".complete"
     if done.is_file():
         return target_dir, assistant_dir
-    target_cfg, assistant_cfg = realsize_configs(name, conditional)
+    target_cfg, assistant_cfg = realsize_configs(name, conditional, layers)
     std = target_cfg.get_text_config().initializer_range
     cls = Gemma4ForConditionalGeneration if conditional else Gemma4ForCausalLM
     _save_random(cls, target_cfg, target_dir, seed, std)

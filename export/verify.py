@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgegen.export.moe import expert_quant
 from edgegen.export.quantize import Quant, dequantize
 from edgegen.export.reference import StreamedTarget, rounding_for
 from edgegen.runtime.manifest import past_kv
@@ -92,10 +93,18 @@ def _compared(n: int) -> slice:
 
 
 def round_in_place(model: torch.nn.Module, quant: Quant, ple_scale: float | None = None) -> None:
-    """Give Linear and embedding weights exactly the rounding the quantized graphs use."""
+    """Give Linear, embedding and expert weights exactly the rounding the quantized graphs use."""
     done: set[int] = set()
     with torch.no_grad():
-        for mod in model.modules():
+        for name, mod in model.named_modules():
+            if name.endswith("router"):  # the router stays fp32 in the graphs (export/moe.py)
+                done.update(id(p) for p in mod.parameters())
+            if hasattr(mod, "gate_up_proj") and mod.gate_up_proj.dim() == 3:  # stacked experts: each rounded alone
+                eq = expert_quant(quant)
+                for p in (mod.gate_up_proj, mod.down_proj):
+                    p.copy_(torch.from_numpy(np.stack([dequantize(e, eq.bits, eq.block_for(e.shape[1]))
+                                                       for e in p.detach().float().numpy()])))
+                continue
             w = getattr(mod, "weight", None)
             if not isinstance(mod, torch.nn.Linear | torch.nn.Embedding) or w is None or id(w) in done:
                 continue

@@ -101,3 +101,18 @@ def test_the_first_measuring_round_is_short() -> None:
     assert policy.choose(4) == 0  # the plain step is measured next
     policy.update(0, 0, 0.0, 10e-3)
     assert policy.choose(4) == 0  # nothing accepted: k=1 gives 1.33 tokens for 1 ms + 13 ms (interpolated)
+
+
+def test_a_verify_cost_that_grows_with_k_moe_turns_drafting_down() -> None:
+    """On a mixture of experts each verified token routes to its own experts, so verifying k+1 tokens reads
+    up to k+1 times the expert bytes of a decode step (benchmarks/moe_slices.py measures the ratio). `auto`
+    must not assume the flat verify cost of a dense, weight-bound model: it uses the cost it measured at each
+    k and interpolates between measured k. The same acceptance pays with a flat verify cost and not with one
+    that grows with the tokens verified."""
+    flat, moe = AutoDraft(4), AutoDraft(4)
+    feed(flat, plain_ms=10.0, draft_ms_per_token=0.5, verify_ms=11.0, accepted=1)
+    feed(moe, plain_ms=10.0, draft_ms_per_token=0.5, verify_ms=5 * 10.0, accepted=1)  # 5 tokens, 5x the experts
+    assert flat.best(4) > 0
+    assert moe.best(4) == 0
+    # between the measured k = 0 and k = 4 the verify cost is interpolated, not extrapolated flat
+    assert moe._verify_cost(2) == pytest.approx(30.0 * MS)

@@ -245,3 +245,10 @@ def test_killed_export_leaves_only_a_partial_dir_and_a_rerun_works(pair_dir: Pai
     assert all(c["passed"] for c in manifest["parity"]["checks"].values())
     # The rerun published its own temp dir as OUT and removed the killed run's (its process is gone).
     assert _partials(out) == []
+
+
+def test_qnn_refuses_a_mixture_of_experts(pair_dir: PairDir, tmp_path: Path, outs: Path) -> None:
+    """The expert dispatch has data-dependent shapes, which a fixed-shape NPU graph cannot hold."""
+    proc = _run(_args(*pair_dir("moe-like", False), outs / "bundle", "--ep", "qnn"), tmp_path)
+    _assert_one_line_error(proc, "--ep qnn", "mixture-of-experts", "--ep cpu")
+    assert list(outs.iterdir()) == []

@@ -41,7 +41,9 @@ CHUNKS = [(0, 35), (35, 40), (40, 41), (41, 42)]
 DRAFT_STEPS = 2
 ALIGN_SLACK = 4096  # per stored tensor: external data is page aligned
 
-FP32_BUNDLES = [("e2b-like", True), ("e2b-like", False), ("e4b-like", True), ("e4b-like", False)]
+FP32_BUNDLES = [("e2b-like", True), ("e2b-like", False), ("e4b-like", True), ("e4b-like", False),
+                # the larger pairs' structure, with their published assistants' plain lm_head
+                ("moe-like", False), ("31b-like", False)]
 
 
 @pytest.fixture(scope="module")
@@ -395,3 +397,19 @@ def test_int8_compute_needs_quantized_weights(tmp_path: Path) -> None:
     with pytest.raises(EdgegenError, match="--compute int8"):
         export_bundle(str(demo / "target"), str(demo / "assistant"), tmp_path / "b", ExportOptions(compute="int8"))
     assert not (tmp_path / "b").exists()
+
+
+def test_quantized_moe_bundle_matches_a_same_rounding_copy(bundle_dir, load) -> None:
+    """int4 experts (GatherBlockQuantized in the expert Loop) and int4 dense weights, fp32 router, `--compute
+    exact`: the graph computes what PyTorch computes with the same rounding, through prefill, verify and decode."""
+    pair = load("moe-like", False)
+    bundle = Bundle(bundle_dir("moe-like", False, quant="int4", compute="exact"))
+    quantization = bundle.manifest.graphs["target"].quantization
+    assert quantization["kind"] == "int4"
+    assert all(c["passed"] for c in bundle.manifest.parity["checks"].values())
+    ref_target = rounded_copy(pair.target, Quant("int4", quantization["block_size"]))
+    ids = _prompt(pair)
+    logits, _ = _bundle_target(bundle, ids)
+    same = _maxdiff(logits, _reference(ref_target, ids).logits[0])
+    assert same <= SAME_ROUNDING_TOL
+    assert _maxdiff(logits, _reference(pair.target, ids).logits[0]) > 10 * same

@@ -20,7 +20,8 @@ from edgegen.export.loading import load_pair
 from edgegen.runtime.generate import Generator
 from edgegen.runtime.model import Bundle
 
-CONFIGS = [("e2b-like", True), ("e2b-like", False), ("e4b-like", True), ("e4b-like", False)]
+CONFIGS = [("e2b-like", True), ("e2b-like", False), ("e4b-like", True), ("e4b-like", False),
+           ("moe-like", False), ("31b-like", False)]  # 26B-A4B / 31B structure, published assistants
 # (prompt length, max_new_tokens, draft_tokens): short prompts, prompts past the sliding window (16), and
 # budgets that end inside a draft burst (e.g. 7 new tokens with 4 drafts: 1 + 4 + 1 + 1). k = 4 is the
 # bundles' fused draft_round, other k run one assistant step per draft, "auto" chooses k each round.

@@ -285,9 +285,10 @@ DRAFTS = 2  # = the bundle's fused draft_round steps: without top-k/top-p the fi
 STOP = -1  # category for positions after an EOS
 
 
-@pytest.fixture(scope="module")
-def small_vocab(tmp_path_factory, one_torch_thread):
+@pytest.fixture(scope="module", params=["e2b-like", "moe-like"])
+def small_vocab(request, tmp_path_factory, one_torch_thread):
     """A vocabulary-16 pair (no tokenizer: ids only) exported to a bundle; returns (bundle, target model).
+    Once per structure: the E2B-like pair (centroid head, KV sharing) and the 26B-A4B-like mixture of experts.
 
     init_std stays at the preset's 0.06: larger values make the target's next-token distribution one-hot.
     """
@@ -296,8 +297,8 @@ def small_vocab(tmp_path_factory, one_torch_thread):
     from edgegen.export.bundle import ExportOptions, export_bundle
     from edgegen.export.testing import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID, PRESETS, build_assistant, build_target
 
-    preset = replace(PRESETS["e2b-like"], vocab_size=16, num_centroids=4, centroid_top_k=2)
-    out = tmp_path_factory.mktemp("vocab16")
+    preset = replace(PRESETS[request.param], vocab_size=16, num_centroids=4, centroid_top_k=2)
+    out = tmp_path_factory.mktemp(f"vocab16-{request.param}")
     target = build_target(preset, seed=0)
     target.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_OF_TURN_ID],
                                                 pad_token_id=PAD_ID, do_sample=False)
