@@ -76,14 +76,13 @@ class Generator(TokenLoop):
             if not isinstance(prompt, str):
                 raise EdgegenError("images and audio go with a text prompt holding one <|image|> per image and "
                                    "one <|audio|> per clip")
-            return self._with_images(prompt, list(images), True, max_new_tokens, sampling, use_assistant,
+            return self._with_media(prompt, list(images), True, max_new_tokens, sampling, use_assistant,
                                      draft_tokens, stop_strings, list(audio))
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        extra = {"soft": soft} if soft else {}  # a text prompt calls the token loop exactly as before
-        tokens = self.stream_ids(ids, max_new_tokens, sampling, use_assistant, draft_tokens, **extra)
+        tokens = self.stream_ids(ids, max_new_tokens, sampling, use_assistant, draft_tokens, soft=soft)
         return text_events(tokens, self.tokenizer, stop_strings)
 
-    def _with_images(self, text: str, images: list, add_special_tokens: bool, max_new_tokens: int, sampling,
+    def _with_media(self, text: str, images: list, add_special_tokens: bool, max_new_tokens: int, sampling,
                      use_assistant: bool, draft_tokens, stop_strings, audio: list = ()) -> Iterator[Event]:
         """Preprocess and encode the images and audio clips (each one once per Generator: earlier chat turns'
         come from a cache), expand the placeholders, and stream; the encode times go into the stats."""
@@ -128,8 +127,7 @@ class Generator(TokenLoop):
         if isinstance(prompt, list) and not _has_tokenizer(self):
             if stop_strings:
                 raise EdgegenError("stop strings need the bundle's tokenizer, and this bundle has none")
-            extra = {"soft": soft} if soft else {}
-            tokens = list(self.stream_ids(prompt, max_new_tokens, sampling, use_assistant, draft_tokens, **extra))
+            tokens = list(self.stream_ids(prompt, max_new_tokens, sampling, use_assistant, draft_tokens, soft=soft))
             return Result("", [t.token_id for t in tokens], tokens[-1].stats, tokens[-1].stop_reason)
         return self.collect(self.stream(prompt, max_new_tokens, sampling, use_assistant, draft_tokens, stop_strings,
                                         soft))
@@ -161,17 +159,17 @@ class Generator(TokenLoop):
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
             content = [*({"type": "image", "image": image} for image in images),
                        *({"type": "audio", "audio": clip} for clip in audio), *parts]
-        if isinstance(content, list) and any(_image_source(p, "audio") is not None for p in content) \
+        if isinstance(content, list) and any(_media_source(p, "audio") is not None for p in content) \
                 and self.bundle.audio is None:  # before the template sees parts it may not know
             raise _no_audio(self.bundle)
         text = self.conversation.next_text(self.tokenizer, content, system=system, tools=tools,
                                            enable_thinking=enable_thinking)
         try:
             sources, clips = ([src for m in self.conversation.messages if isinstance(m["content"], list)
-                               for src in (_image_source(p, kind) for p in m["content"]) if src is not None]
+                               for src in (_media_source(p, kind) for p in m["content"]) if src is not None]
                               for kind in ("image", "audio"))  # this turn's and earlier
             if sources or clips:
-                events = self._with_images(text, sources, False, max_new_tokens, sampling, use_assistant,
+                events = self._with_media(text, sources, False, max_new_tokens, sampling, use_assistant,
                                            draft_tokens, stop_strings, clips)
             else:
                 events = self.stream(self.tokenizer.encode(text, add_special_tokens=False), max_new_tokens, sampling,
@@ -194,7 +192,7 @@ def _no_audio(bundle: Bundle) -> EdgegenError:
                         "checkpoint with an audio tower (Gemma 4 E2B or E4B) with the cpu profile")
 
 
-def _image_source(part, kind: str = "image") -> object | None:
+def _media_source(part, kind: str = "image") -> object | None:
     """The image (kind "image") or audio clip (kind "audio") of a content part in transformers' format
     ({"type": kind, kind | "path" | "url": ...}), or None for another part. URLs must be local files:
     edgegen fetches nothing."""

@@ -22,7 +22,7 @@ import numpy as np
 
 from edgegen.runtime.adaptive import AutoDraft, FixedDraft
 from edgegen.runtime.errors import EdgegenError
-from edgegen.runtime.model import Bundle
+from edgegen.runtime.model import NO_SOFT_TOKENS, Bundle
 from edgegen.runtime.prompt import SoftTokens, check_soft, identity, soft_rows
 from edgegen.runtime.sampling import (
     Sampling,
@@ -141,8 +141,7 @@ class TokenLoop:
         self._check_request(prompt_ids, max_new_tokens)
         if soft:
             if not self.bundle.target.takes_soft_tokens:
-                raise EdgegenError("this bundle's target takes no image or audio embeddings; export it from a "
-                                   "multimodal checkpoint with the cpu profile")
+                raise EdgegenError(NO_SOFT_TOKENS)  # before anything runs
             soft = tuple(check_soft(soft, len(prompt_ids), self.bundle.manifest.model.hidden_size))
         rng = np.random.default_rng(s.seed)
         stats = Stats(prompt_tokens=len(prompt_ids), drafting=policy.explain())
@@ -176,10 +175,8 @@ class TokenLoop:
         self.cache.trim(reuse)
         del self.processed[reuse:]
         rows = soft_rows(soft, reuse, len(prompt_ids)) if soft else None
-        extra = {}  # a text prompt calls the target exactly as before
-        if rows is not None:
-            extra = {"soft": rows, "pad_id": int(self.bundle.manifest.generation.get("pad_token_id") or 0)}
-        logits, hidden = self.bundle.target.forward(self.cache, prompt_ids[reuse:], **extra)
+        pad_id = int(self.bundle.manifest.generation.get("pad_token_id") or 0)
+        logits, hidden = self.bundle.target.forward(self.cache, prompt_ids[reuse:], soft=rows, pad_id=pad_id)
         self.processed.extend(held[reuse:])
         stats.reused_tokens = reuse
         stats.prefill_s = time.perf_counter() - t0

@@ -9,6 +9,7 @@ bound with IOBinding to both the past inputs and the present outputs, so the gra
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,12 @@ class Target(GraphSession):
         # length compiles shaders, so few lengths is faster; and the WebGPU EP's GroupQueryAttention gives
         # wrong results for 32 or more new tokens in full-attention layers (plugin 0.4.0, measured).
         self.max_chunk = max_chunk
+        # A multimodal target's text calls feed no soft tokens (M = 0): built once, not per decode step.
+        self._no_soft: dict[str, np.ndarray] = {}
+        if self.takes_soft_tokens:
+            hidden = next(t.shape[-1] for t in spec.inputs if t.name == names.SOFT_EMBEDS)
+            self._no_soft = {names.SOFT_ROWS: np.zeros((0, 1), np.int64),
+                             names.SOFT_EMBEDS: np.zeros((0, hidden), np.float32)}
 
     @property
     def takes_soft_tokens(self) -> bool:
@@ -168,7 +175,7 @@ class Target(GraphSession):
             )
         whole = not self.max_chunk or (s <= self.max_chunk and (logits_to_keep == s or not s & (s - 1)))
         if whole and (not cache.max_rows or max(s, self.min_rows) <= cache.max_rows):
-            return self._forward(cache, ids, logits_to_keep, *_given(soft))
+            return self._forward(cache, ids, logits_to_keep, soft)
         logits, hidden, start = [], [], 0
         while start < s:
             n = s - start
@@ -177,8 +184,7 @@ class Target(GraphSession):
             if cache.max_rows:
                 n = min(n, cache.max_rows)
             wanted = min(n, logits_to_keep - (s - start - n))  # this chunk's share of the last N positions
-            part = _given(_chunk(soft, start, start + n))
-            lo, hi = self._forward(cache, ids[:, start:start + n], max(wanted, 1), *part)
+            lo, hi = self._forward(cache, ids[:, start:start + n], max(wanted, 1), _chunk(soft, start, start + n))
             if wanted > 0:
                 logits.append(lo[-wanted:])
                 hidden.append(hi[-wanted:])
@@ -190,21 +196,19 @@ class Target(GraphSession):
         pad = self.min_rows - s if past + self.min_rows <= cache.max_context else 0
         if pad > 0:  # repeat the last token: any id will do, its row is dropped
             ids = np.concatenate([ids, np.repeat(ids[:, -1:], pad, axis=1)], axis=1)
-            logits, hidden = self._run(cache, ids, logits_to_keep + pad, *_given(soft))
+            logits, hidden = self._run(cache, ids, logits_to_keep + pad, soft)
             cache.length = past + s
             return logits[:-pad], hidden[:-pad]
-        return self._run(cache, ids, logits_to_keep, *_given(soft))
+        return self._run(cache, ids, logits_to_keep, soft)
 
     def _soft_feeds(self, soft) -> dict[str, np.ndarray]:
         """soft_rows / soft_embeds: the call's soft tokens, or none (M = 0) for a text call."""
         if not self.takes_soft_tokens:
             if soft is not None:
-                raise EdgegenError("this bundle's target takes no image or audio embeddings; export it from a "
-                                   "multimodal checkpoint with the cpu profile")
+                raise EdgegenError(NO_SOFT_TOKENS)
             return {}
         if soft is None:
-            hidden = next(t.shape[-1] for t in self.spec.inputs if t.name == names.SOFT_EMBEDS)
-            return {names.SOFT_ROWS: np.zeros((0, 1), np.int64), names.SOFT_EMBEDS: np.zeros((0, hidden), np.float32)}
+            return self._no_soft
         return {names.SOFT_ROWS: soft[0].reshape(-1, 1), names.SOFT_EMBEDS: soft[1]}
 
     def _run(self, cache: KVCache, ids: np.ndarray, logits_to_keep: int, soft=None):
@@ -228,10 +232,8 @@ class Target(GraphSession):
         return out[names.LOGITS][0], out[names.LAST_HIDDEN][0]
 
 
-def _given(soft) -> tuple:
-    """The soft-token argument of the internal calls, passed only when there is one: a text call is made with
-    exactly the arguments it always had."""
-    return () if soft is None else (soft,)
+NO_SOFT_TOKENS = ("this bundle's target takes no image or audio embeddings; export it from a multimodal "
+                  "checkpoint with the cpu profile")
 
 
 def _chunk(soft: tuple[np.ndarray, np.ndarray] | None, start: int, stop: int):
@@ -319,13 +321,16 @@ class Bundle:
         def session(spec: GraphSpec, **kwargs):
             return open_session(self.path, spec, threads, self.ep, strict, self.placement, **kwargs)
 
-        self._vision, self._open_vision = None, None
-        self._audio, self._open_audio = None, None
+        # Graphs opened on first use (`_opened`): the single-step assistant, the vision and audio encoders.
+        self._openers: dict[str, Callable[[], object]] = {}
+        self._open: dict[str, object] = {}
+        self._open_lock = threading.Lock()
         if m.ep_profile == "qnn":  # static shapes, host-side K/V (runtime/qnn.py)
             from edgegen.runtime.qnn import open_qnn
 
-            self.target, self._assistant, self.draft_round = open_qnn(m, self.ep, ple, session)
-            self._open_assistant = None
+            self.target, assistant, self.draft_round = open_qnn(m, self.ep, ple, session)
+            if assistant is not None:
+                self._open["assistant"] = assistant
             return
 
         self.target = Target(session(m.graphs["target"]), m.graphs["target"], ple,
@@ -334,24 +339,41 @@ class Bundle:
         self.draft_round = None
         if "draft_round" in m.graphs:
             self.draft_round = DraftRound(session(m.graphs["draft_round"]), m.graphs["draft_round"])
-        self._assistant: Assistant | None = None
-        self._open_assistant = None
-        self._assistant_lock = threading.Lock()
+
+        def vision():
+            from edgegen.runtime.vision import VisionEncoder
+
+            return VisionEncoder(session(m.graphs["vision"]), m.vision)
+
+        def audio():
+            from edgegen.runtime.audio import AudioEncoder
+
+            return AudioEncoder(session(m.graphs["audio"]), m.audio)
+
         if "vision" in m.graphs:
-            self._open_vision = lambda: session(m.graphs["vision"])
+            self._openers["vision"] = vision
         if "audio" in m.graphs and m.audio:
-            self._open_audio = lambda: session(m.graphs["audio"])
+            self._openers["audio"] = audio
         if "assistant" in m.graphs:
             spec = m.graphs["assistant"]
-            self._open_assistant = lambda: Assistant(session(spec), spec)
+            self._openers["assistant"] = lambda: Assistant(session(spec), spec)
             # With a fused round the single-step session is opened on first use only (see `assistant`);
             # strict placement is checked for every graph up front.
             if self.draft_round is None or strict:
-                self._assistant = self._open_assistant()
+                self._opened("assistant")
+
+    def _opened(self, kind: str):
+        """The graph `kind` of this bundle, opened on first use (once, whichever thread asks first); None
+        if the bundle has no such graph."""
+        if kind not in self._open and kind in self._openers:
+            with self._open_lock:
+                if kind not in self._open:
+                    self._open[kind] = self._openers[kind]()
+        return self._open.get(kind)
 
     @property
     def has_assistant(self) -> bool:
-        return self._open_assistant is not None or self._assistant is not None
+        return "assistant" in self._openers or "assistant" in self._open
 
     @property
     def assistant(self) -> Assistant | None:
@@ -359,35 +381,19 @@ class Bundle:
         temperature-only drafting of up to `draft_round.steps` tokens runs in the round, only top-k/top-p
         sampling and longer drafts need single steps. Each session holds its own prepacked copy of the drafter's
         weights and of the tied embedding table: an unused one cost 328 MiB of RSS at E2B size (measured at load)."""
-        if self._assistant is None and self._open_assistant is not None:
-            with self._assistant_lock:
-                if self._assistant is None:
-                    self._assistant = self._open_assistant()
-        return self._assistant
+        return self._opened("assistant")
 
     @property
     def vision(self):
         """The image encoder (runtime/vision.py) of a bundle with a vision graph, opened on first use (a text
         prompt never pays for the tower's weights); None without one."""
-        if self._vision is None and self._open_vision is not None:
-            from edgegen.runtime.vision import VisionEncoder
-
-            with self._assistant_lock:
-                if self._vision is None:
-                    self._vision = VisionEncoder(self._open_vision(), self.manifest.vision)
-        return self._vision
+        return self._opened("vision")
 
     @property
     def audio(self):
         """The audio encoder (runtime/audio.py) of a bundle with an audio graph, opened on first use; None
         without one."""
-        if self._audio is None and self._open_audio is not None:
-            from edgegen.runtime.audio import AudioEncoder
-
-            with self._assistant_lock:
-                if self._audio is None:
-                    self._audio = AudioEncoder(self._open_audio(), self.manifest.audio)
-        return self._audio
+        return self._opened("audio")
 
     def placement_report(self) -> dict:
         """{graph file: {"nodes": {ORT EP: count}, "share": share on this bundle's EP, "cpu_ops": {...}}}."""

@@ -149,7 +149,7 @@ class ScriptedModel:
     def __init__(self, outputs: list[list[int]]):
         self.outputs, self.prompts = list(outputs), []
 
-    def __call__(self, prompt_ids, max_new_tokens=128, sampling=None, use_assistant=True, draft_tokens=None):
+    def __call__(self, prompt_ids, max_new_tokens=128, sampling=None, use_assistant=True, draft_tokens=None, soft=()):
         self.prompts.append(list(prompt_ids))
         stats = Stats(prompt_tokens=len(prompt_ids))
         ids = self.outputs.pop(0)[:max_new_tokens]
@@ -252,8 +252,8 @@ def force_token(monkeypatch, gen: Generator, token: int, from_call: int) -> list
     calls = [0]
     forward = gen.bundle.target.forward
 
-    def forced(cache, ids, logits_to_keep=1):
-        logits, hidden = forward(cache, ids, logits_to_keep)
+    def forced(cache, ids, logits_to_keep=1, soft=None, pad_id=0):
+        logits, hidden = forward(cache, ids, logits_to_keep, soft, pad_id)
         calls[0] += 1
         if calls[0] >= from_call:
             logits = logits.copy()

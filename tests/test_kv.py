@@ -68,7 +68,8 @@ def test_prefill_is_split_into_calls_the_ring_can_take(bundle_dir, monkeypatch) 
     cache = bundle.new_cache()
     calls = []
     run = bundle.target._run
-    monkeypatch.setattr(bundle.target, "_run", lambda c, ids, keep: calls.append(ids.shape[1]) or run(c, ids, keep))
+    monkeypatch.setattr(bundle.target, "_run",
+                        lambda c, ids, keep, soft=None: calls.append(ids.shape[1]) or run(c, ids, keep, soft))
     ids = np.random.default_rng(0).integers(6, 512, 600).tolist()
     logits, hidden = bundle.target.forward(cache, ids, logits_to_keep=250)
     assert calls == [240, 240, 120] and logits.shape[0] == hidden.shape[0] == 250

@@ -107,8 +107,8 @@ def test_inf_or_nan_mid_stream_stops_before_the_bad_token(good: Path, monkeypatc
         real = type(gen.bundle.target).forward
         calls = []
 
-        def forward(self, cache, ids, logits_to_keep=1, real=real, bad=bad, calls=calls):
-            logits, hidden = real(self, cache, ids, logits_to_keep)
+        def forward(self, cache, ids, logits_to_keep=1, soft=None, pad_id=0, real=real, bad=bad, calls=calls):
+            logits, hidden = real(self, cache, ids, logits_to_keep, soft, pad_id)
             calls.append(1)
             if len(calls) == 3:
                 logits = logits.copy()
