@@ -190,7 +190,7 @@ class AudioEncoder:
     def __init__(self, session, settings: dict):
         self.session, self.settings = session, settings
         self.extractor = LogMel(settings["feature_extractor"])
-        self.encode_s = 0.0  # time spent in features + graph (the last `soft_tokens`)
+        self.encode_s = 0.0  # time spent in features + graph for new clips (the last `soft_tokens`)
 
     @classmethod
     def open(cls, bundle_dir: str | Path, threads: int | None = None) -> AudioEncoder:
@@ -245,34 +245,10 @@ class AudioEncoder:
         in order); runs the graph once per clip not in `cache` (key -> soft tokens, filled here) and records
         the time in `encode_s`."""
         import hashlib
-        import time
 
-        from edgegen.runtime.prompt import SoftTokens
+        from edgegen.runtime.prompt import place
 
-        audio_id, counts = self.settings["audio_token_id"], self.counts(waves)
-        runs, i = [], 0
-        while i < len(ids):
-            if ids[i] == audio_id:
-                j = i
-                while j < len(ids) and ids[j] == audio_id:
-                    j += 1
-                runs.append((i, j - i))
-                i = j
-            else:
-                i += 1
-        if [n for _, n in runs] != counts:
-            raise EdgegenError(f"the prompt's audio placeholders ({[n for _, n in runs]}) do not match the clips' "
-                               f"soft tokens ({counts})")
-        t0 = time.perf_counter()
-        spans = []
-        for (start, _), w in zip(runs, waves, strict=True):
-            key = "audio " + hashlib.sha256(w.tobytes()).hexdigest()
-            if cache is None or key not in cache:
-                embeddings = self.encode(w)
-                if cache is None:
-                    spans.append(SoftTokens(start, embeddings, key))
-                    continue
-                cache[key] = embeddings
-            spans.append(SoftTokens(start, cache[key], key))
-        self.encode_s = time.perf_counter() - t0
+        media = [("audio " + hashlib.sha256(w.tobytes()).hexdigest(), n, lambda w=w: self.encode(w))
+                 for w, n in zip(waves, self.counts(waves), strict=True)]
+        spans, self.encode_s = place(ids, self.settings["audio_token_id"], media, cache, "audio", "clips")
         return spans

@@ -19,7 +19,8 @@ A text-only prompt passes no spans and runs exactly as before.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +79,34 @@ def soft_rows(soft: Sequence[SoftTokens], start: int, stop: int) -> tuple[np.nda
     if not rows:
         return None
     return np.concatenate(rows), np.concatenate(embeds)
+
+
+def place(ids: list[int], token_id: int, media: Sequence[tuple[str, int, Callable[[], np.ndarray]]],
+          cache: dict | None, what: str, items: str) -> tuple[list[SoftTokens], float]:
+    """Soft tokens for media at the runs of `token_id` in an expanded prompt `ids`, one run per item in order.
+    media: (key, soft-token count, encode) per item; `encode` runs only for keys not in `cache` (key -> soft
+    tokens, filled here). Returns the spans and the seconds spent encoding (0 if every item was cached). A run count
+    or length that does not match the items is one EdgegenError line naming `what` ("image") and `items`."""
+    runs, i = [], 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and ids[j] == token_id:
+            j += 1
+        if j > i:
+            runs.append((i, j - i))
+        i = max(j, i + 1)
+    if [n for _, n in runs] != [n for _, n, _ in media]:
+        raise EdgegenError(f"the prompt's {what} placeholders ({[n for _, n in runs]}) do not match the {items}' "
+                           f"soft tokens ({[n for _, n, _ in media]})")
+    cache = {} if cache is None else cache
+    spans, seconds = [], 0.0
+    for (start, _), (key, _, make) in zip(runs, media, strict=True):
+        if key not in cache:
+            t0 = time.perf_counter()
+            cache[key] = make()
+            seconds += time.perf_counter() - t0
+        spans.append(SoftTokens(start, cache[key], key))
+    return spans, seconds
 
 
 def encode(session, feeds: dict[str, np.ndarray], what: str) -> np.ndarray:

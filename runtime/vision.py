@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import re
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ import numpy as np
 
 from edgegen.runtime import manifest as names
 from edgegen.runtime.errors import EdgegenError
-from edgegen.runtime.prompt import SoftTokens, encode
+from edgegen.runtime.prompt import SoftTokens, encode, place
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -194,18 +192,6 @@ class VisionEncoder:
         """The images' soft tokens placed at the runs of image-token ids in `ids` (one run per image, in order);
         runs the vision graph once per image not in `cache` (key -> soft tokens; filled here) and records the
         time in `encode_s`."""
-        cache = {} if cache is None else cache
-        image_id = self.settings["image_token_id"]
-        runs = [(m.start(), m.end() - m.start()) for m in re.finditer("I+", "".join(
-            "I" if t == image_id else "." for t in ids))]
-        if len(runs) != len(patches) or any(n != p.soft_tokens for (_, n), p in zip(runs, patches, strict=False)):
-            raise EdgegenError(f"the prompt's image placeholders ({[n for _, n in runs]}) do not match the images' "
-                               f"soft tokens ({[p.soft_tokens for p in patches]})")
-        spans, self.encode_s = [], 0.0
-        for (start, _), p in zip(runs, patches, strict=True):
-            if p.key not in cache:
-                t0 = time.perf_counter()
-                cache[p.key] = self.encode(p)
-                self.encode_s += time.perf_counter() - t0
-            spans.append(SoftTokens(start, cache[p.key], p.key))
+        media = [(p.key, p.soft_tokens, lambda p=p: self.encode(p)) for p in patches]
+        spans, self.encode_s = place(ids, self.settings["image_token_id"], media, cache, "image", "images")
         return spans
