@@ -8,6 +8,7 @@ no weight is stored twice in a bundle, and a weight already written is not read 
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,7 @@ class Graph:
         self.shared = shared
         self.shared_names: set[str] = set()
         self.used_data: set[str] = set()
-        self._count = 0
+        self._ids = itertools.count(1)  # value and weight names are unique across the graph and its branches
 
     # -- values -----------------------------------------------------------------------------------
     def input(self, name: str, elem_type: int, shape: list) -> str:
@@ -123,31 +124,43 @@ class Graph:
         return name
 
     def const(self, value, dtype=np.int64) -> str:
-        self._count += 1
-        return self.weight(f"const_{self._count}", np.asarray(value, dtype=dtype))
+        return self.weight(f"const_{next(self._ids)}", np.asarray(value, dtype=dtype))
 
     # -- nodes ------------------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: str, out: str | list[str] | int | None = None, domain: str = "",
            **attrs) -> str | list[str]:
-        self._count += 1
+        n = next(self._ids)
         if isinstance(out, int):
-            outs = [f"{op_type.lower()}_{self._count}_{i}" for i in range(out)]
+            outs = [f"{op_type.lower()}_{n}_{i}" for i in range(out)]
         elif out is None:
-            outs = [f"{op_type.lower()}_{self._count}"]
+            outs = [f"{op_type.lower()}_{n}"]
         else:
             outs = [out] if isinstance(out, str) else list(out)
         self.nodes.append(
-            helper.make_node(op_type, list(inputs), outs, name=f"{op_type}_{self._count}", domain=domain, **attrs)
+            helper.make_node(op_type, list(inputs), outs, name=f"{op_type}_{n}", domain=domain, **attrs)
         )
         return outs[0] if (out is None or isinstance(out, str)) else outs
 
     def ms(self, op_type: str, *inputs: str, out=None, **attrs):
         return self.op(op_type, *inputs, out=out, domain=MS_DOMAIN, **attrs)
 
+    # -- branches (If/Loop bodies) -----------------------------------------------------------------------
+    def branch(self, name: str) -> Graph:
+        """A subgraph builder: its nodes may name this graph's values (ONNX outer scope); weights it creates
+        are its own initializers, written to this graph's data file. onnxruntime pre-packs a MatMulNBits
+        weight only when it is an initializer of the graph its node is in (not of an enclosing one)."""
+        b = Graph(name, Path(), self.shared, self.data, self.profile)
+        b._ids = self._ids
+        return b
+
+    def body(self, outputs: list[str], elem_type: int = TensorProto.FLOAT) -> onnx.GraphProto:
+        """This branch as a graph proto with `outputs` (values of its own nodes, or Identity copies of outer
+        ones) and no inputs (If branches; Loop bodies add theirs)."""
+        outs = [helper.make_tensor_value_info(o, elem_type, None) for o in outputs]
+        return helper.make_graph(self.nodes, self.name, self.inputs, outs, self._initializers())
+
     # -- save ---------------------------------------------------------------------------------------
-    def save(self, out_dir: Path) -> list[str]:
-        """Write `<name>.onnx` referencing its data files (close them once every graph is saved); returns
-        the files the graph needs."""
+    def _initializers(self) -> list[onnx.TensorProto]:
         tensors = [onnx.numpy_helper.from_array(a, n) for n, a in self.inline.items()]
         refs = [(n, SHARED_FILE, self.shared.entries[n]) for n in sorted(self.shared_names)]
         refs += [(n, self.file, self.data.entries[n]) for n in sorted(self.used_data)]
@@ -157,7 +170,12 @@ class Graph:
             for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
                 t.external_data.add(key=k, value=v)
             tensors.append(t)
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, tensors)
+        return tensors
+
+    def save(self, out_dir: Path) -> list[str]:
+        """Write `<name>.onnx` referencing its data files (close them once every graph is saved); returns
+        the files the graph needs."""
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self._initializers())
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
             producer_name="edgegen",
