@@ -137,10 +137,10 @@ def _expert(g: Graph, call: _Call, quant: Quant, w: Weights, e: int, acc: str, p
     slots = g.op("Reshape", g.op("NonZero", g.op("Equal", call.ids, g.const(np.int64(e)))), g.const([-1]))  # [m]
     tokens = g.op("Div", slots, g.const(np.int64(call.top_k)))
     rows = g.op("Gather", call.x, tokens, axis=0)  # [m, H]
-    # With int8 activations MatMulNBits computes a lone row differently from rows in pairs (its one-row
-    # kernel), and a row in a pair the same whatever the other rows: an odd count gets a zero row, so a token
-    # gets the same bits from an expert in a decode step (m=1) as in a verify call (export/row_exact.py).
-    paired = quant.kind != "fp32" and quant.accuracy_level == 4
+    # MatMulNBits computes a lone row on another kernel path than rows in pairs (int8 and fp32 compute, at
+    # blocks > 32), and a row in a pair the same whatever the other rows: an odd count gets a zero row, so a
+    # token gets the same bits from an expert in a decode step (m=1) as in a verify call (export/row_exact.py).
+    paired = quant.kind != "fp32"
     if paired:
         m = g.op("Shape", slots)
         rows = g.op("Concat", rows, g.op("Slice", call.zero_row, g.const([0]), g.op("Mod", m, g.const([2]))), axis=0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgegen.runtime import integrity, osinfo, providers
+from edgegen.runtime import integrity, memory, osinfo, providers
 from edgegen.runtime import manifest as names
 from edgegen.runtime.errors import EdgegenError
 from edgegen.runtime.kv import KVCache, cache_bytes
@@ -61,6 +61,7 @@ def open_session(bundle: Path, spec: GraphSpec, threads: int | None, ep: str = "
                                "or run it with --ep cpu") from None
         raise EdgegenError(f"cannot load '{path.name}' from '{bundle}' ({first}); re-export the bundle") from None
     session.disable_fallback()  # a failing EP run must fail, not quietly rerun on the CPU
+    memory.release_mapped(memory.weight_files(bundle))  # pre-packed weights' mapped originals (memory.py)
     if placements is not None:
         placements[spec.file] = providers.placement(session)
     return session

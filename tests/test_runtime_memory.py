@@ -1,0 +1,48 @@
+"""runtime/memory.py: a loaded bundle keeps no resident pages of its weight files it does not read."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from edgegen.runtime import memory
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/smaps and madvise")
+
+
+def test_released_pages_read_back_the_same_data(tmp_path) -> None:
+    path = tmp_path / "w.weights"
+    data = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8)
+    data.tofile(path)
+    mapped = np.memmap(path, np.uint8, mode="r")
+    assert int(mapped.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # every page resident
+    assert memory.mapped_resident([path]) == data.nbytes
+    assert memory.release_mapped([path]) == data.nbytes
+    assert memory.mapped_resident([path]) == 0
+    np.testing.assert_array_equal(mapped, data)  # faulted back in from the file
+
+
+def test_a_mapping_written_in_place_is_left_alone(tmp_path) -> None:
+    path = tmp_path / "w.weights"
+    np.zeros(1 << 20, np.uint8).tofile(path)
+    private = np.memmap(path, np.uint8, mode="c")  # copy-on-write: the written page is not file data
+    private[:] = 7
+    assert memory.release_mapped([path]) == 0
+    assert memory.mapped_resident([path]) > 0
+    assert (private == 7).all()
+
+
+def test_an_moe_bundle_keeps_no_resident_weight_pages_after_loading(bundle_dir) -> None:
+    """The experts' pre-packed weights are If-branch initializers (export/moe.py), whose mapped originals
+    onnxruntime keeps: after the bundle opens, none of its weight files' pages stay resident, and it runs."""
+    from edgegen.runtime.generate import Generator
+    from edgegen.runtime.model import Bundle
+
+    path = bundle_dir("moe-like", False, quant="int4")
+    bundle = Bundle(path, threads=2)
+    files = memory.weight_files(path)
+    assert files and memory.mapped_resident(files) == 0
+    tokens = Generator(bundle).generate([2, 10, 11, 12], max_new_tokens=8, use_assistant=False).token_ids
+    assert len(tokens) >= 1
