@@ -1,6 +1,7 @@
-"""Real-dimension 26B-A4B slices: export memory against depth, decode cost, and the full model's projection.
+"""Real-dimension 26B-A4B slices and the full depth: export memory against depth, decode cost, RSS.
 
     python benchmarks/moe_slices.py [--layers 4 8] [--quant int4] [--block-size 32] [--root DIR] [--keep]
+    python benchmarks/moe_slices.py --layers 4 30      # and the full 30-layer model (~66 GB of disk)
 
 A slice is the published 26B-A4B target (data/gemma4/pairs.json: hidden 2816, 128 experts of width 704, top-8,
 the dense MLP beside them, K=V full layers, the 262,144-token vocabulary and tokenizer) cut to its first L
@@ -18,7 +19,7 @@ at a time so the disk holds one slice and one bundle:
    after decoding and its peak are recorded.
 3. The slice and the bundle are deleted.
 
-Then: bytes one decode step reads (each expert tensor counts k/E of its bytes: the step gathers k of E
+Then: bytes one decode step reads (each expert tensor counts k/E of its bytes: the step runs k of E
 experts per layer; every other weight is read whole, the tied table being the lm_head) against all weight
 bytes; ms/token against that roofline at the bandwidth measured here; and the full 30-layer bundle's
 size and RSS, extrapolated linearly in depth from the two slices (per-layer cost from their difference).
@@ -40,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realsize_export import bundle_bytes, run_measured  # noqa: E402
 
 GIB = 1 << 30
+
 FULL_LAYERS = 30
 CONTEXT, REPEATS, VERIFY = 256, 12, 5
 
@@ -74,6 +76,15 @@ print(json.dumps({"decode_ms": 1e3 * statistics.median(one[1:]), "verify_ms": 1e
 """
 
 
+def _initializers(graph):
+    """A graph's initializers and those of its subgraphs (the experts live in If branches, export/moe.py)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _initializers(sub)
+
+
 def step_bytes(bundle: Path) -> dict:
     """Weight bytes of the target graph: all of them, and what one decode step reads (experts: k of E)."""
     import onnx
@@ -81,7 +92,7 @@ def step_bytes(bundle: Path) -> dict:
     m = json.loads((bundle / "manifest.json").read_text())
     graph = onnx.load(str(bundle / m["graphs"]["target"]["file"]), load_external_data=False).graph
     total = active = 0
-    for init in graph.initializer:
+    for init in _initializers(graph):
         info = {e.key: e.value for e in init.external_data}
         size = int(info["length"]) if "length" in info else len(init.SerializeToString())
         total += size
@@ -94,7 +105,7 @@ def slice_row(layers: int, args) -> dict:
 
     root = Path(args.root)
     t0 = time.monotonic()
-    target, assistant = realsize_pair("26b-a4b", root, layers=layers, zero_experts=args.zero_experts)
+    target, assistant = realsize_pair("26b-a4b", root, layers=layers)
     built = time.monotonic() - t0
     out = Path(tempfile.mkdtemp(prefix=f"moe-L{layers}-", dir=root)) / "bundle"
     try:
@@ -130,8 +141,6 @@ def main() -> None:
                     "float32 scale each: 32 -> 0.625 bytes per int4 weight, 128 -> 0.53)")
     ap.add_argument("--root", default=os.environ.get("EDGEGEN_CACHE", "build/moe"))
     ap.add_argument("--keep", action="store_true", help="keep the slices' checkpoints")
-    ap.add_argument("--zero-experts", action="store_true", help="expert weights all zeros, holes in sparse "
-                    "checkpoint files: the full depth (30 layers) fits the disk; costs are those of any values")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     from e2b_roofline import bandwidth_gbs

@@ -401,22 +401,27 @@ def _standard_attention(g: Graph, q: str, keys: str, values: str, layer: LayerPl
         first = once(("first", query_positions, sliding), lambda: window_start(g, query_positions, sliding))
 
     def read(buffer):
-        """[1, kv, 1, T, d] float32: the buffer's rows this call attends to (a ring is read whole: R keys in
-        every call, so decode and verify block alike)."""
+        """[1, kv, T, d] float32: the buffer's rows this call attends to (a ring is read whole: R keys in every
+        call, so decode and verify block alike)."""
         if not layer.ring:
             buffer = g.op("Slice", buffer, first or g.const([0]), total, g.const([2]))
         if g.profile.kv_fp16:  # after the Slice: only the rows attended to are converted
             buffer = g.op("Cast", buffer, to=F32)
-        # The group axis broadcasts against the query heads that share each K/V head.
-        return g.op("Unsqueeze", buffer, g.const([2]))
+        return buffer
 
     keys = once(("read", keys, first), lambda: read(keys))
     values = once(("read", values, first), lambda: read(values))
     q = g.op("Transpose", g.op("Reshape", q, g.const([1, -1, kv, group, d])), perm=[0, 2, 3, 1, 4])  # [1,kv,g,S,d]
     if g.profile.row_exact:  # the same bits for a query row whatever the call's other rows (export/row_exact.py)
-        scores = row_exact_scores(g, q, once(("chunks", keys), lambda: key_chunks(g, keys, d)))
+        # One MatMul per K/V head over all the query rows that share it (group x S): a one-token call gives it
+        # `group` rows, never the lone row MLAS computes on another path.
+        rows = g.op("Reshape", q, g.const([1, kv, -1, d]))
+        scores = row_exact_scores(g, rows, once(("chunks", keys), lambda: key_chunks(g, keys, d)))  # [1,kv,gS,T]
+        t = once(("keys", keys), lambda: g.op("Shape", keys, start=2, end=3))
+        scores = g.op("Reshape", scores, g.op("Concat", g.const([1, kv, group, -1]), t, axis=0))
     else:
-        keys_t = once(("transposed", keys), lambda: g.op("Transpose", keys, perm=[0, 1, 2, 4, 3]))
+        keys_t = once(("transposed", keys), lambda: g.op("Transpose", g.op("Unsqueeze", keys, g.const([2])),
+                                                          perm=[0, 1, 2, 4, 3]))  # [1, kv, 1, d, T]
         scores = g.op("MatMul", q, keys_t)  # [1, kv, group, S, T]
     if layer.ring:
         mask = once(("ring mask", query_positions, sliding, layer.ring),
@@ -425,7 +430,12 @@ def _standard_attention(g: Graph, q: str, keys: str, values: str, layer: LayerPl
         mask = once(("mask", query_positions, sliding, first),
                     lambda: _attention_mask(g, query_positions, total, sliding, first))
     probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
-    out = g.op("Transpose", g.op("MatMul", probs, values), perm=[0, 3, 1, 2, 4])  # [1, S, kv, group, d]
+    if g.profile.row_exact:
+        out = g.op("MatMul", g.op("Reshape", probs, g.op("Concat", g.const([1, kv, -1]), t, axis=0)), values)
+        out = g.op("Reshape", out, g.const([1, kv, group, -1, d]))
+    else:
+        out = g.op("MatMul", probs, g.op("Unsqueeze", values, g.const([2])))
+    out = g.op("Transpose", out, perm=[0, 3, 1, 2, 4])  # [1, S, kv, group, d]
     return g.op("Reshape", out, g.const([1, -1, num_heads * d]))
 
 

@@ -57,30 +57,6 @@ def route(g: Graph, normed: str, w: Weights, top_k: int, hidden: int, prefix: st
     return g.op("Mul", top, g.op("Gather", per_expert, ids, axis=0)), ids
 
 
-def _stacked(g: Graph, quant: Quant, name: str, tensor) -> tuple[str, str | None, int]:
-    """An expert tensor [E, N, K] stored for gathering by expert: fp32 as it is, or block-quantized codes
-    [E, N, K*bits/8] + scales [E, N, K/block], one expert at a time (never the whole tensor in memory)."""
-    e, n, k = tensor.shape
-    per_block = max(1, tensor.block_rows())
-    if quant.kind == "fp32":
-        blocks = (np.asarray(tensor[i : i + per_block], np.float32) for i in range(0, e, per_block))
-        return g.weight_blocks(name, (e, n, k), np.float32, blocks), None, 0
-    bits, block = quant.bits, quant.block_for(k)
-    scales = np.empty((e, n, k // block), np.float32)
-
-    def codes():
-        for i in range(0, e, per_block):
-            chunk = np.asarray(tensor[i : i + per_block], np.float32)
-            out = np.empty((len(chunk), n, k * bits // 8), np.uint8)
-            for j, expert in enumerate(chunk):
-                c, scales[i + j] = quantize_blocks(expert, bits, block)
-                out[j] = pack(c, bits)
-            yield out
-
-    data = g.weight_blocks(f"{name}.qweight", (e, n, k * bits // 8), np.uint8, codes())
-    return data, g.weight(f"{name}.scales", scales), block
-
-
 class _Expert:
     """Expert `index` [N, K] of a stacked [E, N, K] checkpoint tensor, as Linears reads a weight: whole, once."""
 
@@ -127,7 +103,7 @@ class _Call:
         present = g.op("ReduceMax", onehot, g.const([0]), keepdims=1)  # [1, E]: 1 where some token chose e
         hit = g.op("Greater", g.op("MatMul", present, g.const(cover, np.float32)), g.const(np.float32(0), np.float32))
         parts = g.op("Split", g.op("Reshape", hit, g.const([-1])), axis=0, num_outputs=len(ranges), out=len(ranges))
-        self.chosen = dict(zip(ranges, parts))  # range -> [1] bool
+        self.chosen = dict(zip(ranges, parts, strict=True))  # range -> [1] bool
 
 
 def _expert(g: Graph, call: _Call, quant: Quant, w: Weights, e: int, acc: str, prefix: str) -> str:

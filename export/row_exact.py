@@ -18,18 +18,18 @@ CHUNK = 128  # no wider than MLAS's smallest K block: one chunk's dot product is
 
 
 def key_chunks(g: Graph, keys: str, head_dim: int) -> list[str]:
-    """keys [1, kv, 1, T, d] -> its head-dim chunks of CHUNK, transposed [1, kv, 1, c, T], for row_exact_scores.
+    """keys [1, kv, T, d] -> its head-dim chunks of CHUNK, transposed [1, kv, c, T], for row_exact_scores.
     Computed once per buffer: every layer that reads the buffer (KV-shared layers) uses the same chunks."""
     chunks = []
     for c in range(0, head_dim, CHUNK):
         part = keys if head_dim <= CHUNK else g.op("Slice", keys, g.const([c]), g.const([min(c + CHUNK, head_dim)]),
                                                     g.const([-1]))
-        chunks.append(g.op("Transpose", part, perm=[0, 1, 2, 4, 3]))
+        chunks.append(g.op("Transpose", part, perm=[0, 1, 3, 2]))
     return chunks
 
 
 def row_exact_scores(g: Graph, q: str, chunks: list[str]) -> str:
-    """q [1, kv, group, S, d] . keys^T -> scores [1, kv, group, S, T], row-exact; `chunks`: key_chunks(keys).
+    """q [1, kv, rows, d] . keys^T -> scores [1, kv, rows, T], row-exact; `chunks`: key_chunks(keys).
 
     MLAS's SGEMM splits the inner dimension into blocks whose size it picks from the output width (here
     T, the number of keys, or a thread's share of it), and sums each block separately: one MatMul over

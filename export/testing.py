@@ -416,7 +416,7 @@ def _fill_random(name: str, shape: tuple[int, ...], rng, std: float, write) -> N
         write(to_bfloat16(chunk))
 
 
-def _save_random(model_cls, config, out: Path, seed: int, std: float, zero=lambda name: False) -> None:
+def _save_random(model_cls, config, out: Path, seed: int, std: float) -> None:
     import json
 
     import numpy as np
@@ -448,7 +448,7 @@ def _save_random(model_cls, config, out: Path, seed: int, std: float, zero=lambd
             else:
                 _fill_random(name, shapes[name], rng, std, write)
 
-        write_safetensors(out / file, shard, fill, holes={n for n, _, _ in shard if zero(n)})
+        write_safetensors(out / file, shard, fill)
         for name, dtype, shape in shard:
             weight_map[name] = file
             total += int(np.prod(shape, dtype=np.int64)) * (8 if dtype == "I64" else 2)
@@ -471,15 +471,12 @@ def write_gemma4_tokenizer(target_dir: Path) -> None:
 
 
 def realsize_pair(name: str, root: str | Path | None = None, conditional: bool = False,
-                  seed: int = 0, layers: int | None = None, zero_experts: bool = False) -> tuple[Path, Path]:
+                  seed: int = 0, layers: int | None = None) -> tuple[Path, Path]:
     """The full-size stand-in `name` (e2b, e4b): built on first use under `root` (default `cache_dir()`),
     as `<root>/<name>[-mm]/target` and `/assistant`; returns both paths. `conditional`: the published
     multimodal layout (Gemma4ForConditionalGeneration, `model.language_model.` names, vision and audio
     towers present). E2B takes ~9.3 GB of disk (+1 GB multimodal), E4B ~16 GB. `layers`: a slice of the target
-    (realsize_configs), built as `<root>/<name>-L<layers>`; a 26B-A4B layer is ~1.5 GB in bf16.
-    `zero_experts`: MoE expert weights are zeros, holes in sparse files (a full-depth 26B-A4B takes ~5 GB of
-    disk instead of ~50): what a step costs does not depend on their values, and routing, decided by the
-    other (random) weights, still picks different experts per token and layer."""
+    (realsize_configs), built as `<root>/<name>-L<layers>`; a 26B-A4B layer is ~1.5 GB in bf16."""
     from transformers import (
         Gemma4AssistantForCausalLM,
         Gemma4ForCausalLM,
@@ -488,8 +485,7 @@ def realsize_pair(name: str, root: str | Path | None = None, conditional: bool =
     )
 
     base = Path(root) if root is not None else cache_dir()
-    pair_dir = base / (name + ("-mm" if conditional else "") + (f"-L{layers}" if layers else "")
-                       + ("-zx" if zero_experts else ""))
+    pair_dir = base / (name + ("-mm" if conditional else "") + (f"-L{layers}" if layers else ""))
     target_dir, assistant_dir = pair_dir / "target", pair_dir / "assistant"
     done = pair_dir / ".complete"
     if done.is_file():
@@ -497,8 +493,7 @@ def realsize_pair(name: str, root: str | Path | None = None, conditional: bool =
     target_cfg, assistant_cfg = realsize_configs(name, conditional, layers)
     std = target_cfg.get_text_config().initializer_range
     cls = Gemma4ForConditionalGeneration if conditional else Gemma4ForCausalLM
-    _save_random(cls, target_cfg, target_dir, seed, std,
-                 zero=lambda n: zero_experts and ".experts." in n and n.endswith(("gate_up_proj", "down_proj")))
+    _save_random(cls, target_cfg, target_dir, seed, std)
     GenerationConfig(bos_token_id=2, eos_token_id=[1, 106], pad_token_id=0, do_sample=False).save_pretrained(target_dir)
     write_gemma4_tokenizer(target_dir)
     _save_random(Gemma4AssistantForCausalLM, assistant_cfg, assistant_dir, seed + 1, std)

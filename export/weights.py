@@ -184,10 +184,9 @@ def lm_head(ckpt: Checkpoint) -> Tensor | None:
 
 
 
-def write_safetensors(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], fill, holes=frozenset()) -> None:
+def write_safetensors(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], fill) -> None:
     """Write a safetensors file whose tensors (name, dtype name, shape) are produced one at a time by
-    `fill(name, out)`: `out` is a flat writer taking numpy chunks in order. Only one chunk is in memory.
-    Tensors named in `holes` are all zeros, left as holes of a sparse file (no disk, no writing)."""
+    `fill(name, out)`: `out` is a flat writer taking numpy chunks in order. Only one chunk is in memory."""
     header, offset = {}, 0
     for name, dtype, shape in tensors:
         size = int(np.prod(shape, dtype=np.int64)) * np.dtype(_NUMPY[dtype]).itemsize
@@ -201,10 +200,6 @@ def write_safetensors(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]
         fh.write(blob)
         for name, _dtype, _shape in tensors:
             begin = fh.tell()
-            if name in holes:
-                fh.seek(header[name]["data_offsets"][1] - header[name]["data_offsets"][0], 1)
-                fh.truncate()
-                continue
             fill(name, lambda chunk: np.ascontiguousarray(chunk).tofile(fh))
             expected = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
             if fh.tell() - begin != expected:

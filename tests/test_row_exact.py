@@ -247,3 +247,35 @@ def test_exact_compute_pads_decode_to_two_rows_and_stays_exact(tmp_path, e2b_sha
     assert all(np.array_equal(a, b) for a, b in zip(plain, verified, strict=True))
     plain, speculative = _greedy_runs(bundle, prompt[:16], new=24)
     assert all(tokens == plain for tokens in speculative.values())
+
+
+@pytest.fixture(scope="module")
+def moe_shaped_pair(tmp_path_factory):
+    """26B-A4B's expert shapes (hidden 2816, experts of width 704: int4 blocks of 128 and 64, export/moe.py) in
+    two layers (one sliding, one full), 8 experts of which each token picks 4: five tokens give experts 1 to 5
+    rows each, odd counts included. Random weights, vocabulary 4,096."""
+    from edgegen.export.testing import PRESETS, save_pair
+
+    preset = dataclasses.replace(PRESETS["moe-like"], hidden_size=2816, moe_intermediate_size=704, num_experts=8,
+                                 top_k_experts=4, vocab_size=4096, num_layers=2, full_every=2, init_std=0.02)
+    return save_pair(tmp_path_factory.mktemp("moe-shaped") / "pair", preset), preset
+
+
+@pytest.mark.parametrize("compute", ["int8", "exact"])
+def test_moe_verify_rows_equal_decode_rows_at_expert_shapes(tmp_path, moe_shaped_pair, compute: str):
+    """An int4 MoE target: an expert computes a token's row with the same bits whether the token is alone
+    (decode) or one of the expert's rows in a verify call, so every verified position's logits equal the
+    plain decode logits bit for bit and greedy speculation gives the plain tokens for every k, three runs."""
+    from edgegen.export.bundle import ExportOptions, export_bundle
+    from edgegen.runtime.model import Bundle
+
+    (target, assistant), preset = moe_shaped_pair
+    export_bundle(str(target), str(assistant), tmp_path / "b",
+                  ExportOptions(quant="int4", max_context=256, compute=compute, verify=False))
+    bundle = Bundle(tmp_path / "b", threads=2)
+    prompt = [int(t) for t in np.random.default_rng(3).integers(4, preset.vocab_size, 40)]
+    plain, verified = decoded_and_verified(bundle, prompt, 20)
+    assert all(np.array_equal(a, b) for a, b in zip(verified, plain, strict=True))
+    tokens, speculative = _greedy_runs(bundle, prompt, new=24)
+    assert all(t == tokens for t in speculative.values()), \
+        {key: t for key, t in speculative.items() if t != tokens}
