@@ -123,6 +123,22 @@ class Graph:
         (self.shared_names if shared else self.used_data).add(name)
         return name
 
+    def alias(self, name: str, of: str, shape: tuple[int, ...]) -> str:
+        """Weight `of` under another name and shape (same bytes, same dtype). An op that needs the weight in
+        another shape reads the alias: a Reshape of an initializer would be constant-folded by onnxruntime
+        into a copy held in memory (measured: 0.43 GiB per graph for the 26B-A4B's tied embedding)."""
+        if of in self.inline:
+            self.inline[name] = self.inline[of].reshape(shape)
+            return name
+        shared = of in self.shared_names
+        file = self.shared if shared else self.data
+        offset, nbytes, old, dtype = file.entries[of]
+        if int(np.prod(shape, dtype=np.int64)) != int(np.prod(old, dtype=np.int64)):
+            raise ValueError(f"alias {name}: shape {shape} does not fit weight {of} {old}")
+        file.entries.setdefault(name, (offset, nbytes, tuple(shape), dtype))
+        (self.shared_names if shared else self.used_data).add(name)
+        return name
+
     def const(self, value, dtype=np.int64) -> str:
         return self.weight(f"const_{next(self._ids)}", np.asarray(value, dtype=dtype))
 

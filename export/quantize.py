@@ -162,8 +162,8 @@ class TiedTable:
         if self.quant.kind == "fp32":
             rows = g.op("Gather", self.table, ids, axis=0)
         else:
-            flat = g.op("Reshape", self.table, g.const([v, -1]))
-            grid = g.op("Reshape", self.scales, g.const([v, h // self.block]))
+            flat = g.alias(f"{self.table}.rows", self.table, (v, h * self.quant.bits // 8))
+            grid = g.alias(f"{self.scales}.rows", self.scales, (v, h // self.block))
             rows = g.ms("GatherBlockQuantized", flat, ids, grid, gather_axis=0, quantize_axis=1,
                         block_size=self.block, bits=self.quant.bits)
         return rows if scale is None else g.op("Mul", rows, g.const(np.float32(scale), np.float32))
