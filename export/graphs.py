@@ -80,9 +80,6 @@ class Profile:
     # Token ids computed on the device (centroid head, draft tokens) stay int32 or float until an ArgMax:
     # WebGPU has no int64 Reshape or Concat.
     device_ids: bool = False
-    # The fused draft round as a Loop over one step (_draft_loop): one pre-packed copy of the drafter's weights
-    # instead of one per unrolled step. CPU only: the other EPs' support for Loop is untested.
-    draft_loop: bool = False
     # RMSNormalization (opset 23) as ReduceMean/Sqrt/Div: OpenVINO has no kernel for it.
     standard_norm: bool = False
     # Attention from standard ops instead of com.microsoft GroupQueryAttention (OpenVINO has none): new K/V
@@ -114,8 +111,7 @@ class Profile:
 PROFILES = {
     # Row-exact standard-op attention on the CPU: a verify row computes the same bits as a decode row, so
     # greedy speculation equals plain decoding (with fp32 or int8-compute weights; export/row_exact.py).
-    "cpu": Profile("cpu", standard_attention=True, row_exact=True, ring_kv=True, fused_projections=True,
-                   draft_loop=True),
+    "cpu": Profile("cpu", standard_attention=True, row_exact=True, ring_kv=True, fused_projections=True),
     "qnn": Profile("qnn", standard_attention=True, static_shapes=True, qdq=True),
     "webgpu": Profile("webgpu", rope_tables=True, logits_start_input=True, device_ids=True),
     "openvino": Profile("openvino", standard_norm=True, standard_attention=True),
@@ -388,45 +384,6 @@ def _standard_attention(g: Graph, q: str, keys: str, values: str, layer: LayerPl
     memo: values this graph computes once and every layer reuses (the graph's kv_source["memo"]): the masks
     of each layer kind, and each store buffer's keys and values as attention reads them (KV-shared layers read
     their store's; a draft round's steps read the same buffers); each is built where it is first needed."""
-    d, kv = layer.head_dim, layer.kv_heads
-    group = num_heads // kv
-    read = attention_inputs(g, keys, values, layer, window, query_positions, memo)
-    q = g.op("Transpose", g.op("Reshape", q, g.const([1, -1, kv, group, d])), perm=[0, 2, 3, 1, 4])  # [1,kv,g,S,d]
-    if g.profile.row_exact:  # the same bits for a query row whatever the call's other rows (export/row_exact.py)
-        # One MatMul per K/V head over all the query rows that share it (group x S): a one-token call gives it
-        # `group` rows, never the lone row MLAS computes on another path.
-        rows = g.op("Reshape", q, g.const([1, kv, -1, d]))
-        scores = row_exact_scores(g, rows, read.keys)  # [1, kv, group*S, T]
-        scores = g.op("Reshape", scores, g.op("Concat", g.const([1, kv, group, -1]), read.length, axis=0))
-    else:
-        scores = g.op("MatMul", q, read.keys)  # [1, kv, group, S, T]
-    probs = g.op("Softmax", g.op("Add", scores, read.mask), axis=-1)
-    if g.profile.row_exact:
-        rows = g.op("Reshape", probs, g.op("Concat", g.const([1, kv, -1]), read.length, axis=0))
-        out = g.op("Reshape", g.op("MatMul", rows, read.values), g.const([1, kv, group, -1, d]))
-    else:
-        out = g.op("MatMul", probs, read.values)
-    out = g.op("Transpose", out, perm=[0, 3, 1, 2, 4])  # [1, S, kv, group, d]
-    return g.op("Reshape", out, g.const([1, -1, num_heads * d]))
-
-
-@dataclass(frozen=True)
-class AttentionInputs:
-    """What a layer's attention reads besides its queries (row_exact: keys as head-dim chunks [1, kv, c, T],
-    values [1, kv, T, d]; else keys [1, kv, 1, d, T], values [1, kv, 1, T, d]), the additive mask, and T as a
-    [1] int64 (row_exact)."""
-
-    keys: str | list[str]
-    values: str
-    mask: str
-    length: str | None
-
-
-def attention_inputs(g: Graph, keys: str, values: str, layer: LayerPlan, window: int, query_positions: str,
-                     memo: dict | None = None) -> AttentionInputs:
-    """The query-independent part of _standard_attention, built once per buffer and layer kind (`memo`). A draft
-    round's Loop builds it in the enclosing graph first, so its steps read these values instead of rebuilding
-    them every iteration."""
     memo = {} if memo is None else memo
 
     def once(key, build):
@@ -434,7 +391,8 @@ def attention_inputs(g: Graph, keys: str, values: str, layer: LayerPlan, window:
             memo[key] = build()
         return memo[key]
 
-    d = layer.head_dim
+    d, kv = layer.head_dim, layer.kv_heads
+    group = num_heads // kv
     total = once("total", lambda: g.op("Reshape", g.op("Cast", TOTAL_SEQUENCE_LENGTH, to=I64), g.const([1])))
     sliding = window if layer.kind == "sliding_attention" else 0
     first = None
@@ -453,20 +411,32 @@ def attention_inputs(g: Graph, keys: str, values: str, layer: LayerPlan, window:
 
     keys = once(("read", keys, first), lambda: read(keys))
     values = once(("read", values, first), lambda: read(values))
+    q = g.op("Transpose", g.op("Reshape", q, g.const([1, -1, kv, group, d])), perm=[0, 2, 3, 1, 4])  # [1,kv,g,S,d]
+    if g.profile.row_exact:  # the same bits for a query row whatever the call's other rows (export/row_exact.py)
+        # One MatMul per K/V head over all the query rows that share it (group x S): a one-token call gives it
+        # `group` rows, never the lone row MLAS computes on another path.
+        rows = g.op("Reshape", q, g.const([1, kv, -1, d]))
+        scores = row_exact_scores(g, rows, once(("chunks", keys), lambda: key_chunks(g, keys, d)))  # [1,kv,gS,T]
+        t = once(("keys", keys), lambda: g.op("Shape", keys, start=2, end=3))
+        scores = g.op("Reshape", scores, g.op("Concat", g.const([1, kv, group, -1]), t, axis=0))
+    else:
+        keys_t = once(("transposed", keys), lambda: g.op("Transpose", g.op("Unsqueeze", keys, g.const([2])),
+                                                          perm=[0, 1, 2, 4, 3]))  # [1, kv, 1, d, T]
+        scores = g.op("MatMul", q, keys_t)  # [1, kv, group, S, T]
     if layer.ring:
         mask = once(("ring mask", query_positions, sliding, layer.ring),
                     lambda: _ring_mask(g, query_positions, total, sliding, layer.ring))
     else:
         mask = once(("mask", query_positions, sliding, first),
                     lambda: _attention_mask(g, query_positions, total, sliding, first))
+    probs = g.op("Softmax", g.op("Add", scores, mask), axis=-1)
     if g.profile.row_exact:
-        return AttentionInputs(once(("chunks", keys), lambda: key_chunks(g, keys, d)), values, mask,
-                               once(("length", keys), lambda: g.op("Shape", keys, start=2, end=3)))
-    # The group axis broadcasts against the query heads that share each K/V head.
-    keys_t = once(("transposed", keys), lambda: g.op("Transpose", g.op("Unsqueeze", keys, g.const([2])),
-                                                      perm=[0, 1, 2, 4, 3]))  # [1, kv, 1, d, T]
-    values = once(("grouped", values), lambda: g.op("Unsqueeze", values, g.const([2])))
-    return AttentionInputs(keys_t, values, mask, None)
+        out = g.op("MatMul", g.op("Reshape", probs, g.op("Concat", g.const([1, kv, -1]), t, axis=0)), values)
+        out = g.op("Reshape", out, g.const([1, kv, group, -1, d]))
+    else:
+        out = g.op("MatMul", probs, g.op("Unsqueeze", values, g.const([2])))
+    out = g.op("Transpose", out, perm=[0, 3, 1, 2, 4])  # [1, S, kv, group, d]
+    return g.op("Reshape", out, g.const([1, -1, num_heads * d]))
 
 
 def _attention_mask(g: Graph, query_positions: str, total: str, window: int, first: str | None = None) -> str:
@@ -749,39 +719,30 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
     layers = assistant_plan(cfg, target_plan)
     static = profile.static_shapes
     g = Graph("assistant" if steps is None else "draft_round", out_dir, shared, data=data, profile=profile)
+    lin = Linears(g, quant)
     vocab = cfg.vocab_size
     tok, hidden, inv_t, gumbel = _assistant_inputs(g, layers, target_plan.hidden, vocab, steps, max_context)
     stores = [next(tl for tl in target_plan.layers if tl.index == i)
               for i in sorted(set(target_plan.store_layers.values()))]
     _kv_inputs(g, stores, max_context if static else "max_context")
+
+    # Input: the target's own embedding of the last token (same bytes as the target graph reads) ⊕ its
+    # last hidden state, projected down to the assistant width.
+    target_table = TiedTable(g, target_quant, "target_embed_tokens" if static else "embed_tokens",
+                             target_w["embed_tokens.weight"], shared=not static)
     own_head = "lm_head.weight" if "lm_head.weight" in aw else "model.embed_tokens.weight"  # tied by default
+    # static: the head's table is added at the first head, after the layers' weights in the graph's file
+    own = None if static else TiedTable(g, quant, "lm_head", aw[own_head])
     if static:
         rope, attention = _host_rope(layers), StaticAttention(1, max_context, [])
     else:
         rope = {kind: rope_tables(g, POSITION_IDS, freq, f"assistant.{kind}", max_context)
                 for kind, freq in inv_freqs(cfg).items()}
         attention = attention_block
-    kv_source = _assistant_kv_source(g, stores)
-
-    def drafter_in(gg: Graph) -> tuple[TiedTable, _Drafter]:
-        """The drafter's weights as initializers of `gg` (the graph, or the draft round's Loop body)."""
-        # Input: the target's own embedding of the last token (same bytes as the target graph reads) ⊕ its
-        # last hidden state, projected down to the assistant width.
-        table = TiedTable(gg, target_quant, "target_embed_tokens" if static else "embed_tokens",
-                          target_w["embed_tokens.weight"], shared=not static)
-        # static: the head's table is added at the first head, after the layers' weights in the graph's file
-        own = None if static else TiedTable(gg, quant, "lm_head", aw[own_head])
-        return table, _Drafter(gg, Linears(gg, quant), aw, config, layers, rope, kv_source, attention, own,
-                               lambda: TiedTable(gg, quant, "lm_head", aw[own_head]))
+    drafter = _Drafter(g, lin, aw, config, layers, rope, _assistant_kv_source(g, stores), attention, own,
+                       lambda: TiedTable(g, quant, "lm_head", aw[own_head]))
 
     embed_scale = TextScales.of(target_cfg).embed
-    if steps is not None and profile.draft_loop:
-        for layer in layers:  # what attention reads besides its queries, once for all steps
-            attention_inputs(g, *kv_source[layer.store], layer, cfg.sliding_window, kv_source["mask_positions"],
-                             kv_source.setdefault("memo", {}))
-        _draft_loop(g, drafter_in, steps, tok, hidden, inv_t, gumbel, vocab, embed_scale, target_plan.hidden)
-        return g, layers
-    target_table, drafter = drafter_in(g)
     if steps is None:
         h, hidden = drafter.step(target_table.rows(tok, embed_scale), hidden, "")
         if static:
@@ -810,31 +771,6 @@ def build_assistant_graph(aw: Weights, config, target_w: Weights, target_cfg, ta
         _output(g, g.op("Concat", *tokens, axis=1), TOKENS, [1, steps])
     _output(g, g.op("Concat", *all_logits, axis=0), LOGITS, [steps, vocab])
     return g, layers
-
-
-def _draft_loop(g: Graph, drafter_in, steps: int, tok: str, hidden: str, inv_t: str, gumbel: str, vocab: int,
-                embed_scale: float, target_hidden: int) -> None:
-    """The draft round's `steps` steps as one ONNX Loop whose body is one draft step. Unrolled, each step's
-    MatMulNBits nodes would hold their own pre-packed copy of the same weights (onnxruntime packs per node): a
-    4-step round of the 26B-A4B assistant held four copies of its 262,144 x 1,024 head, ~1 GiB. The body's
-    weights are its own initializers, packed once; what attention reads besides the queries is built before
-    the Loop (attention_inputs) and read from the enclosing graph by every step."""
-    body = g.branch("draft_round.step")
-    i = body.input("draft.i", I64, [])
-    cond = body.input("draft.cond", TensorProto.BOOL, [])
-    tok_in = body.input("draft.token", I64, [1, 1])
-    hidden_in = body.input("draft.hidden", F32, [1, 1, target_hidden])
-    table, drafter = drafter_in(body)
-    h, hidden_out = drafter.step(table.rows(tok_in, embed_scale), hidden_in, "")
-    logits = body.op("Reshape", drafter.head(h), body.const([1, vocab]))
-    noise = body.op("Gather", gumbel, body.op("Unsqueeze", i, body.const([0])), axis=0)  # [1, V]
-    tok_out = body.op("ArgMax", body.op("Add", body.op("Mul", logits, inv_t), noise), axis=-1, keepdims=1)
-    outputs = [(body.op("Identity", cond), TensorProto.BOOL), (tok_out, I64), (hidden_out, F32),
-               (body.op("Identity", tok_out), I64), (logits, F32)]
-    graph = body.body([o for o, _ in outputs], [t for _, t in outputs])
-    _, _, tokens, logits = g.op("Loop", g.const(np.int64(steps)), "", tok, hidden, body=graph, out=4)
-    _output(g, g.op("Reshape", tokens, g.const([1, steps])), TOKENS, [1, steps])
-    _output(g, g.op("Reshape", logits, g.const([steps, vocab])), LOGITS, [steps, vocab])
 
 
 @dataclass

@@ -169,11 +169,10 @@ class Graph:
         b._ids = self._ids
         return b
 
-    def body(self, outputs: list[str], types: list[int] | None = None) -> onnx.GraphProto:
+    def body(self, outputs: list[str], elem_type: int = TensorProto.FLOAT) -> onnx.GraphProto:
         """This branch as a graph proto with `outputs` (values of its own nodes, or Identity copies of outer
-        ones; float unless `types` says otherwise) and its inputs (none for If branches)."""
-        types = types or [TensorProto.FLOAT] * len(outputs)
-        outs = [helper.make_tensor_value_info(o, t, None) for o, t in zip(outputs, types, strict=True)]
+        ones) and no inputs (If branches; Loop bodies add theirs)."""
+        outs = [helper.make_tensor_value_info(o, elem_type, None) for o in outputs]
         return helper.make_graph(self.nodes, self.name, self.inputs, outs, self._initializers())
 
     # -- save ---------------------------------------------------------------------------------------
