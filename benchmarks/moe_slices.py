@@ -92,8 +92,13 @@ def step_bytes(bundle: Path) -> dict:
     m = json.loads((bundle / "manifest.json").read_text())
     graph = onnx.load(str(bundle / m["graphs"]["target"]["file"]), load_external_data=False).graph
     total = active = 0
+    seen = set()
     for init in _initializers(graph):
         info = {e.key: e.value for e in init.external_data}
+        where = (info.get("location"), info.get("offset"))
+        if "offset" in info and where in seen:  # an alias of bytes already counted (Graph.alias)
+            continue
+        seen.add(where)
         size = int(info["length"]) if "length" in info else len(init.SerializeToString())
         total += size
         active += size * (TOP_K / EXPERTS if ".experts." in init.name else 1)
