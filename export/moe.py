@@ -89,7 +89,7 @@ class _Call:
     def __init__(self, g: Graph, h: str, weights: str, ids: str, hidden: int, top_k: int, n_experts: int):
         from onnx import TensorProto
 
-        self.top_k, self.hidden = top_k, hidden
+        self.top_k = top_k
         self.x = g.op("Reshape", h, g.const([-1, hidden]))  # [S, H]
         self.ids = g.op("Reshape", ids, g.const([-1]))  # [S*k]
         self.weights = g.op("Reshape", weights, g.const([-1]))
@@ -101,7 +101,8 @@ class _Call:
         onehot = g.op("Cast", g.op("Equal", g.op("Unsqueeze", self.ids, g.const([1])),
                                    g.const(np.arange(n_experts)[None, :])), to=TensorProto.FLOAT)
         present = g.op("ReduceMax", onehot, g.const([0]), keepdims=1)  # [1, E]: 1 where some token chose e
-        hit = g.op("Greater", g.op("MatMul", present, g.const(cover, np.float32)), g.const(np.float32(0), np.float32))
+        cover = g.weight(f"moe.ranges.{n_experts}", cover)  # one copy for all layers
+        hit = g.op("Greater", g.op("MatMul", present, cover), g.const(np.float32(0), np.float32))
         parts = g.op("Split", g.op("Reshape", hit, g.const([-1])), axis=0, num_outputs=len(ranges), out=len(ranges))
         self.chosen = dict(zip(ranges, parts, strict=True))  # range -> [1] bool
 
