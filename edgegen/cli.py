@@ -73,10 +73,10 @@ def export(
     compute: Compute = typer.Option(
         Compute.auto, "--compute",
         help="Quantized matmuls: int8 activations (fast on CPU; checked against PyTorch by top-1 agreement; "
-             "speculative == plain bit for bit at block size 32, not at other sizes), exact (fp32 activations: "
-             "matches PyTorch to ~1e-5; ~2-3x slower decode, whose calls are padded to two rows so that "
-             "speculative == plain), or auto: int8 for --quant int8/int4 with --ep cpu and block size 32, "
-             "else exact"),
+             "speculative == plain bit for bit; at blocks over 32 the runtime pads odd calls by a row), exact "
+             "(fp32 activations: matches PyTorch to ~1e-5; ~2-3x slower decode, whose calls are padded to two "
+             "rows so that speculative == plain), or auto: int8 for --quant int8/int4 with --ep cpu and block "
+             "size 32, 64 or 128, else exact"),
     soc_model: str | None = typer.Option(None, "--soc-model",
                                          help="qnn: precompile QNN context binaries for this SoC model number "
                                               "[default: none; the QNN EP compiles the graphs at load]"),

@@ -49,9 +49,9 @@ class ExportOptions:
     draft_tokens: int | None = None  # steps of the fused draft_round graph [default: the assistant's own]
     ep: str = "cpu"  # execution-provider profile of the graphs: cpu, qnn, webgpu, openvino (graphs.PROFILES)
     soc_model: str | None = None  # qnn: precompile EP context binaries for this Qualcomm SoC model number
-    # Quantized matmuls: exact (fp32 compute), int8 (int8 activations: faster on CPU, and at block size 32 a
-    # verify row equals a decode row bit for bit), or auto: int8 for int8/int4 weights on the cpu profile at
-    # block size 32, else exact (see compute_resolved).
+    # Quantized matmuls: exact (fp32 compute), int8 (int8 activations: faster on CPU; a verify row equals a
+    # decode row bit for bit, at blocks over 32 with the runtime's even-row padding), or auto: int8 for
+    # int8/int4 weights on the cpu profile at block size 32, 64 or 128, else exact (see compute_resolved).
     compute: str = "auto"
     kv_dtype: str = "fp32"  # K/V buffers: fp32, or fp16 (half the KV memory; cpu profile)
 
@@ -59,7 +59,7 @@ class ExportOptions:
         if self.compute != "auto":
             return self.compute
         quantized = self.quant != "fp32" or self.assistant_quant_resolved() != "fp32"
-        return "int8" if quantized and self.ep == "cpu" and self.block_size == 32 else "exact"
+        return "int8" if quantized and self.ep == "cpu" and self.block_size in (32, 64, 128) else "exact"
 
     def draft_tokens_resolved(self, pair) -> int:
         return self.draft_tokens or int(pair.assistant.generation_config.num_assistant_tokens)

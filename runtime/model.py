@@ -133,15 +133,19 @@ class GraphSession:
 
 
 class Target(GraphSession):
-    def __init__(self, session, spec: GraphSpec, ple: PLETable | None, max_chunk: int = 0, min_rows: int = 1):
+    def __init__(self, session, spec: GraphSpec, ple: PLETable | None, max_chunk: int = 0, min_rows: int = 1,
+                 even_rows: bool = False):
         super().__init__(session, spec)
         self.ple = ple
         # Calls of fewer rows are padded to `min_rows` (the pad rows' outputs are dropped and their K/V rows,
         # past the cache length, are overwritten later). MatMulNBits with fp32 compute (accuracy_level 0)
         # takes another path for a single row on the CPU, so with 2 a decode step computes its row with the
         # same bits as a verify call (with row-exact attention, benchmarks/row_exactness.py); Bundle sets it
-        # from the manifest (_min_rows). int8 compute (level 4, block 32) needs no padding.
+        # from the manifest (_row_rule). int8 compute (level 4, block 32) needs no padding.
         self.min_rows = min_rows
+        # Calls of an odd number of rows get one pad row: at blocks over 32 MatMulNBits computes a lone or
+        # trailing row on another path than rows in pairs, and a row in a pair the same whatever the others.
+        self.even_rows = even_rows
         # webgpu profile: feed at most `max_chunk` tokens a call, in power-of-two chunks. Each new input
         # length compiles shaders, so few lengths is faster; and the WebGPU EP's GroupQueryAttention gives
         # wrong results for 32 or more new tokens in full-attention layers (plugin 0.4.0, measured).
@@ -175,7 +179,7 @@ class Target(GraphSession):
                 f"context full: {cache.length + s} positions exceed the bundle's max context {cache.max_context}"
             )
         whole = not self.max_chunk or (s <= self.max_chunk and (logits_to_keep == s or not s & (s - 1)))
-        if whole and (not cache.max_rows or max(s, self.min_rows) <= cache.max_rows):
+        if whole and (not cache.max_rows or self._rows(s) <= cache.max_rows):
             return self._forward(cache, ids, logits_to_keep, soft)
         logits, hidden, start = [], [], 0
         while start < s:
@@ -183,7 +187,7 @@ class Target(GraphSession):
             if self.max_chunk:
                 n = min(self.max_chunk, 1 << (n.bit_length() - 1))
             if cache.max_rows:
-                n = min(n, cache.max_rows)
+                n = min(n, cache.max_rows - (self._rows(cache.max_rows) - cache.max_rows))  # pad rows included
             wanted = min(n, logits_to_keep - (s - start - n))  # this chunk's share of the last N positions
             lo, hi = self._forward(cache, ids[:, start:start + n], max(wanted, 1), _chunk(soft, start, start + n))
             if wanted > 0:
@@ -192,9 +196,15 @@ class Target(GraphSession):
             start += n
         return np.concatenate(logits), np.concatenate(hidden)
 
+    def _rows(self, s: int) -> int:
+        """The rows a call of `s` tokens runs, pad rows included."""
+        rows = max(s, self.min_rows)
+        return rows + (rows % 2 if self.even_rows else 0)
+
     def _forward(self, cache: KVCache, ids: np.ndarray, logits_to_keep: int, soft=None):
         past, s = cache.length, ids.shape[1]
-        pad = self.min_rows - s if past + self.min_rows <= cache.max_context else 0
+        rows = self._rows(s)
+        pad = rows - s if past + rows <= cache.max_context else 0
         if pad > 0:  # repeat the last token: any id will do, its row is dropped
             ids = np.concatenate([ids, np.repeat(ids[:, -1:], pad, axis=1)], axis=1)
             logits, hidden = self._run(cache, ids, logits_to_keep + pad, soft)
@@ -336,7 +346,7 @@ class Bundle:
 
         self.target = Target(session(m.graphs["target"]), m.graphs["target"], ple,
                              16 if "webgpu" in (self.ep, m.ep_profile) else 0,
-                             _min_rows(m.graphs["target"]) if self.ep == m.ep_profile == "cpu" else 1)
+                             *(_row_rule(m.graphs["target"]) if self.ep == m.ep_profile == "cpu" else (1, False)))
         self.draft_round = None
         if "draft_round" in m.graphs:
             self.draft_round = DraftRound(session(m.graphs["draft_round"]), m.graphs["draft_round"])
@@ -422,15 +432,21 @@ class Bundle:
         return KVCache(model.kv_buffers, max_context, model.sliding_window)
 
 
-def _min_rows(spec: GraphSpec) -> int:
-    """2 for quantized weights with fp32 compute (`export --compute exact`): MatMulNBits computes a single row
-    on another path than several, so one-row decode calls are padded to two rows; then a decode row has the
-    bits of a verify row and greedy speculation stays exact (measured at E2B shapes: 40 of 40 rows
-    bit-equal with the padding, 0 of 40 without, max |dlogits| 2.8e-3). It costs a two-row call per decode
-    step. int8 compute (the default for int4/int8) computes rows alike and needs none. CPU EP only: row
-    exactness is measured there."""
+def _row_rule(spec: GraphSpec) -> tuple[int, bool]:
+    """(min_rows, even_rows) for a target's calls, so a decode row has the bits of the same row in a verify call
+    and greedy speculation stays exact. MatMulNBits computes a single row on another path than several:
+    - fp32 compute (`export --compute exact`) at block 32: one-row decode calls are padded to two rows
+      (measured at E2B shapes: 40 of 40 rows bit-equal with the padding, 0 of 40 without, max |dlogits|
+      2.8e-3); it costs a two-row call per decode step.
+    - blocks over 32 (either compute): a lone or trailing row differs from rows in pairs, which agree for any
+      even row count, so every odd call gets a pad row (tests/test_row_exact.py).
+    int8 compute at block 32 computes rows alike and needs neither. CPU EP only: row exactness is measured there."""
     q = spec.quantization
-    return 2 if q.get("kind", "fp32") != "fp32" and q.get("compute") == "exact" else 1
+    if q.get("kind", "fp32") == "fp32":
+        return 1, False
+    if int(q.get("block_size", 32)) > 32:
+        return 1, True
+    return (2 if q.get("compute") == "exact" else 1), False
 
 
 def _physical_memory() -> int:

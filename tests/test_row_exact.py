@@ -220,6 +220,30 @@ def test_int8_compute_speculation_equals_plain_at_e2b_shapes(tmp_path, e2b_shape
             {key: tokens for key, tokens in speculative.items() if tokens != plain}
 
 
+@pytest.mark.parametrize("block", [64, 128])
+def test_int8_compute_at_larger_blocks_is_exact_with_even_rows(tmp_path, e2b_shaped_pair, block: int):
+    """At blocks over 32 MatMulNBits computes a lone or trailing row on another path than rows in pairs; the
+    runtime pads every odd call by a row (Target.even_rows, from the manifest). Then every verified row equals
+    its decode row bit for bit and greedy speculation gives the plain tokens for every k, three runs in a row,
+    before and past the sliding window."""
+    from edgegen.export.bundle import ExportOptions, export_bundle
+    from edgegen.runtime.model import Bundle
+
+    (target, assistant), preset = e2b_shaped_pair
+    export_bundle(str(target), str(assistant), tmp_path / "b",
+                  ExportOptions(quant="int4", block_size=block, max_context=1024, verify=False))
+    bundle = Bundle(tmp_path / "b", threads=2)
+    assert bundle.manifest.graphs["target"].quantization == {"kind": "int4", "block_size": block, "compute": "int8"}
+    assert bundle.target.even_rows and bundle.target.min_rows == 1
+    for n in (16, 700):
+        prompt = [int(t) for t in np.random.default_rng(n).integers(4, preset.vocab_size, n)]
+        plain_logits, verified = decoded_and_verified(bundle, prompt, 20)
+        assert all(np.array_equal(a, b) for a, b in zip(verified, plain_logits, strict=True))
+        plain, speculative = _greedy_runs(bundle, prompt)
+        assert all(tokens == plain for tokens in speculative.values()), \
+            {key: tokens for key, tokens in speculative.items() if tokens != plain}
+
+
 def test_exact_compute_pads_decode_to_two_rows_and_stays_exact(tmp_path, e2b_shaped_pair):
     """`--compute exact` (fp32 activations): MatMulNBits computes one row on another path than several, so a
     verify row differs from the decode row (measured max |dlogits| ~2e-3). The runtime pads decode calls of
