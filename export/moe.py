@@ -93,7 +93,7 @@ class _Call:
         self.x = g.op("Reshape", h, g.const([-1, hidden]))  # [S, H]
         self.ids = g.op("Reshape", ids, g.const([-1]))  # [S*k]
         self.weights = g.op("Reshape", weights, g.const([-1]))
-        self.zero_row = g.const(np.zeros((1, hidden), np.float32), np.float32)
+        self.zero_row = g.weight(f"moe.zero_row.{hidden}", np.zeros((1, hidden), np.float32))  # shared by layers
         ranges = _ranges(0, n_experts)
         cover = np.zeros((n_experts, len(ranges)), np.float32)  # expert e lies in range j
         for j, (a, b) in enumerate(ranges):

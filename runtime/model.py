@@ -391,7 +391,8 @@ class Bundle:
         """The single-step drafter, opened on first use when the bundle has a fused round: greedy and
         temperature-only drafting of up to `draft_round.steps` tokens runs in the round, only top-k/top-p
         sampling and longer drafts need single steps. Each session holds its own prepacked copy of the drafter's
-        weights and of the tied embedding table: an unused one cost 328 MiB of RSS at E2B size (measured at load)."""
+        weights: an unused one cost 328 MiB of RSS at E2B size (measured at load, when each graph also still held
+        a copy of the tied embedding table; export/onnx_graph.py Graph.alias)."""
         return self._opened("assistant")
 
     @property
