@@ -4,18 +4,20 @@ Routing, as transformers' Gemma4TextRouter computes it: the layer's residual inp
 scale, times `router.scale` and hidden^-1/2, projected to one score per expert; softmax over all experts;
 top-k; the k probabilities renormalized to sum to 1, then times `per_expert_scale` of the chosen experts.
 
-Dispatch (`experts`): a binary tree of If nodes over the expert ids whose leaves are the experts, each with
-its own weights (gate_up [2I, H], down [H, I]) as constants of its branch. A branch runs only if one of the
-call's tokens chose an expert below it, so a decode step reads k of the E experts of each layer and a verify
-call of S tokens the union of theirs. Why this shape, measured on onnxruntime 1.32 CPU at 26B-A4B width:
+Dispatch (`experts`): every expert is a chain of nodes in the layer's graph with its own weights (gate_up
+[2I, H], down [H, I]) as MatMulNBits (or fp32 MatMul) constants, fed the rows of the tokens that chose it:
+none for most experts in a call, and a MatMulNBits of no rows returns at once without reading its weights.
+So a decode step reads k of the E experts of each layer and a verify call of S tokens the union of theirs.
+Why this shape, measured on onnxruntime 1.32 CPU at 26B-A4B width:
 - MatMulNBits is fast only with constant weights it has pre-packed (~0.1 ms an expert); given weights as a
   runtime value (gathered from a stacked tensor) it dequantizes them to fp32 first (~3.7 ms), as
   GatherBlockQuantized + MatMul did (8.8-14.5x the roofline of the bytes a decode step reads).
-- Weights are pre-packed only when they are initializers of the subgraph their node is in, not of an
-  enclosing graph, so the stacked [E, N, K] tensor becomes E per-expert tensors, one per leaf.
-- A Loop body would do the same, but onnxruntime then keeps each weight's original bytes mapped beside the
-  packed copy (RSS 2x the weights); If branches do too, so the runtime drops those pages after loading
-  (runtime/memory.py). The tree is also cheaper than a Loop: nothing runs per iteration.
+- The 128 experts' ~770 nodes a layer cost ~0.2 ms a call when no token chose any of them. The previous
+  dispatch, a binary tree of If nodes over the expert ids with the experts in its branches, ran fewer nodes
+  but cost more: every If branch is a subgraph with its own session state in onnxruntime (~30 KB, plus
+  ~1.4 KB per outer value it reads; 29-45 MB a layer, ~1 GiB at 30 layers), onnxruntime pre-packs branch
+  weights without releasing their mapped originals, and running a branch costs more than a node of no rows.
+- The gathers, pads and scatters around the experts are one op each per layer (`_Call`), not one per expert.
 
 Why not com.microsoft QMoE/MoE: onnxruntime's CPU kernels offer relu/gelu/silu/swiglu, and GELU-tanh(gate)*up
 ("geglu"), which Gemma 4's experts compute, only on CUDA; nor do they take a per-expert output scale.
@@ -74,77 +76,65 @@ class _Expert:
         return self.shape[0]
 
 
-def _ranges(lo: int, hi: int) -> list[tuple[int, int]]:
-    """The expert ranges of the dispatch tree below [lo, hi) (both halves of every range wider than one)."""
-    if hi - lo < 2:
-        return []
-    mid = (lo + hi) // 2
-    return [(lo, mid), *_ranges(lo, mid), (mid, hi), *_ranges(mid, hi)]
-
-
 class _Call:
-    """What the experts of one MoE block read from the enclosing graph: the rows, the chosen ids and weights
-    flattened token-major, and for each range of the dispatch tree whether a token chose an expert in it."""
+    """What the experts of one MoE block read, computed once per layer before them:
 
-    def __init__(self, g: Graph, h: str, weights: str, ids: str, hidden: int, top_k: int, n_experts: int):
+    - the call's (token, slot) pairs in slot order, each token's k slots sorted by expert id;
+    - `rows`: the tokens' rows grouped by expert, expert 0's first, each group in slot order and, when the
+      experts are quantized, padded to an even count with a zero row; `start[e]`, `end[e]`: expert e's group;
+    - `position`: where each slot's row sits in `rows` (and its output in the experts' concatenated output).
+    An expert is then a Slice and its matmuls."""
+
+    def __init__(self, g: Graph, h: str, weights: str, ids: str, hidden: int, inter: int, top_k: int,
+                 n_experts: int, paired: bool):
         from onnx import TensorProto
 
-        self.top_k = top_k
-        self.x = g.op("Reshape", h, g.const([-1, hidden]))  # [S, H]
-        self.ids = g.op("Reshape", ids, g.const([-1]))  # [S*k]
-        self.weights = g.op("Reshape", weights, g.const([-1]))
-        self.zero_row = g.weight(f"moe.zero_row.{hidden}", np.zeros((1, hidden), np.float32))  # shared by layers
-        ranges = _ranges(0, n_experts)
-        cover = np.zeros((n_experts, len(ranges)), np.float32)  # expert e lies in range j
-        for j, (a, b) in enumerate(ranges):
-            cover[a:b, j] = 1
-        onehot = g.op("Cast", g.op("Equal", g.op("Unsqueeze", self.ids, g.const([1])),
-                                   g.const(np.arange(n_experts)[None, :])), to=TensorProto.FLOAT)
-        present = g.op("ReduceMax", onehot, g.const([0]), keepdims=1)  # [1, E]: 1 where some token chose e
-        cover = g.weight(f"moe.ranges.{n_experts}", cover)  # one copy for all layers
-        hit = g.op("Greater", g.op("MatMul", present, cover), g.const(np.float32(0), np.float32))
-        parts = g.op("Split", g.op("Reshape", hit, g.const([-1])), axis=0, num_outputs=len(ranges), out=len(ranges))
-        self.chosen = dict(zip(ranges, parts, strict=True))  # range -> [1] bool
+        self.top_k, self.hidden = top_k, hidden
+        # Each token's slots in ascending expert order: its sum over them then runs in transformers' order
+        # (Gemma4TextExperts adds the experts' outputs expert by expert), whatever the call length.
+        ids, order = g.op("TopK", ids, g.const([top_k]), axis=-1, largest=0, sorted=1, out=2)
+        self.weights = g.op("Reshape", g.op("GatherElements", weights, order, axis=-1), g.const([-1, 1]))  # [S*k, 1]
+        x = g.op("Reshape", h, g.const([-1, hidden]))  # [S, H]
+        flat = g.op("Reshape", ids, g.const([-1]))  # [S*k], token-major
+        onehot = g.op("Cast", g.op("Equal", g.op("Unsqueeze", flat, g.const([1])),
+                                   g.const(np.arange(n_experts)[None, :])), to=TensorProto.FLOAT)  # [S*k, E]
+        counts = g.op("ReduceSum", onehot, g.const([0]), keepdims=0)  # [E]: slots that chose e
+
+        # Rows per expert (even when paired: MatMulNBits computes a lone row on another kernel path than rows
+        # in pairs, export/row_exact.py) and where each expert's group starts and ends.
+        counts = g.op("Cast", counts, to=TensorProto.INT64)
+        sizes = g.op("Add", counts, g.op("Mod", counts, g.const([2]))) if paired else counts
+        end = g.op("CumSum", sizes, g.const(np.int64(0)))
+        start = g.op("Sub", end, sizes)
+        self.start = g.op("Split", start, axis=0, num_outputs=n_experts, out=n_experts)  # [1] each
+        self.end = g.op("Split", end, axis=0, num_outputs=n_experts, out=n_experts)
+        # A slot's row: its expert's start + how many earlier slots chose the same expert.
+        before = g.op("CumSum", onehot, g.const(np.int64(0)), exclusive=1)  # [S*k, E]
+        rank = g.op("GatherElements", before, g.op("Unsqueeze", flat, g.const([1])), axis=1)  # [S*k, 1]
+        rank = g.op("Cast", g.op("Reshape", rank, g.const([-1])), to=TensorProto.INT64)
+        self.position = g.op("Add", g.op("Gather", start, flat, axis=0), rank)  # [S*k]
+        n = g.op("Squeeze", g.op("Shape", x, start=0, end=1), g.const([0]))  # S
+        token = g.op("Div", g.op("Range", g.const(np.int64(0)), g.op("Mul", n, g.const(np.int64(top_k))),
+                                 g.const(np.int64(1))), g.const(np.int64(top_k)))  # [S*k]: each slot's token
+        total = g.op("ReduceSum", sizes, g.const([0]), keepdims=1)  # [1]
+        if paired:  # pad rows read row S, a zero row
+            zero = g.weight(f"moe.zero_row.{hidden}", np.zeros((1, hidden), np.float32))  # shared by layers
+            x = g.op("Concat", x, zero, axis=0)
+        source = g.op("Expand", g.op("Unsqueeze", n, g.const([0])), total)  # [P]: every row a pad row...
+        source = g.op("ScatterElements", source, self.position, token, axis=0)  # ...but the slots' own
+        self.rows = g.op("Gather", x, source, axis=0)  # [P, H]
+        self.axis0, self.halves = g.const([0]), g.const([inter, inter])  # the leaves' Slice axes, gate/up split
 
 
-def _expert(g: Graph, call: _Call, quant: Quant, w: Weights, e: int, acc: str, prefix: str) -> str:
-    """acc + weight * down(gelu_tanh(gate(x)) * up(x)) for the tokens that chose expert `e`, in their rows.
-    `g` is the If branch that runs only if some token chose `e`: its weights are the branch's own
-    initializers, so onnxruntime pre-packs them, and a call reads them only when it runs the expert."""
-    slots = g.op("Reshape", g.op("NonZero", g.op("Equal", call.ids, g.const(np.int64(e)))), g.const([-1]))  # [m]
-    tokens = g.op("Div", slots, g.const(np.int64(call.top_k)))
-    rows = g.op("Gather", call.x, tokens, axis=0)  # [m, H]
-    # MatMulNBits computes a lone row on another kernel path than rows in pairs (int8 and fp32 compute, at
-    # blocks > 32), and a row in a pair the same whatever the other rows: an odd count gets a zero row, so a
-    # token gets the same bits from an expert in a decode step (m=1) as in a verify call (export/row_exact.py).
-    paired = quant.kind != "fp32"
-    if paired:
-        m = g.op("Shape", slots)
-        rows = g.op("Concat", rows, g.op("Slice", call.zero_row, g.const([0]), g.op("Mod", m, g.const([2]))), axis=0)
+def _expert(g: Graph, call: _Call, quant: Quant, w: Weights, e: int, prefix: str) -> str:
+    """down(gelu_tanh(gate(x)) * up(x)) for the rows of expert `e` (its group of call.rows, pad row included;
+    no rows when no token chose it, and then its weights are not read)."""
+    rows = g.op("Slice", call.rows, call.start[e], call.end[e], call.axis0)
     lin = Linears(g, quant)
     both = lin(rows, f"{prefix}.{e}.gate_up_proj", _Expert(w["gate_up_proj"], e))
-    inter = w["down_proj"].shape[2]
-    gate, up = g.op("Split", both, g.const([inter, inter]), axis=-1, out=2)
-    y = lin(g.op("Mul", g.op("Gelu", gate, approximate="tanh"), up), f"{prefix}.{e}.down_proj",
-            _Expert(w["down_proj"], e))  # [m, H]
-    if paired:
-        y = g.op("Slice", y, g.const([0]), m)
-    y = g.op("Mul", y, g.op("Unsqueeze", g.op("Gather", call.weights, slots, axis=0), g.const([-1])))
-    return g.op("ScatterND", acc, g.op("Unsqueeze", tokens, g.const([-1])), y, reduction="add")
-
-
-def _subtree(g: Graph, call: _Call, quant: Quant, w: Weights, lo: int, hi: int, acc: str, prefix: str) -> str:
-    """acc plus the outputs of the chosen experts in [lo, hi), added in ascending expert order: each half is
-    an If that runs only if a token chose an expert in it."""
-    if hi - lo == 1:
-        return _expert(g, call, quant, w, lo, acc, prefix)
-    mid = (lo + hi) // 2
-    for a, b in ((lo, mid), (mid, hi)):
-        run, skip = g.branch(f"{prefix}.{a}-{b}"), g.branch(f"{prefix}.{a}-{b}.skip")
-        done = _subtree(run, call, quant, w, a, b, acc, prefix)
-        acc = g.op("If", call.chosen[(a, b)], then_branch=run.body([done]),
-                   else_branch=skip.body([skip.op("Identity", acc)]))
-    return acc
+    gate, up = g.op("Split", both, call.halves, axis=-1, out=2)
+    return lin(g.op("Mul", g.op("Gelu", gate, approximate="tanh"), up), f"{prefix}.{e}.down_proj",
+               _Expert(w["down_proj"], e))  # [rows, H]
 
 
 def experts(g: Graph, quant: Quant, h: str, weights: str, ids: str, w: Weights, top_k: int, hidden: int,
@@ -152,14 +142,20 @@ def experts(g: Graph, quant: Quant, h: str, weights: str, ids: str, w: Weights, 
     """sum over the k slots of weight * down(gelu_tanh(gate(h)) * up(h)) with the slot's expert: [1, S, H].
     `h`: the pre_feedforward_layernorm_2 output [1, S, H]; `w`: the layer's `experts` weights.
 
-    A binary tree of If nodes over the expert ids: a range's branch runs only if one of the call's tokens chose
-    an expert in it, and each expert is a leaf holding its own weights as MatMulNBits (or fp32 MatMul)
-    constants. A decode step runs k leaves (~k log2(E) Ifs), a verify call the union of its tokens' experts.
-    The sum per token runs in expert order for every call length, so a verify row computes a decode row's bits.
+    Each expert runs on the rows of the tokens that chose it, none for most of them: a decode step reads k
+    experts' weights, a verify call the union of its tokens' experts.
+    Each token's sum runs over its experts in ascending order for every call length, so a verify row computes
+    a decode row's bits.
     """
     quant = expert_quant(quant)
     n_experts = w["gate_up_proj"].shape[0]
-    call = _Call(g, h, weights, ids, hidden, top_k, n_experts)
-    acc = g.op("Mul", call.x, g.const(np.float32(0), np.float32))
-    acc = _subtree(g, call, quant, w, 0, n_experts, acc, prefix)
+    inter = w["down_proj"].shape[2]
+    call = _Call(g, h, weights, ids, hidden, inter, top_k, n_experts, paired=quant.kind != "fp32")
+    out = g.op("Concat", *(_expert(g, call, quant, w, e, prefix) for e in range(n_experts)), axis=0)  # [P, H]
+    y = g.op("Mul", g.op("Gather", out, call.position, axis=0), call.weights)  # [S*k, H], slot order
+    slots = g.op("Split", g.op("Reshape", y, g.const([-1, top_k, hidden])), axis=1, num_outputs=top_k,
+                 out=top_k)  # k x [S, 1, H]
+    acc = slots[0]
+    for s in slots[1:]:
+        acc = g.op("Add", acc, s)
     return g.op("Reshape", acc, g.const([1, -1, hidden]))
