@@ -77,7 +77,7 @@ print(json.dumps({"decode_ms": 1e3 * statistics.median(one[1:]), "verify_ms": 1e
 
 
 def _initializers(graph):
-    """A graph's initializers and those of its subgraphs (the experts live in If branches, export/moe.py)."""
+    """A graph's initializers and those of its subgraphs."""
     yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:

@@ -140,7 +140,7 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
         raise EdgegenError(f"--max-context {opts.max_context} is longer than the model's max_position_embeddings "
                            f"({cfg.max_position_embeddings}); use at most {cfg.max_position_embeddings}")
     if profile.static_shapes and getattr(cfg, "enable_moe_block", False):
-        # The expert dispatch is a tree of data-dependent If branches (export/moe.py): no fixed-shape NPU graph.
+        # Each expert runs on a data-dependent number of rows (export/moe.py): no fixed-shape NPU graph.
         raise EdgegenError(f"--ep {opts.ep} cannot run a mixture-of-experts target (its expert dispatch has "
                            "data-dependent shapes); export it with --ep cpu")
 

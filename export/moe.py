@@ -33,10 +33,12 @@ from edgegen.export.onnx_graph import Graph
 from edgegen.export.quantize import Linears, Quant
 from edgegen.export.weights import Weights
 
-# Experts are quantized in blocks of at least this many weights (one float32 scale each): 0.53 bytes per int4
-# weight instead of 0.625 at block 32. The 26B-A4B's experts are 22.8B of its 25.2B weights; with blocks of 32
-# its int4 bundle would take ~17.7 GiB of RSS to run, with 128 ~14.5 GiB (benchmarks/moe_slices.py, README).
-EXPERT_BLOCK = 128
+# Experts are quantized in blocks of up to this many weights (one float32 scale each; the down projection's
+# 704 inputs take 64): 0.52 bytes per int4 weight instead of 0.625 at block 32. The 26B-A4B's experts are
+# 22.8B of its 25.2B weights: pre-packed for int8 compute, an expert takes 3.24 MB at blocks 256/64, 3.40 MB at
+# 128/64 and 4.36 MB at 32 (measured, onnxruntime 1.32): 12.2 GiB for the 30 layers' experts at 256/64. The
+# searched scales (export/quantize.py) make blocks of 256 more accurate than blocks of 128 were with max/7.
+EXPERT_BLOCK = 256
 
 
 def expert_quant(quant: Quant) -> Quant:

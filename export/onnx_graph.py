@@ -83,7 +83,7 @@ class Graph:
         self.shared = shared
         self.shared_names: set[str] = set()
         self.used_data: set[str] = set()
-        self._ids = itertools.count(1)  # value and weight names are unique across the graph and its branches
+        self._ids = itertools.count(1)  # value and weight names
 
     # -- values -----------------------------------------------------------------------------------
     def input(self, name: str, elem_type: int, shape: list) -> str:
@@ -159,21 +159,6 @@ class Graph:
 
     def ms(self, op_type: str, *inputs: str, out=None, **attrs):
         return self.op(op_type, *inputs, out=out, domain=MS_DOMAIN, **attrs)
-
-    # -- branches (If/Loop bodies) -----------------------------------------------------------------------
-    def branch(self, name: str) -> Graph:
-        """A subgraph builder: its nodes may name this graph's values (ONNX outer scope); weights it creates
-        are its own initializers, written to this graph's data file. onnxruntime pre-packs a MatMulNBits
-        weight only when it is an initializer of the graph its node is in (not of an enclosing one)."""
-        b = Graph(name, Path(), self.shared, self.data, self.profile)
-        b._ids = self._ids
-        return b
-
-    def body(self, outputs: list[str], elem_type: int = TensorProto.FLOAT) -> onnx.GraphProto:
-        """This branch as a graph proto with `outputs` (values of its own nodes, or Identity copies of outer
-        ones) and no inputs (If branches; Loop bodies add theirs)."""
-        outs = [helper.make_tensor_value_info(o, elem_type, None) for o in outputs]
-        return helper.make_graph(self.nodes, self.name, self.inputs, outs, self._initializers())
 
     # -- save ---------------------------------------------------------------------------------------
     def _initializers(self) -> list[onnx.TensorProto]:

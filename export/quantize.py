@@ -37,23 +37,42 @@ class Quant:
         return max(b, 2)
 
 
+# Candidate scales of a block, as fractions of the one that puts its largest-magnitude weight on the lowest
+# code (-2^(bits-1)); the block keeps the one with the least squared error. Measured on [1408, 2816] matrices
+# (relative RMS error of W x, int4), against max|w| / (2^(bits-1) - 1), which leaves the lowest code unused:
+# Gaussian weights 0.097 -> 0.083 at block 32, 0.117 -> 0.099 at 128, 0.127 -> 0.104 at 256; Student-t(4)
+# 0.131 -> 0.113, 0.192 -> 0.160, 0.229 -> 0.188. More candidates gained < 0.005 and cost export time.
+SCALE_CANDIDATES = (0.9, 1.0, 1.1)
+
+
 def quantize_blocks(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     """w [N, K] -> (codes uint8 [N, K], scales float32 [N, K/block]); symmetric, zero point 2^(bits-1).
 
-    Works through row chunks so the float temporaries stay small even for a 262k-row lm_head.
+    A block's scale maps its largest-magnitude weight near the lowest code (the sign of the scale is that
+    weight's sign, so either end of the range can take it): the SCALE_CANDIDATES fraction with the least
+    squared error over the block. Works through row chunks so the float temporaries stay small even for a
+    262k-row lm_head.
     """
     n, k = w.shape
-    qmax = 2 ** (bits - 1) - 1
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     codes = np.empty((n, k), np.uint8)
     scales = np.empty((n, k // block), np.float32)
-    step = max(1, (1 << 22) // k)
+    step = max(1, (1 << 20) // k)
     for r in range(0, n, step):
-        blocks = np.asarray(w[r : r + step], np.float32).reshape(-1, k // block, block)
-        sc = np.abs(blocks).max(axis=-1) / qmax
-        sc = np.where(sc == 0, np.float32(1.0), sc).astype(np.float32)
-        q = np.clip(np.rint(blocks / sc[..., None]), -qmax - 1, qmax) + 2 ** (bits - 1)
-        codes[r : r + step] = q.reshape(-1, k)
-        scales[r : r + step] = sc
+        rows = np.asarray(w[r : r + step], np.float32)
+        blocks = rows.reshape(-1, block)
+        peak = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=1)[:, None], axis=1)[:, 0]
+        peak[peak == 0] = 1.0  # an all-zero block: any scale gives zeros
+        best, best_err = np.ones_like(peak), np.full_like(peak, np.inf)
+        for c in SCALE_CANDIDATES:
+            sc = peak / np.float32(low * c)
+            q = np.clip(np.rint(blocks / sc[:, None]), low, high)
+            err = np.square(q * sc[:, None] - blocks).sum(axis=1)
+            better = err < best_err
+            best[better], best_err[better] = sc[better], err[better]
+        q = np.clip(np.rint(blocks / best[:, None]), low, high) - low
+        codes[r : r + step] = q.reshape(rows.shape)
+        scales[r : r + step] = best.reshape(len(rows), k // block)
     return codes, scales
 
 

@@ -2,7 +2,7 @@
 
 onnxruntime memory-maps a graph's external weight files (their offsets are page-aligned, export/onnx_graph.py)
 and pre-packs MatMulNBits weights into its own buffers. For weights of the main graph it then releases the
-mapped original; for initializers of subgraphs, the MoE experts' If branches (export/moe.py), it does not, so
+mapped original; for initializers of subgraphs (If and Loop bodies) it does not, so
 their original pages stay resident beside the packed copy and are never read again: RSS ~2x the weights
 (measured on onnxruntime 1.32 at 26B-A4B width). `release_mapped` drops this process's resident pages of the
 bundle's weight files once its sessions exist. Only file-backed pages are dropped: a weight that is still read

@@ -275,7 +275,7 @@ def test_exact_compute_pads_decode_to_two_rows_and_stays_exact(tmp_path, e2b_sha
 
 @pytest.fixture(scope="module")
 def moe_shaped_pair(tmp_path_factory):
-    """26B-A4B's expert shapes (hidden 2816, experts of width 704: int4 blocks of 128 and 64, export/moe.py) in
+    """26B-A4B's expert shapes (hidden 2816, experts of width 704: int4 blocks of 256 and 64, export/moe.py) in
     two layers (one sliding, one full), 8 experts of which each token picks 4: five tokens give experts 1 to 5
     rows each, odd counts included. Random weights, vocabulary 4,096."""
     from edgegen.export.testing import PRESETS, save_pair

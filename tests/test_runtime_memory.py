@@ -35,8 +35,8 @@ def test_a_mapping_written_in_place_is_left_alone(tmp_path) -> None:
 
 
 def test_an_moe_bundle_keeps_no_resident_weight_pages_after_loading(bundle_dir) -> None:
-    """The experts' pre-packed weights are If-branch initializers (export/moe.py), whose mapped originals
-    onnxruntime keeps: after the bundle opens, none of its weight files' pages stay resident, and it runs."""
+    """An MoE bundle holds most of its bytes in pre-packed expert weights (export/moe.py): after it opens, none
+    of its weight files' pages stay resident beside the packed copies, and it runs."""
     from edgegen.runtime.generate import Generator
     from edgegen.runtime.model import Bundle
 
