@@ -285,18 +285,20 @@ def moe_shaped_pair(tmp_path_factory):
     return save_pair(tmp_path_factory.mktemp("moe-shaped") / "pair", preset), preset
 
 
-@pytest.mark.parametrize("compute", ["int8", "exact"])
-def test_moe_verify_rows_equal_decode_rows_at_expert_shapes(tmp_path, moe_shaped_pair, compute: str):
+@pytest.mark.parametrize(("compute", "kv_dtype"), [("int8", "fp32"), ("exact", "fp32"), ("int8", "fp16")])
+def test_moe_verify_rows_equal_decode_rows_at_expert_shapes(tmp_path, moe_shaped_pair, compute: str, kv_dtype: str):
     """An int4 MoE target: an expert computes a token's row with the same bits whether the token is alone
     (decode) or one of the expert's rows in a verify call, so every verified position's logits equal the
-    plain decode logits bit for bit and greedy speculation gives the plain tokens for every k, three runs."""
+    plain decode logits bit for bit and greedy speculation gives the plain tokens for every k, three runs;
+    with float32 and with float16 K/V buffers."""
     from edgegen.export.bundle import ExportOptions, export_bundle
     from edgegen.runtime.model import Bundle
 
     (target, assistant), preset = moe_shaped_pair
     export_bundle(str(target), str(assistant), tmp_path / "b",
-                  ExportOptions(quant="int4", max_context=256, compute=compute, verify=False))
+                  ExportOptions(quant="int4", max_context=256, compute=compute, verify=False, kv_dtype=kv_dtype))
     bundle = Bundle(tmp_path / "b", threads=2)
+    assert {b.dtype for b in bundle.manifest.model.kv_buffers} == {{"fp32": "float32", "fp16": "float16"}[kv_dtype]}
     prompt = [int(t) for t in np.random.default_rng(3).integers(4, preset.vocab_size, 40)]
     plain, verified = decoded_and_verified(bundle, prompt, 20)
     assert all(np.array_equal(a, b) for a, b in zip(verified, plain, strict=True))
