@@ -139,10 +139,12 @@ def export_bundle(target: str, assistant: str, out: str | Path, options: ExportO
     if opts.max_context > cfg.max_position_embeddings:
         raise EdgegenError(f"--max-context {opts.max_context} is longer than the model's max_position_embeddings "
                            f"({cfg.max_position_embeddings}); use at most {cfg.max_position_embeddings}")
-    if profile.static_shapes and getattr(cfg, "enable_moe_block", False):
-        # Each expert runs on a data-dependent number of rows (export/moe.py): no fixed-shape NPU graph.
-        raise EdgegenError(f"--ep {opts.ep} cannot run a mixture-of-experts target (its expert dispatch has "
-                           "data-dependent shapes); export it with --ep cpu")
+    if getattr(cfg, "enable_moe_block", False) and opts.ep != "cpu":
+        # Each expert runs on a data-dependent number of rows, none for most (export/moe.py).
+        why = ("its expert dispatch has data-dependent shapes" if profile.static_shapes else
+               "the WebGPU EP fails on experts that no token chose" if opts.ep == "webgpu" else
+               "its expert dispatch is not tested on this EP")
+        raise EdgegenError(f"--ep {opts.ep} cannot run a mixture-of-experts target ({why}); export it with --ep cpu")
 
     tmp = Path(tempfile.mkdtemp(prefix=f"{_partial_prefix(out)}{os.getpid()}-", dir=out.parent))
     try:
