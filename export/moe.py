@@ -91,7 +91,6 @@ class _Call:
                  n_experts: int, paired: bool):
         from onnx import TensorProto
 
-        self.top_k, self.hidden = top_k, hidden
         # Each token's slots in ascending expert order: its sum over them then runs in transformers' order
         # (Gemma4TextExperts adds the experts' outputs expert by expert), whatever the call length.
         ids, order = g.op("TopK", ids, g.const([top_k]), axis=-1, largest=0, sorted=1, out=2)
@@ -125,7 +124,7 @@ class _Call:
         source = g.op("Expand", g.op("Unsqueeze", n, g.const([0])), total)  # [P]: every row a pad row...
         source = g.op("ScatterElements", source, self.position, token, axis=0)  # ...but the slots' own
         self.rows = g.op("Gather", x, source, axis=0)  # [P, H]
-        self.axis0, self.halves = g.const([0]), g.const([inter, inter])  # the leaves' Slice axes, gate/up split
+        self.axis0, self.halves = g.const([0]), g.const([inter, inter])  # the experts' Slice axes, gate/up split
 
 
 def _expert(g: Graph, call: _Call, quant: Quant, w: Weights, e: int, prefix: str) -> str:
