@@ -37,7 +37,7 @@ def profiled_bundle(path: Path, threads: int, prefix: str):
         so.enable_profiling = True
         so.profile_file_prefix = prefix
 
-    return bundle_with(path, threads, tweak)
+    return bundle_with(path, threads, tweak, spin=True)
 
 
 def fill(bundle, cache, context: int, rng) -> None:
@@ -122,9 +122,8 @@ def main() -> None:
         trace = Path(bundle.target.session.end_profiling())
         ops, nodes, walls = parse_profile(trace, args.steps)
         trace.unlink()
-        for s in (bundle.assistant, bundle.draft_round):
-            if s is not None:
-                Path(s.session.end_profiling()).unlink(missing_ok=True)
+        if bundle.draft_round is not None:  # the single-step assistant opens on first use: never here
+            Path(bundle.draft_round.session.end_profiling()).unlink(missing_ok=True)
         del bundle, cache
         plain = Bundle(args.bundle, threads=args.threads, hashes="never")
         cache = plain.new_cache()

@@ -14,7 +14,7 @@ prompt chunk (the most one prefill call writes into E2B's ring buffers). Medians
 printed with their ratio to the first configuration, measured in the same run; `uptime` is printed before
 and after because the machine may be shared.
 
-Policies (runtime/model.py `session_options` sets the one edgegen uses):
+Policies (runtime/model.py `session_options` sets the one edgegen uses: spin-stop, or nospin with --no-spin):
 - nospin: intra-op threads sleep when idle (`session.intra_op.allow_spinning=0`);
 - spin: they spin (onnxruntime's default): fast handoffs, but an idle session's pool keeps spinning while
   the other session runs;
@@ -47,6 +47,10 @@ POLICIES = {
     "spin-stop": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
     # Parallel loops cut into shrinking blocks that threads take in turn (onnxruntime's dynamic block base),
     # instead of one share per thread: a thread the OS preempts holds up less of each call.
+    "spin-stop-1ms": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1",
+                      "session.intra_op.spin_duration_us": "1000"},
+    "spin-stop-200us": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1",
+                        "session.intra_op.spin_duration_us": "200"},
     "nospin-dyn4": {"session.intra_op.allow_spinning": "0", "session.dynamic_block_base": "4"},
     "spin-stop-dyn4": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1",
                        "session.dynamic_block_base": "4"},
@@ -69,14 +73,16 @@ def slice_bundle(compute: str, block: int, max_context: int = 4160) -> Path:
     return out
 
 
-def bundle_with(path: Path, threads: int, tweak):
-    """A Bundle whose sessions are opened with edgegen's own session options, then `tweak(options)`."""
+def bundle_with(path: Path, threads: int, tweak, spin: bool = False):
+    """A Bundle whose sessions are opened with edgegen's own session options (`spin`: its thread policy;
+    off here so that a tweak's policy starts from sleeping threads), then `tweak(options)`."""
     from edgegen.runtime import model
 
     base = model.session_options
+    ort.set_default_logger_severity(3)  # overwritten config entries are logged as warnings
 
-    def options(t):
-        so = base(t)
+    def options(t, _spin=True):
+        so = base(t, spin)
         tweak(so)
         return so
 

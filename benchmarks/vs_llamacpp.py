@@ -20,8 +20,10 @@ each round); medians over rounds are reported. Every job is its own process, so 
   decode   greedy, each prompt then --new-tokens tokens, EOS ignored on both sides (fixed-length output);
            ms/token counts the tokens after the first one (the first comes out of the prefill). Modes:
            edgegen plain / k=K / auto; llama.cpp plain (`--spec-type none`) / MTP (`--spec-type draft-mtp
-           --spec-draft-n-max K`). llama.cpp runs with both OpenMP thread policies: its default (idle
-           threads spin) and OMP_WAIT_POLICY=PASSIVE (idle threads sleep, as edgegen's sessions do).
+           --spec-draft-n-max K`). Both systems run with both thread policies (--policies): `default`,
+           each one's own (llama.cpp's OpenMP threads spin while idle; edgegen's spin during a model call
+           and stop when it returns) and `passive`, idle threads sleep (llama.cpp OMP_WAIT_POLICY=PASSIVE,
+           edgegen --no-spin). Ratios compare the two systems under the same policy.
   verify   one target call on K+1 tokens ÷ one on 1 token, at the first prompt's context (medians of
            --verify-reps alternating calls; llama.cpp: LLAMA_VERIFY_BENCH in the patched example).
   ttft     time to the first token of a --ttft-tokens prompt after a warm-up (llama.cpp: llama-bench pp).
@@ -275,12 +277,12 @@ class Job:
     system: str  # edgegen | llama.cpp
     kind: str  # plain | spec | auto | verify | ttft
     threads: int
-    policy: str = ""  # llama.cpp: default | passive
+    policy: str = "default"  # default | passive (idle threads sleep)
 
     def label(self, k: int) -> str:
         mode = {"plain": "plain", "spec": f"MTP k={k}" if self.system == "llama.cpp" else f"k={k}",
                 "auto": "auto", "verify": "verify", "ttft": "ttft"}[self.kind]
-        return f"{self.system} {mode}" + (f" ({self.policy})" if self.policy else "")
+        return f"{self.system} {mode} ({self.policy})"
 
     @property
     def key(self) -> str:
@@ -305,7 +307,7 @@ class Setup:
 def run_edgegen(job: Job, s: Setup) -> dict:
     spec = {"bundle": str(s.bundle), "threads": job.threads, "kind": job.kind, "prompts": s.prompts,
             "new_tokens": s.new_tokens, "draft_tokens": s.draft_tokens, "verify_reps": s.verify_reps,
-            "ttft_prompt": s.ttft_prompt}
+            "ttft_prompt": s.ttft_prompt, "spin": job.policy != "passive"}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--edgegen-worker"],
                           input=json.dumps(spec), capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
@@ -375,7 +377,7 @@ def edgegen_worker(spec: dict) -> dict:
     from edgegen.runtime.generate import Generator
     from edgegen.runtime.model import Bundle
 
-    bundle = Bundle(spec["bundle"], threads=spec["threads"])
+    bundle = Bundle(spec["bundle"], threads=spec["threads"], spin=spec["spin"])
     kind, k = spec["kind"], spec["draft_tokens"]
     if kind == "verify":
         target, vocab = bundle.target, bundle.manifest.model.vocab_size
@@ -432,7 +434,7 @@ def jobs_for(threads: list[int], policies: list[str], measure: list[str]) -> lis
                                 (["ttft"], "ttft")):
             if l_kind not in measure:
                 continue
-            groups.append([Job("edgegen", kind, t) for kind in e_kinds]
+            groups.append([Job("edgegen", kind, t, p) for p in policies for kind in e_kinds]
                           + [Job("llama.cpp", l_kind, t, p) for p in policies])
     return groups
 
@@ -500,24 +502,25 @@ def summarize(s: Setup, groups: list[list[Job]], draft_tokens: int) -> dict:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """edgegen ÷ llama.cpp, for each thread count and llama.cpp thread policy."""
+    """edgegen ÷ llama.cpp, for each thread count and thread policy (both systems under the same one)."""
     out = []
     by = {(r["system"], r["kind"], r["threads"], r["policy"]): r for r in rows}
     for (system, kind, t, policy), r in by.items():
         if system != "llama.cpp":
             continue
-        if kind == "plain" and ("edgegen", "plain", t, "") in by:
-            e = by[("edgegen", "plain", t, "")]
+        if kind == "plain" and ("edgegen", "plain", t, policy) in by:
+            e = by[("edgegen", "plain", t, policy)]
             out.append({"what": "plain tok/s", "threads": t, "policy": policy,
                         "ratio": round(e["tokens_per_second"] / r["tokens_per_second"], 3)})
         if kind == "spec":
             for ek in ("spec", "auto"):
-                if ("edgegen", ek, t, "") in by:
-                    e = by[("edgegen", ek, t, "")]
+                if ("edgegen", ek, t, policy) in by:
+                    e = by[("edgegen", ek, t, policy)]
                     out.append({"what": f"{'k=K' if ek == 'spec' else 'auto'} vs MTP k=K tok/s", "threads": t,
                                 "policy": policy,
                                 "ratio": round(e["tokens_per_second"] / r["tokens_per_second"], 3)})
-            best_e = max((by[k] for k in by if k[0] == "edgegen" and k[2] == t and "tokens_per_second" in by[k]),
+            best_e = max((by[k] for k in by if k[0] == "edgegen" and k[2] == t and k[3] == policy
+                          and "tokens_per_second" in by[k]),
                          key=lambda x: x["tokens_per_second"], default=None)
             best_l = max((by[k] for k in by if k[0] == "llama.cpp" and k[2] == t and k[3] == policy
                           and "tokens_per_second" in by[k]), key=lambda x: x["tokens_per_second"], default=None)
@@ -525,12 +528,12 @@ def ratios(rows: list[dict]) -> list[dict]:
                 out.append({"what": f"best tok/s ({best_e['label']} vs {best_l['label']})", "threads": t,
                             "policy": policy, "ratio": round(best_e["tokens_per_second"]
                                                              / best_l["tokens_per_second"], 3)})
-        if kind == "verify" and ("edgegen", "verify", t, "") in by:
+        if kind == "verify" and ("edgegen", "verify", t, policy) in by:
             out.append({"what": "verify cost (K+1 ÷ 1)", "threads": t, "policy": policy,
-                        "ratio": round(by[("edgegen", "verify", t, "")]["ratio"] / r["ratio"], 3)})
-        if kind == "ttft" and ("edgegen", "ttft", t, "") in by:
+                        "ratio": round(by[("edgegen", "verify", t, policy)]["ratio"] / r["ratio"], 3)})
+        if kind == "ttft" and ("edgegen", "ttft", t, policy) in by:
             out.append({"what": "time to first token", "threads": t, "policy": policy,
-                        "ratio": round(by[("edgegen", "ttft", t, "")]["ttft_ms"] / r["ttft_ms"], 3)})
+                        "ratio": round(by[("edgegen", "ttft", t, policy)]["ttft_ms"] / r["ttft_ms"], 3)})
     return out
 
 
@@ -576,7 +579,7 @@ def report(out: dict) -> None:
               f"identical; first differences {cross['first_difference']} (None: identical)")
     print("\nedgegen ÷ llama.cpp (tok/s: >1 edgegen faster; verify cost and TTFT: <1 edgegen cheaper)")
     for x in out["ratios"]:
-        print(f"  t{x['threads']} {x['what'].replace('K', str(k)):58} llama.cpp {x['policy']:8} {x['ratio']:.2f}")
+        print(f"  t{x['threads']} {x['what'].replace('K', str(k)):58} {x['policy']:8} {x['ratio']:.2f}")
 
 
 # -- command line --------------------------------------------------------------------------------------
@@ -611,7 +614,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--work", default=str(REPO / "build" / "vs-llamacpp"), help="cache of converted models")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--policies", default="default,passive",
-                    help="llama.cpp OpenMP thread policies: default (spinning) and/or passive")
+                    help="thread policies, each run by both systems: default (each system's own: threads "
+                         "spin) and/or passive (idle threads sleep)")
     ap.add_argument("--measure", default="plain,spec,verify,ttft", help="any of plain, spec, verify, ttft")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompts", type=int, help="number of prompts [default: per preset]")

@@ -38,7 +38,8 @@ def load(path: str | _Path | None = None, ep: str = "cpu", threads: int | None =
 
     ep: cpu, qnn, webgpu, openvino or auto. threads: per session (None: onnxruntime's choice).
     draft_tokens: "auto" (chosen each round) or a fixed count. `bundle_options` go to `Bundle`:
-    strict=True (every node on the EP), hashes="cached" | "always" | "never".
+    strict=True (every node on the EP), hashes="cached" | "always" | "never", spin=False (idle threads sleep
+    instead of spinning during a call: for a machine whose cores are busy with other work).
     """
     from edgegen.runtime.generate import Generator
     from edgegen.runtime.model import Bundle

@@ -18,6 +18,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Gemma 4 speculative decoding on ONNX Runtime: export a pair, run it, measure it.")
 
 THREADS_HELP = "Threads per session [default: onnxruntime's choice, one per physical core]"
+NO_SPIN_HELP = ("Idle threads sleep instead of spinning between the operators of a model call: slower on an idle "
+                "machine, kinder to other busy programs")
 
 
 @app.callback()
@@ -180,6 +182,7 @@ def bench(
     draft_tokens: str = typer.Option("auto", "--draft-tokens", metavar="<auto|int>",
                                      help="Tokens drafted per round: 'auto' (chosen online) or a count"),
     threads: int | None = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
+    no_spin: bool = typer.Option(False, "--no-spin", help=NO_SPIN_HELP),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Run the built-in prompts this many times"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
     plot_path: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here (needs matplotlib) "
@@ -209,7 +212,7 @@ def bench(
         if plot_path is not None:
             raise EdgegenError("--plot takes one execution provider; run bench once per --ep to plot each")
         result = bench_eps(bundle, eps, max_new_tokens=max_new_tokens, draft_tokens=draft_tokens, threads=threads,
-                           repeats=repeats)
+                           repeats=repeats, spin=not no_spin)
         if as_json:
             typer.echo(json.dumps(result))
             return
@@ -228,7 +231,8 @@ def bench(
 
     if image and len(eps) > 1:
         raise EdgegenError("--image takes one execution provider")
-    result = run_bench(bundle, max_new_tokens, draft_tokens, threads, repeats=repeats, ep=eps[0], images=image or None)
+    result = run_bench(bundle, max_new_tokens, draft_tokens, threads, repeats=repeats, ep=eps[0], images=image or None,
+                       spin=not no_spin)
     if plot_path is not None:
         plot(result, str(plot_path))
     if as_json:
@@ -327,6 +331,7 @@ def run(
     no_assistant: bool = typer.Option(False, "--no-assistant", help="Plain decoding with the target alone"),
     stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)"),
     threads: int | None = typer.Option(None, "--threads", "-t", min=1, help=THREADS_HELP),
+    no_spin: bool = typer.Option(False, "--no-spin", help=NO_SPIN_HELP),
     stats: bool = typer.Option(False, "--stats", help="Print generation statistics to stderr"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: text, token_ids, stats"),
     ep: RunEP = typer.Option(RunEP.cpu, "--ep", help="Execution provider; auto picks the best one available"),
@@ -347,6 +352,7 @@ def run(
     import json
 
     from edgegen.runtime.generate import Generator
+    from edgegen.runtime.model import Bundle
     from edgegen.runtime.sampling import Sampling
 
     text = _read_prompt(prompt, file, chat)
@@ -357,7 +363,7 @@ def run(
         bundle = demo_bundle()
     if ep is not RunEP.cpu:
         _quiet_ort()
-    gen = Generator(bundle, threads=threads, ep=ep.value)
+    gen = Generator(Bundle(bundle, threads=threads, ep=ep.value, spin=not no_spin))
     if image and gen.bundle.vision is None:  # before anything runs
         raise EdgegenError(f"bundle '{gen.bundle.path}' has no vision graph, so it takes no --image; export it from "
                            "a multimodal checkpoint (Gemma4ForConditionalGeneration) with the cpu profile")

@@ -125,8 +125,9 @@ def bench_images(bundle: Bundle, images: list | None = None, repeats: int = 3) -
 
 
 def bench(bundle_path, max_new_tokens: int = 128, draft_tokens: int | str = "auto", threads: int | None = None,
-          prompts: list[str] | None = None, repeats: int = 1, ep: str = "cpu", images: list | None = None) -> dict:
-    bundle = Bundle(bundle_path, threads=threads, ep=ep, report_placement=True)
+          prompts: list[str] | None = None, repeats: int = 1, ep: str = "cpu", images: list | None = None,
+          spin: bool = True) -> dict:
+    bundle = Bundle(bundle_path, threads=threads, ep=ep, report_placement=True, spin=spin)
     loop = TokenLoop(bundle, draft_tokens=draft_tokens)
     tok = TextTokenizer(bundle.path, bundle.manifest.tokenizer)
     ids = [tok.encode(p) for p in (prompts or BENCH_PROMPTS)] * repeats
@@ -135,7 +136,7 @@ def bench(bundle_path, max_new_tokens: int = 128, draft_tokens: int | str = "aut
     if bundle.has_assistant:
         modes["speculative"] = run_mode(loop, "speculative", ids, max_new_tokens, True, draft_tokens)
     result = {"bundle": str(bundle_path), "max_new_tokens": max_new_tokens, "prompts": len(ids),
-              "draft_tokens": draft_tokens, "ep": bundle.ep, "ep_reason": bundle.ep_reason,
+              "draft_tokens": draft_tokens, "spin": spin, "ep": bundle.ep, "ep_reason": bundle.ep_reason,
               "ep_profile": bundle.manifest.ep_profile, "placement": bundle.placement_report(),
               "modes": {k: v.as_dict() for k, v in modes.items()},
               "peak_rss_mb": peak_rss_mb()}

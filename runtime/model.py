@@ -22,29 +22,34 @@ from edgegen.runtime.kv import KVCache, cache_bytes
 from edgegen.runtime.manifest import GraphSpec, Manifest, PLESpec, load_manifest
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, spin: bool = True) -> ort.SessionOptions:
+    """edgegen's session options. spin: idle intra-op threads spin between the operators of a call and stop
+    when the call returns (`session.force_spinning_stop`), so target and drafter calls, which alternate,
+    never find the other session's threads spinning on their cores; False: they sleep whenever idle (each
+    parallel operator then wakes them: slower on an idle machine, kinder to a loaded one)."""
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    # Target and assistant sessions alternate: a session whose idle threads spin would steal the cores
-    # the other one needs (measured: speculation with drafting switched off ran at 0.6x plain).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     so.log_severity_level = 3
     return so
 
 
 def open_session(bundle: Path, spec: GraphSpec, threads: int | None, ep: str = "cpu", strict: bool = False,
                  placements: dict | None = None, file: str | None = None, options: dict | None = None,
-                 config: dict | None = None) -> ort.InferenceSession:
+                 config: dict | None = None, spin: bool = True) -> ort.InferenceSession:
     """The one place a session is opened: one graph of `bundle` on `ep` (see providers.py). strict: fail if any
     node would fall back to the CPU EP. placements: if given, receives the graph's node placement under its
     file name. file: load this file instead of spec.file (a QNN EP context binary); options: provider options
-    on top of the EP's own; config: session config entries (e.g. to write an EP context binary)."""
+    on top of the EP's own; config: session config entries (e.g. to write an EP context binary); spin: the
+    thread policy (`session_options`)."""
     path = bundle / (file or spec.file)
     if not path.is_file():
         raise EdgegenError(f"bundle file '{path.name}' is missing from '{bundle}'; re-export the bundle")
-    so = session_options(threads)
+    so = session_options(threads, spin)
     for key, value in (config or {}).items():
         so.add_session_config_entry(key, value)
     providers.add_to_session(so, ep, strict, options)  # EP errors are the user's to fix: raised before the try
@@ -312,12 +317,13 @@ class Bundle:
     (one per conversation) is not."""
 
     def __init__(self, path: str | Path, threads: int | None = None, ep: str = "cpu", strict: bool = False,
-                 report_placement: bool = False, hashes: str = "cached"):
+                 report_placement: bool = False, hashes: str = "cached", spin: bool = True):
         """ep: cpu, qnn, webgpu, openvino or auto (the bundle's own profile if its EP loads here, else an
         accelerator, else cpu; `ep_reason` says why). strict: every node must run on the EP.
         report_placement: fill `placement` (graph file -> Placement) from onnxruntime's graph assignment.
         hashes: check files' sha256 "cached" (once per file change, see integrity.py), "always" or "never"
-        (sizes only). Paths are always checked before any file is opened."""
+        (sizes only). Paths are always checked before any file is opened. spin: idle threads spin during a
+        call (fastest when the cores are free) or sleep (`session_options`)."""
         self.path = Path(path)
         self.manifest: Manifest = load_manifest(self.path)
         m = self.manifest
@@ -330,7 +336,7 @@ class Bundle:
         ple = PLETable(self.path, m.model.ple) if m.model.ple else None
 
         def session(spec: GraphSpec, **kwargs):
-            return open_session(self.path, spec, threads, self.ep, strict, self.placement, **kwargs)
+            return open_session(self.path, spec, threads, self.ep, strict, self.placement, spin=spin, **kwargs)
 
         # Graphs opened on first use (`_opened`): the single-step assistant, the vision and audio encoders.
         self._openers: dict[str, Callable[[], object]] = {}

@@ -115,7 +115,8 @@ def test_option_names_parse_as_documented() -> None:
     assert (run["threads"], run["temperature"]) == (3, 0.5)
     assert command("run").make_context("run", ["--temperature", "0.25", "-p", "x"]).params["temperature"] == 0.25
     bench = command("bench").make_context("bench", ["-t", "2", "--draft-tokens", "3"]).params
-    assert (bench["threads"], bench["draft_tokens"], bench["bundle"]) == (2, "3", None)
+    assert (bench["threads"], bench["draft_tokens"], bench["bundle"], bench["no_spin"]) == (2, "3", None, False)
+    assert command("run").make_context("run", ["--no-spin", "-p", "x"]).params["no_spin"] is True
 
 
 @pytest.mark.parametrize("argv", [["run", "-p", "hi", "-k", "4"], ["bench", "-k", "4"]])
@@ -147,9 +148,11 @@ def test_bench_unknown_ep_is_one_line(ep: str, bad: str, demo_env) -> None:
 
 
 def test_bench_json_without_a_bundle_uses_the_demo(demo_env) -> None:
-    proc = edgegen_cli("bench", "--json", "--max-new-tokens", "4", "--repeats", "1", "-t", "1", env=demo_env)
+    proc = edgegen_cli("bench", "--json", "--max-new-tokens", "4", "--repeats", "1", "-t", "2", "--no-spin",
+                       env=demo_env)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
+    assert result["spin"] is False
     assert Path(result["bundle"]).parent == Path(demo_env["EDGEGEN_CACHE"])
     assert Path(result["bundle"]).name.startswith("demo-")
     assert set(result["modes"]) == {"plain", "speculative"}

@@ -107,3 +107,18 @@ def test_the_same_thread_may_nest_streams(bundle_dir: Path) -> None:
     next(first)
     assert len(gen.generate([2, 17, 42], 5).token_ids) == 5
     first.close()
+
+
+@pytest.mark.parametrize("spin", [True, False])
+def test_thread_policy_reaches_every_session_and_keeps_the_tokens(bundle_dir, shared: Bundle, spin: bool) -> None:
+    """Two intra-op threads that spin during a call (the default) or sleep when idle (--no-spin): each
+    session carries the policy, and the tokens are the one-thread serial ones."""
+    bundle = Bundle(bundle_dir("e2b-like"), threads=2, spin=spin)
+    for session in (bundle.target.session, bundle.draft_round.session):
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+        if spin:  # spinning ends with the call, so the target's threads never spin through a draft round
+            assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    two, one = Generator(bundle), Generator(shared)
+    for job in JOBS:
+        assert run_job(two, job) == run_job(one, job)

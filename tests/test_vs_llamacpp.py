@@ -84,3 +84,13 @@ def test_stage_for_converter_adds_tokenizer_and_architecture(bench, tmp_path):
 def test_bad_flags_are_one_line_errors(bench, argv, message):
     with pytest.raises(bench.BenchError, match=message):
         bench.parse_args(argv)
+
+
+def test_ratios_compare_the_systems_under_the_same_thread_policy(bench):
+    rows = [{"system": s, "kind": "plain", "threads": 2, "policy": p, "tokens_per_second": tps, "label": s}
+            for s, p, tps in (("edgegen", "default", 24.0), ("edgegen", "passive", 18.0),
+                              ("llama.cpp", "default", 20.0), ("llama.cpp", "passive", 12.0))]
+    got = {(r["what"], r["policy"]): r["ratio"] for r in bench.ratios(rows)}
+    assert got == {("plain tok/s", "default"): 1.2, ("plain tok/s", "passive"): 1.5}
+    jobs = [(j.system, j.policy) for group in bench.jobs_for([2], ["default", "passive"], ["plain"]) for j in group]
+    assert sorted(jobs) == sorted((s, p) for s in ("edgegen", "llama.cpp") for p in ("default", "passive"))
