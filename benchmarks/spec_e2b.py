@@ -70,15 +70,20 @@ def acceptance_oracle(bundle, prompt_ids: list[int], new_tokens: int) -> list[in
         logits, hidden = bundle.target.forward(cache, [seq[-1]])
         seq.append(int(logits[-1].argmax()))
         hiddens.append(hidden[-1])
+    # Second pass over the same calls (so the same cache contents): at each P the draft round runs from a
+    # cache of P positions, then the target takes seq[P]. (Rolling one cache back from the end instead is
+    # not possible: sliding-window layers keep ring buffers.)
     n = len(prompt_ids)
     accept = [0] * new_tokens
-    for p in range(n + new_tokens - 1, n - 1, -1):  # descending: trim only shrinks; rows < P stay intact
-        cache.trim(p)
+    cache = bundle.new_cache()
+    bundle.target.forward(cache, prompt_ids, logits_to_keep=len(prompt_ids))
+    for p in range(n, n + new_tokens):
         drafts, _ = bundle.draft_round.run_round(cache, seq[p], hiddens[p - 1])
         match = 0
         while match < len(drafts) and drafts[match] == seq[p + 1 + match]:
             match += 1
         accept[p - n] = match
+        bundle.target.forward(cache, [seq[p]])
     return accept
 
 
@@ -231,6 +236,7 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-spin", action="store_true", help="idle threads sleep (edgegen run --no-spin)")
     ap.add_argument("--modes", default="plain,k4,auto")
     ap.add_argument("--prompts", default="bench", help="demo prompts: bench (runtime/bench.py's 4) or heldout:N")
     ap.add_argument("--json", type=Path)
@@ -274,7 +280,7 @@ def main() -> int:
     from edgegen.runtime.model import Bundle
     from edgegen.runtime.osinfo import peak_rss_mb
 
-    bundle = Bundle(args.bundle, threads=args.threads)  # opened once in this process
+    bundle = Bundle(args.bundle, threads=args.threads, spin=not args.no_spin)  # opened once in this process
     if bundle.draft_round is None or bundle.draft_round.steps != 4:
         print("the bundle needs a 4-step draft_round graph", file=sys.stderr)
         return 2
