@@ -76,10 +76,9 @@ def main() -> None:
     args = ap.parse_args()
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     rng = np.random.default_rng(0)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = args.threads
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # edgegen's policy
-    so.log_severity_level = 3
+    from edgegen.runtime.model import session_options
+
+    so = session_options(args.threads)  # edgegen's (threads spin during a call; README "Thread policy")
 
     def session(m: bytes):
         return ort.InferenceSession(m, so, providers=["CPUExecutionProvider"])
