@@ -45,12 +45,14 @@ POLICIES = {
     "nospin": {"session.intra_op.allow_spinning": "0"},
     "spin": {"session.intra_op.allow_spinning": "1"},
     "spin-stop": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
-    # Parallel loops cut into shrinking blocks that threads take in turn (onnxruntime's dynamic block base),
-    # instead of one share per thread: a thread the OS preempts holds up less of each call.
+    # As spin-stop, with each spell of spinning bounded (onnxruntime's spin_duration_us): less CPU burnt
+    # when another process wants the cores.
     "spin-stop-1ms": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1",
                       "session.intra_op.spin_duration_us": "1000"},
     "spin-stop-200us": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1",
                         "session.intra_op.spin_duration_us": "200"},
+    # Parallel loops cut into shrinking blocks that threads take in turn (onnxruntime's dynamic block base),
+    # instead of one share per thread: a thread the OS preempts holds up less of each call.
     "nospin-dyn4": {"session.intra_op.allow_spinning": "0", "session.dynamic_block_base": "4"},
     "spin-stop-dyn4": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1",
                        "session.dynamic_block_base": "4"},
@@ -81,14 +83,14 @@ def bundle_with(path: Path, threads: int, tweak, spin: bool = False):
     base = model.session_options
     ort.set_default_logger_severity(3)  # overwritten config entries are logged as warnings
 
-    def options(t, _spin=True):
-        so = base(t, spin)
+    def options(t, policy_spin):
+        so = base(t, policy_spin)
         tweak(so)
         return so
 
     model.session_options = options
     try:
-        return model.Bundle(path, threads=threads, hashes="never")
+        return model.Bundle(path, threads=threads, hashes="never", spin=spin)
     finally:
         model.session_options = base
 
