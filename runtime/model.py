@@ -90,6 +90,9 @@ class PLETable:
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         flat = ids.reshape(-1)
+        osinfo.prefetch_rows(self.rows, flat)
+        if self.scales is not None:
+            osinfo.prefetch_rows(self.scales, flat)
         rows = np.asarray(self.rows[flat])
         if self.spec.bits:
             from edgegen.runtime.quant import dequantize_rows

@@ -5,7 +5,8 @@ Four facts edgegen needs and the standard library only gives on POSIX: peak resi
 Windows, not the time of the last change), and whether a process is alive (`os.kill(pid, 0)`: on Windows
 signal 0 is CTRL_C_EVENT, which would interrupt that process's console group). On Windows they come from
 the Win32 API through ctypes; when an answer cannot be had, the functions return None (or the safe answer)
-and callers fall back to the safe choice. Also: a memory map with the OS's random-access hint (`map_npy`).
+and callers fall back to the safe choice. Also: a memory map with the OS's random-access hint (`map_npy`)
+and a read-ahead request for the rows a call is about to gather from it (`prefetch_rows`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,23 @@ def map_npy(path: Path) -> np.ndarray:
         return np.ndarray(shape, dtype, buffer=mm, offset=offset)
     except TypeError:  # numpy's word for a buffer shorter than the header says
         raise ValueError(f"{path.name} is truncated") from None
+
+
+def prefetch_rows(rows: np.ndarray, ids: np.ndarray) -> None:
+    """Ask the OS to start reading rows[ids] of a `map_npy` table (MADV_WILLNEED, one request per row) before
+    they are touched. Rows not in memory are otherwise read one page fault at a time, each waiting for the
+    disk; requested together they are read concurrently (E2B's per-layer table on a 2-core VM's disk, 128 rows
+    not in memory: 66.9 ms gathered as touched, 28.9 ms prefetched; 5 rows 1.0 vs 0.3 ms; benchmarks/
+    ple_cold.py). No-op where madvise is missing (Windows) or for one row."""
+    mm = rows.base
+    if len(ids) < 2 or not isinstance(mm, mmap.mmap) or not hasattr(mmap, "MADV_WILLNEED"):
+        return
+    start = rows.ctypes.data - np.frombuffer(mm, np.uint8, count=1).ctypes.data  # the header's length
+    step = rows.strides[0]
+    for i in np.unique(ids):
+        first = start + int(i) * step
+        page = first - first % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_WILLNEED, page, first + step - page)
 
 
 def physical_memory() -> int | None:

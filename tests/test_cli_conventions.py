@@ -206,6 +206,29 @@ def test_os_facts_degrade_to_none_where_the_os_call_is_missing(monkeypatch, tmp_
     assert osinfo.peak_rss_mb() is None
 
 
+def test_prefetch_rows_of_a_mapped_table(monkeypatch, tmp_path: Path) -> None:
+    """Read-ahead requests for rows of a mapped .npy table: rows of an odd width straddle pages and the header
+    shifts them off page boundaries, the first and last rows and a repeated one are asked for; nothing raises
+    and the rows read are the table's. Without madvise (Windows) it does nothing."""
+    import mmap
+
+    import numpy as np
+
+    from edgegen.runtime import osinfo
+
+    table = np.arange(3001 * 37, dtype=np.int64).reshape(3001, 37)
+    np.save(tmp_path / "t.npy", table)
+    rows = osinfo.map_npy(tmp_path / "t.npy")
+    assert isinstance(rows.base, mmap.mmap)  # the advised path, not the fallback
+    ids = np.array([0, 3000, 1234, 1234, 7])
+    osinfo.prefetch_rows(rows, ids)
+    assert np.array_equal(rows[ids], table[ids])
+    monkeypatch.delattr(mmap, "MADV_WILLNEED", raising=False)
+    osinfo.prefetch_rows(rows, ids)
+    osinfo.prefetch_rows(table, ids)  # not a mapped table: nothing to advise
+    assert np.array_equal(rows[ids], table[ids])
+
+
 def test_process_alive_on_this_os() -> None:
     from edgegen.runtime import osinfo
 
