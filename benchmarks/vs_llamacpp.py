@@ -27,6 +27,10 @@ each round); medians over rounds are reported. Every job is its own process, so 
   verify   one target call on K+1 tokens ÷ one on 1 token, at the first prompt's context (medians of
            --verify-reps alternating calls; llama.cpp: LLAMA_VERIFY_BENCH in the patched example).
   ttft     time to the first token of a --ttft-tokens prompt after a warm-up (llama.cpp: llama-bench pp).
+  floor    (with plain) edgegen's target step reduced to its MatMulNBits nodes (same weights, same order, one
+           row, nothing else): the speed plain decoding would have if every other operator cost nothing,
+           timed against the whole step in the same process (--verify-reps alternating calls). It tells
+           what graph work can still gain and what only a faster int4 kernel can.
 Token identity: each system's configurations against its own plain decode, and edgegen against llama.cpp.
 On random-weight pairs the two systems' int4 roundings pick different tokens soon; that is reported, not
 an error. Ratios are edgegen ÷ llama.cpp: for speed (tok/s) above 1 means edgegen is faster; for times
@@ -281,7 +285,7 @@ class Job:
 
     def label(self, k: int) -> str:
         mode = {"plain": "plain", "spec": f"MTP k={k}" if self.system == "llama.cpp" else f"k={k}",
-                "auto": "auto", "verify": "verify", "ttft": "ttft"}[self.kind]
+                "auto": "auto", "verify": "verify", "ttft": "ttft", "floor": "MatMulNBits floor"}[self.kind]
         return f"{self.system} {mode} ({self.policy})"
 
     @property
@@ -400,6 +404,8 @@ def edgegen_worker(spec: dict) -> dict:
             tk.append(call(k + 1))
         m1, mk = float(np.median(t1)), float(np.median(tk))
         return {"t1_ms": m1, "tk_ms": mk, "ratio": mk / m1}
+    if kind == "floor":
+        return matmul_floor(bundle, spec, spec["prompts"][0])
     if kind == "ttft":
         gen = Generator(bundle, draft_tokens=0)
         times = []
@@ -425,12 +431,85 @@ def edgegen_worker(spec: dict) -> dict:
     return {"runs": runs}
 
 
+def matmul_only_graph(bundle_dir: Path, out_dir: Path) -> Path:
+    """The bundle's target graph with only its MatMulNBits nodes, each fed a [1, K] input of its width, all
+    outputs kept; the weight files are hard-linked beside it (copied across file systems)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    src = onnx.load(str(bundle_dir / "target.onnx"), load_external_data=False)
+    inits = {t.name: t for t in src.graph.initializer}
+    nodes, widths, weights = [], set(), {}
+    for n in src.graph.node:
+        if n.op_type != "MatMulNBits":
+            continue
+        k = next(a.i for a in n.attribute if a.name == "K")
+        widths.add(k)
+        node = helper.make_node("MatMulNBits", [f"x{k}", *n.input[1:]], [f"y{len(nodes)}"], name=n.name,
+                                domain=n.domain)
+        node.attribute.extend(n.attribute)
+        nodes.append(node)
+        weights.update({i: inits[i] for i in n.input[1:] if i in inits})
+    inputs = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in sorted(widths)]
+    outputs = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes]
+    graph = helper.make_graph(nodes, "matmul_only", inputs, outputs, list(weights.values()))
+    model = helper.make_model(graph, opset_imports=list(src.opset_import))
+    model.ir_version = src.ir_version
+    for f in bundle_dir.glob("*.weights"):  # onnxruntime refuses weights outside the model's directory
+        try:
+            os.link(f, out_dir / f.name)
+        except OSError:  # another file system
+            shutil.copyfile(f, out_dir / f.name)
+    onnx.save(model, str(out_dir / "matmul_only.onnx"))
+    return out_dir / "matmul_only.onnx"
+
+
+def matmul_floor(bundle, spec: dict, prompt: list[int]) -> dict:
+    """Median ms of the whole one-row target step and of its MatMulNBits nodes alone, calls alternating."""
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgegen.runtime.model import session_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = matmul_only_graph(Path(spec["bundle"]), Path(tmp))
+        opts = session_options(spec["threads"], spec["spin"])
+        only = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.random.default_rng(0).standard_normal((1, i.shape[1]), dtype=np.float32)
+             for i in only.get_inputs()}
+    cache = bundle.new_cache()
+    bundle.target.forward(cache, prompt)
+    ctx, token = cache.length, prompt[-1]
+
+    def step() -> float:
+        t = time.perf_counter()
+        bundle.target.forward(cache, [token])
+        dt = time.perf_counter() - t
+        cache.trim(ctx)
+        return 1000 * dt
+
+    def matmuls() -> float:
+        t = time.perf_counter()
+        only.run(None, feeds)
+        return 1000 * (time.perf_counter() - t)
+
+    step(), matmuls()
+    steps, floors = [], []
+    for _ in range(spec["verify_reps"]):
+        steps.append(step())
+        floors.append(matmuls())
+    return {"step_ms": float(np.median(steps)), "floor_ms": float(np.median(floors))}
+
+
 # -- rounds and summary -----------------------------------------------------------------------------------
 def jobs_for(threads: list[int], policies: list[str], measure: list[str]) -> list[list[Job]]:
     """Groups of jobs that are compared with each other, edgegen first; run group by group."""
     groups = []
     for t in threads:
-        for e_kinds, l_kind in ((["plain"], "plain"), (["spec", "auto"], "spec"), (["verify"], "verify"),
+        plain = ["plain", "floor"] if "floor" in measure else ["plain"]
+        for e_kinds, l_kind in ((plain, "plain"), (["spec", "auto"], "spec"), (["verify"], "verify"),
                                 (["ttft"], "ttft")):
             if l_kind not in measure:
                 continue
@@ -481,6 +560,9 @@ def summarize(s: Setup, groups: list[list[Job]], draft_tokens: int) -> dict:
                    "label": job.label(draft_tokens)}
             if job.kind in ("plain", "spec", "auto"):
                 row.update(summarize_decode(rounds))
+            elif job.kind == "floor":
+                row.update({key: round(statistics.median(r[key] for r in rounds), 3)
+                            for key in ("step_ms", "floor_ms")})
             elif job.kind == "verify":
                 row.update({key: round(statistics.median(r[key] for r in rounds), 3)
                             for key in ("t1_ms", "tk_ms", "ratio")})
@@ -512,6 +594,10 @@ def ratios(rows: list[dict]) -> list[dict]:
             e = by[("edgegen", "plain", t, policy)]
             out.append({"what": "plain tok/s", "threads": t, "policy": policy,
                         "ratio": round(e["tokens_per_second"] / r["tokens_per_second"], 3)})
+            if ("edgegen", "floor", t, policy) in by:
+                out.append({"what": "plain tok/s if only MatMulNBits cost time (floor)", "threads": t,
+                            "policy": policy,
+                            "ratio": round(r["ms_per_token"] / by[("edgegen", "floor", t, policy)]["floor_ms"], 3)})
         if kind == "spec":
             for ek in ("spec", "auto"):
                 if ("edgegen", ek, t, policy) in by:
@@ -568,6 +654,9 @@ def report(out: dict) -> None:
             tpc = f"{r['tokens_per_target_call']:.2f}" if r["tokens_per_target_call"] else "-"
             acc = f"{r['acceptance']:.2f}" if r["acceptance"] is not None else "-"
             print(f"{label:34} {r['ms_per_token']:9.2f} {r['tokens_per_second']:8.1f} {tpc:>9} {acc:>7}  {ident}")
+        elif "floor_ms" in r:
+            print(f"{label:34} MatMulNBits alone {r['floor_ms']:.2f} ms of a {r['step_ms']:.2f} ms target step "
+                  f"({100 * r['floor_ms'] / r['step_ms']:.0f}%)")
         elif "ratio" in r:
             print(f"{label:34} verify {k + 1} tokens {r['tk_ms']:.2f} ms / 1 token {r['t1_ms']:.2f} ms "
                   f"= {r['ratio']:.2f}")
@@ -616,7 +705,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--policies", default="default,passive",
                     help="thread policies, each run by both systems: default (each system's own: threads "
                          "spin) and/or passive (idle threads sleep)")
-    ap.add_argument("--measure", default="plain,spec,verify,ttft", help="any of plain, spec, verify, ttft")
+    ap.add_argument("--measure", default="plain,spec,verify,ttft",
+                    help="any of plain, spec, verify, ttft, floor (floor: with plain)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompts", type=int, help="number of prompts [default: per preset]")
     ap.add_argument("--prompt-tokens", type=int, help="tokens per prompt [default: per preset]")
@@ -637,8 +727,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.policies or set(args.policies) - {"default", "passive"}:
         raise BenchError("--policies takes default and/or passive, e.g. default,passive")
     args.measure = [x.strip() for x in args.measure.split(",") if x.strip()]
-    if not args.measure or set(args.measure) - {"plain", "spec", "verify", "ttft"}:
-        raise BenchError("--measure takes plain, spec, verify and/or ttft")
+    if not args.measure or set(args.measure) - {"plain", "spec", "verify", "ttft", "floor"}:
+        raise BenchError("--measure takes plain, spec, verify, ttft and/or floor")
+    if "floor" in args.measure and "plain" not in args.measure:
+        raise BenchError("--measure floor is compared with plain decoding: add plain")
     if min(args.rounds, args.prompts, args.draft_tokens, args.verify_reps, args.ttft_tokens) < 1:
         raise BenchError("--rounds, --prompts, --draft-tokens, --verify-reps and --ttft-tokens must be 1 or more")
     if args.prompt_tokens < 2 or args.new_tokens < 2:

@@ -80,6 +80,7 @@ def test_stage_for_converter_adds_tokenizer_and_architecture(bench, tmp_path):
     (["--policies", "spin"], "--policies takes default and/or passive"),
     (["--measure", "speed"], "--measure takes"),
     (["--rounds", "0"], "must be 1 or more"),
+    (["--measure", "floor"], "--measure floor is compared with plain decoding"),
 ])
 def test_bad_flags_are_one_line_errors(bench, argv, message):
     with pytest.raises(bench.BenchError, match=message):
@@ -94,3 +95,30 @@ def test_ratios_compare_the_systems_under_the_same_thread_policy(bench):
     assert got == {("plain tok/s", "default"): 1.2, ("plain tok/s", "passive"): 1.5}
     jobs = [(j.system, j.policy) for group in bench.jobs_for([2], ["default", "passive"], ["plain"]) for j in group]
     assert sorted(jobs) == sorted((s, p) for s in ("edgegen", "llama.cpp") for p in ("default", "passive"))
+
+
+def test_floor_is_the_targets_matmuls_alone_and_its_ratio_is_against_llama_plain(bench, bundle_dir, tmp_path):
+    """The floor graph holds the target's MatMulNBits nodes and nothing else, runs, and is timed beside the
+    whole step; its ratio is llama.cpp's plain ms/token over the floor."""
+    import onnx
+
+    bundle = bundle_dir("e2b-like", True, quant="int4")
+    full = [n for n in onnx.load(str(bundle / "target.onnx"), load_external_data=False).graph.node]
+    only = bench.matmul_only_graph(bundle, tmp_path)
+    nodes = onnx.load(str(only), load_external_data=False).graph.node
+    assert [n.name for n in nodes] == [n.name for n in full if n.op_type == "MatMulNBits"] and nodes
+
+    from edgegen.runtime.model import Bundle
+    spec = {"bundle": str(bundle), "threads": 1, "spin": True, "verify_reps": 3}
+    got = bench.matmul_floor(Bundle(bundle, threads=1), spec, [2, 10, 11, 12])
+    assert 0 < got["floor_ms"] and 0 < got["step_ms"]
+
+    rows = [{"system": "llama.cpp", "kind": "plain", "threads": 1, "policy": "default", "ms_per_token": 50.0,
+             "tokens_per_second": 20.0},
+            {"system": "edgegen", "kind": "plain", "threads": 1, "policy": "default", "tokens_per_second": 16.0},
+            {"system": "edgegen", "kind": "floor", "threads": 1, "policy": "default", "floor_ms": 40.0,
+             "step_ms": 55.0}]
+    got = {r["what"]: r["ratio"] for r in bench.ratios(rows)}
+    assert got == {"plain tok/s": 0.8, "plain tok/s if only MatMulNBits cost time (floor)": 1.25}
+    kinds = [j.kind for group in bench.jobs_for([1], ["default"], ["plain", "floor"]) for j in group]
+    assert kinds == ["plain", "floor", "plain"]
