@@ -400,11 +400,14 @@ def _standard_attention(g: Graph, q: str, keys: str, values: str, layer: LayerPl
         # Keys before `first` are masked for every query: row_exact sliding layers skip them (a 128-aligned start).
         first = once(("first", query_positions, sliding), lambda: window_start(g, query_positions, sliding))
 
+    # A ring's slots in use: position p sits in slot p until the ring wraps, so min(total, R) slots from slot 0
+    # hold every written row (a short context reads its few keys, not R); once wrapped, all R are read.
+    ring_end = once(("ring end", layer.ring), lambda: g.op("Min", total, g.const([layer.ring]))) if layer.ring else None
+
     def read(buffer):
-        """[1, kv, T, d] float32: the buffer's rows this call attends to (a ring is read whole: R keys in every
-        call, so decode and verify block alike)."""
-        if not layer.ring:
-            buffer = g.op("Slice", buffer, first or g.const([0]), total, g.const([2]))
+        """[1, kv, T, d] float32: the buffer's rows this call attends to, from a 128-aligned first key (0 or
+        `first`), so decode and verify rows sum their keys in the same blocks (export/row_exact.py)."""
+        buffer = g.op("Slice", buffer, first or g.const([0]), ring_end or total, g.const([2]))
         if g.profile.kv_fp16:  # after the Slice: only the rows attended to are converted
             buffer = g.op("Cast", buffer, to=F32)
         return buffer
@@ -425,7 +428,7 @@ def _standard_attention(g: Graph, q: str, keys: str, values: str, layer: LayerPl
         scores = g.op("MatMul", q, keys_t)  # [1, kv, group, S, T]
     if layer.ring:
         mask = once(("ring mask", query_positions, sliding, layer.ring),
-                    lambda: _ring_mask(g, query_positions, total, sliding, layer.ring))
+                    lambda: _ring_mask(g, query_positions, total, sliding, layer.ring, ring_end))
     else:
         mask = once(("mask", query_positions, sliding, first),
                     lambda: _attention_mask(g, query_positions, total, sliding, first))
@@ -448,8 +451,9 @@ def _attention_mask(g: Graph, query_positions: str, total: str, window: int, fir
     return _visible(g, j, p, window)
 
 
-def _ring_mask(g: Graph, query_positions: str, total: str, window: int, ring: int) -> str:
-    """Additive mask [1, 1, 1, S, R] over a ring's slots. Slot s holds position total-1 - ((total-1-s) mod R):
+def _ring_mask(g: Graph, query_positions: str, total: str, window: int, ring: int, slots: str) -> str:
+    """Additive mask [1, 1, 1, S, n] over a ring's first n = `slots` slots (the ones read: min(total, R)).
+    Slot s holds position total-1 - ((total-1-s) mod R):
     the newest position that maps to it and was written (a negative value: a slot not written yet). Slots
     holding rows past the cache length (rolled-back drafts, pad rows) are taken for positions R earlier,
     which no query can see as long as a call writes at most R - window rows (runtime: KVCache.max_rows).
@@ -457,7 +461,8 @@ def _ring_mask(g: Graph, query_positions: str, total: str, window: int, ring: in
     zeroed; K is normed, V RMS-scaled, so rows never overflow even in float16)."""
     p = g.op("Reshape", query_positions, g.const([1, 1, 1, -1, 1]))
     last = g.op("Sub", total, g.const([1]))
-    held = g.op("Sub", last, g.op("Mod", g.op("Sub", last, g.const(np.arange(ring))), g.const([ring])))
+    first_slots = g.op("Slice", g.const(np.arange(ring)), g.const([0]), slots, g.const([0]))
+    held = g.op("Sub", last, g.op("Mod", g.op("Sub", last, first_slots), g.const([ring])))
     held = g.op("Reshape", held, g.const([1, 1, 1, 1, -1]))
     return _visible(g, held, p, window, g.op("GreaterOrEqual", held, g.const(0)))
 
