@@ -376,14 +376,12 @@ def _ctx(n: int) -> str:
 
 # -- the edgegen side, inside its own process -----------------------------------------------------------
 def edgegen_worker(spec: dict) -> dict:
-    import numpy as np
-
     from edgegen.runtime.generate import Generator
     from edgegen.runtime.model import Bundle
 
     bundle = Bundle(spec["bundle"], threads=spec["threads"], spin=spec["spin"])
     kind, k = spec["kind"], spec["draft_tokens"]
-    if kind == "verify":
+    if kind in ("verify", "floor"):
         target, vocab = bundle.target, bundle.manifest.model.vocab_size
         cache = bundle.new_cache()
         target.forward(cache, spec["prompts"][0][:-1])
@@ -397,15 +395,10 @@ def edgegen_worker(spec: dict) -> dict:
             cache.trim(ctx)
             return 1000 * dt
 
-        call(1), call(k + 1)
-        t1, tk = [], []
-        for _ in range(spec["verify_reps"]):
-            t1.append(call(1))
-            tk.append(call(k + 1))
-        m1, mk = float(np.median(t1)), float(np.median(tk))
+        if kind == "floor":
+            return matmul_floor(spec, lambda: call(1))
+        m1, mk = alternating_medians([lambda: call(1), lambda: call(k + 1)], spec["verify_reps"])
         return {"t1_ms": m1, "tk_ms": mk, "ratio": mk / m1}
-    if kind == "floor":
-        return matmul_floor(bundle, spec, spec["prompts"][0])
     if kind == "ttft":
         gen = Generator(bundle, draft_tokens=0)
         times = []
@@ -431,9 +424,20 @@ def edgegen_worker(spec: dict) -> dict:
     return {"runs": runs}
 
 
+def alternating_medians(calls: list, reps: int) -> list[float]:
+    """Median of each call's result (ms) over `reps` turns, the calls taking turns; each runs once first."""
+    for call in calls:
+        call()
+    samples = [[] for _ in calls]
+    for _ in range(reps):
+        for call, got in zip(calls, samples, strict=True):
+            got.append(call())
+    return [statistics.median(got) for got in samples]
+
+
 def matmul_only_graph(bundle_dir: Path, out_dir: Path) -> Path:
     """The bundle's target graph with only its MatMulNBits nodes, each fed a [1, K] input of its width, all
-    outputs kept; the weight files are hard-linked beside it (copied across file systems)."""
+    outputs kept; the weight files they read are hard-linked beside it (copied across file systems)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -455,60 +459,44 @@ def matmul_only_graph(bundle_dir: Path, out_dir: Path) -> Path:
     graph = helper.make_graph(nodes, "matmul_only", inputs, outputs, list(weights.values()))
     model = helper.make_model(graph, opset_imports=list(src.opset_import))
     model.ir_version = src.ir_version
-    for f in bundle_dir.glob("*.weights"):  # onnxruntime refuses weights outside the model's directory
+    files = {e.value for t in weights.values() for e in t.external_data if e.key == "location"}
+    for name in files:  # onnxruntime refuses weights outside the model's directory
         try:
-            os.link(f, out_dir / f.name)
+            os.link(bundle_dir / name, out_dir / name)
         except OSError:  # another file system
-            shutil.copyfile(f, out_dir / f.name)
+            shutil.copyfile(bundle_dir / name, out_dir / name)
     onnx.save(model, str(out_dir / "matmul_only.onnx"))
     return out_dir / "matmul_only.onnx"
 
 
-def matmul_floor(bundle, spec: dict, prompt: list[int]) -> dict:
-    """Median ms of the whole one-row target step and of its MatMulNBits nodes alone, calls alternating. The
-    floor graph's session holds its own prepacked copy of the target's matmul weights (E2B: ~1.4 GB more)."""
+def matmul_floor(spec: dict, step) -> dict:
+    """Median ms of the whole one-row target step (`step()`) and of its MatMulNBits nodes alone, calls
+    alternating. The floor graph's session holds its own prepacked copy of the target's matmul weights (E2B:
+    ~1.4 GB more); it is closed before its temporary directory goes (it may map the files there)."""
     import tempfile
 
+    with tempfile.TemporaryDirectory() as tmp:
+        step_ms, floor_ms = _time_floor(matmul_only_graph(Path(spec["bundle"]), Path(tmp)), spec, step)
+    return {"step_ms": step_ms, "floor_ms": floor_ms}
+
+
+def _time_floor(path: Path, spec: dict, step) -> list[float]:
+    import numpy as np
     import onnxruntime as ort
 
     from edgegen.runtime.model import session_options
 
-    with tempfile.TemporaryDirectory() as tmp:  # removed after the timing: the session may map its files
-        path = matmul_only_graph(Path(spec["bundle"]), Path(tmp))
-        only = ort.InferenceSession(str(path), session_options(spec["threads"], spec["spin"]),
-                                    providers=["CPUExecutionProvider"])
-        result = _time_floor(bundle, only, prompt, spec["verify_reps"])
-        del only
-    return result
-
-
-def _time_floor(bundle, only, prompt: list[int], reps: int) -> dict:
-    import numpy as np
-
+    only = ort.InferenceSession(str(path), session_options(spec["threads"], spec["spin"]),
+                                providers=["CPUExecutionProvider"])
     feeds = {i.name: np.random.default_rng(0).standard_normal((1, i.shape[1]), dtype=np.float32)
              for i in only.get_inputs()}
-    cache = bundle.new_cache()
-    bundle.target.forward(cache, prompt)
-    ctx, token = cache.length, prompt[-1]
-
-    def step() -> float:
-        t = time.perf_counter()
-        bundle.target.forward(cache, [token])
-        dt = time.perf_counter() - t
-        cache.trim(ctx)
-        return 1000 * dt
 
     def matmuls() -> float:
         t = time.perf_counter()
         only.run(None, feeds)
         return 1000 * (time.perf_counter() - t)
 
-    step(), matmuls()
-    steps, floors = [], []
-    for _ in range(reps):
-        steps.append(step())
-        floors.append(matmuls())
-    return {"step_ms": float(np.median(steps)), "floor_ms": float(np.median(floors))}
+    return alternating_medians([step, matmuls], spec["verify_reps"])
 
 
 # -- rounds and summary -----------------------------------------------------------------------------------
@@ -568,13 +556,10 @@ def summarize(s: Setup, groups: list[list[Job]], draft_tokens: int) -> dict:
                    "label": job.label(draft_tokens)}
             if job.kind in ("plain", "spec", "auto"):
                 row.update(summarize_decode(rounds))
-            elif job.kind == "floor":
-                row.update({key: round(statistics.median(r[key] for r in rounds), 3)
-                            for key in ("step_ms", "floor_ms")})
-            elif job.kind == "verify":
-                row.update({key: round(statistics.median(r[key] for r in rounds), 3)
-                            for key in ("t1_ms", "tk_ms", "ratio")})
-                row["samples_ratio"] = [round(r["ratio"], 3) for r in rounds]
+            elif job.kind in ("floor", "verify"):
+                row.update({key: round(statistics.median(r[key] for r in rounds), 3) for key in rounds[0]})
+                if job.kind == "verify":
+                    row["samples_ratio"] = [round(r["ratio"], 3) for r in rounds]
             else:
                 row["ttft_ms"] = round(statistics.median(r["ttft_ms"] for r in rounds), 1)
                 row["samples_ms"] = [round(r["ttft_ms"], 1) for r in rounds]
@@ -603,9 +588,9 @@ def ratios(rows: list[dict]) -> list[dict]:
             out.append({"what": "plain tok/s", "threads": t, "policy": policy,
                         "ratio": round(e["tokens_per_second"] / r["tokens_per_second"], 3)})
             if ("edgegen", "floor", t, policy) in by:
+                floor = by[("edgegen", "floor", t, policy)]["floor_ms"]
                 out.append({"what": "plain tok/s if only MatMulNBits cost time (floor)", "threads": t,
-                            "policy": policy,
-                            "ratio": round(r["ms_per_token"] / by[("edgegen", "floor", t, policy)]["floor_ms"], 3)})
+                            "policy": policy, "ratio": round(r["ms_per_token"] / floor, 3)})
         if kind == "spec":
             for ek in ("spec", "auto"):
                 if ("edgegen", ek, t, policy) in by:

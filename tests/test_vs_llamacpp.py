@@ -108,10 +108,11 @@ def test_floor_is_the_targets_matmuls_alone_and_its_ratio_is_against_llama_plain
     nodes = onnx.load(str(only), load_external_data=False).graph.node
     assert [n.name for n in nodes] == [n.name for n in full if n.op_type == "MatMulNBits"] and nodes
 
-    from edgegen.runtime.model import Bundle
-    spec = {"bundle": str(bundle), "threads": 1, "spin": True, "verify_reps": 3}
-    got = bench.matmul_floor(Bundle(bundle, threads=1), spec, [2, 10, 11, 12])
+    spec = {"bundle": str(bundle), "threads": 1, "spin": True, "kind": "floor", "draft_tokens": 4,
+            "prompts": [[2, 10, 11, 12]], "verify_reps": 3}
+    got = bench.edgegen_worker(spec)
     assert 0 < got["floor_ms"] and 0 < got["step_ms"]
+    assert {p.name for p in tmp_path.iterdir()} == {"matmul_only.onnx", "target.weights", "shared.weights"}
 
     rows = [{"system": "llama.cpp", "kind": "plain", "threads": 1, "policy": "default", "ms_per_token": 50.0,
              "tokens_per_second": 20.0},
