@@ -115,6 +115,10 @@ def _assistant_diffs(bundle: Bundle, target: torch.nn.Module, assistant: torch.n
 
     The cache holds positions [0, p), filled with PyTorch's store-layer K/V. HF's assistant is handed
     the K/V a sliding layer may see, the last `window` positions, and all of them for full layers.
+    Each step after the first is fed the reference's token and hidden (fp64's with `assistant64`), not the
+    bundle's: every computation compared sees the same inputs whatever the bundle's rounding. Fed its own
+    outputs, a bundle whose rounding changed walked into other inputs, a few of them ill-conditioned (both
+    fp32 computations several times further from fp64 than elsewhere).
     """
     window = bundle.manifest.model.sliding_window
     stores = bundle.manifest.model.store_layers
@@ -129,7 +133,7 @@ def _assistant_diffs(bundle: Bundle, target: torch.nn.Module, assistant: torch.n
     embed = _text_model(target).embed_tokens
     token, hidden = ids[p], ref.hidden_states[-1][0, p - 1].numpy()
     diffs = []
-    for _ in range(DRAFT_STEPS):  # a draft burst: constant position, fed its own token and hidden
+    for _ in range(DRAFT_STEPS):  # a draft burst: constant position, fed the reference's token and hidden
         logits, next_token, projected = bundle.assistant.step(cache, token, hidden)
         assert cache.length == p
         assert next_token == int(logits.argmax())
@@ -146,7 +150,8 @@ def _assistant_diffs(bundle: Bundle, target: torch.nn.Module, assistant: torch.n
                      _maxdiff(out.last_hidden_state[0, 0], out64.last_hidden_state[0, 0]),
                      float(out64.logits.abs().max()), float(out64.last_hidden_state.abs().max()))
         diffs.append(diff)
-        token, hidden = next_token, projected
+        lead = out64 if assistant64 is not None else out
+        token, hidden = int(lead.logits[0, 0].argmax()), lead.last_hidden_state[0, 0].float().numpy()
     return diffs
 
 
