@@ -92,20 +92,18 @@ def test_rope_by_op_rows_are_exact_and_as_accurate_as_apply_rope(tmp_path, d: in
     half = {"cos": np.cos(freqs).astype(np.float32), "sin": np.sin(freqs).astype(np.float32)}
     full = {k: np.concatenate([v, v], axis=-1)[:, :, None, :] for k, v in half.items()}
 
-    def build(rows: int):
-        def b(g):
-            g.input("x", F32, [1, "S", heads, d])
-            g.input("cos", F32, [1, "S", d // 2])
-            g.input("sin", F32, [1, "S", d // 2])
-            g.input("cos4", F32, [1, "S", 1, d])
-            g.input("sin4", F32, [1, "S", 1, d])
-            return [rope_by_op(g, "x", "cos", "sin", d, heads), apply_rope(g, "x", "cos4", "sin4")]
-        return b
+    def build(g):
+        g.input("x", F32, [1, "S", heads, d])
+        g.input("cos", F32, [1, "S", d // 2])
+        g.input("sin", F32, [1, "S", d // 2])
+        g.input("cos4", F32, [1, "S", 1, d])
+        g.input("sin4", F32, [1, "S", 1, d])
+        return [rope_by_op(g, "x", "cos", "sin", d, heads), apply_rope(g, "x", "cos4", "sin4")]
 
     def call(lo: int, hi: int, sub):
         feeds = {"x": x[:, lo:hi], **{k: v[:, lo:hi] for k, v in half.items()},
                  **{k + "4": v[:, lo:hi] for k, v in full.items()}}
-        return run(sub, build(hi - lo), feeds, ["op", "plain"])
+        return run(sub, build, feeds, ["op", "plain"])
 
     op, plain = call(0, s, tmp_path)
     x64 = x.astype(np.float64)
